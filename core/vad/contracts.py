@@ -1,0 +1,423 @@
+"""The objects plugins implement and exchange.
+
+Data flows ``Dataset -> Sample -> preprocess -> FeatureSource -> Detector -> Prediction ->
+postprocess -> Threshold -> Metric``. Tensors are torch tensors; images, masks and maps that
+leave the model (at each image's original resolution) are NumPy arrays. This module imports
+neither torch nor NumPy at import time so that the CLI starts fast.
+
+Conventions every implementation follows:
+
+* Image batches entering a FeatureSource or an image Detector are float32 ``[B, 3, H, W]``,
+  already resized and normalised as the object's :class:`Preprocessing` says.
+* Feature grids are ``[B, C, h, w]``; anomaly maps from ``Detector.predict`` are ``[B, h, w]``
+  on the detector's grid (vad upsamples and smooths them, see :mod:`vad.postprocess`).
+* Higher scores mean more anomalous.
+* Fitted state is a :class:`State`: JSON-safe ``meta`` plus named tensors. vad writes it as
+  ``model.json`` + ``*.safetensors`` (never pickle) with atomic renames; see :mod:`vad.artifacts`.
+* Constructor keyword arguments are the hyper-parameters: ``hparams`` returns them JSON-safe
+  so ``cls(**obj.hparams)`` followed by ``load_state`` rebuilds a fitted object.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import numpy as np
+    import torch
+
+Split = Literal["train", "validation", "test"]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Region:
+    """One annotated defect of a sample (MVTec LOCO): its own mask and sPRO saturation.
+
+    ``saturation_area`` is in pixels at the image's original resolution: the overlap at which
+    the region counts as fully detected (AU-sPRO).
+    """
+
+    mask_loader: Callable[[], np.ndarray]
+    saturation_area: float
+    defect_name: str = ""
+
+    def load_mask(self) -> np.ndarray:
+        """Bool ``[H, W]`` mask of this annotation at original resolution."""
+        return self.mask_loader()
+
+
+@dataclass
+class Sample:
+    """One image of a data set; pixels are decoded only when ``load_image`` is called.
+
+    ``label`` is 0 for good and 1 for anomalous. ``mask_loader`` is None when the data set has
+    no pixel ground truth for this image (good images may use None: an all-false mask).
+    ``anomaly_kind`` is e.g. ``"structural"`` or ``"logical"`` (MVTec LOCO), else None.
+    """
+
+    path: str
+    label: int
+    category: str
+    split: Split
+    defect_type: str = "good"
+    image_loader: Callable[[], np.ndarray] | None = None
+    mask_loader: Callable[[], np.ndarray] | None = None
+    regions: tuple[Region, ...] = ()
+    anomaly_kind: str | None = None
+    view: str | None = None
+
+    def load_image(self) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]`` at original resolution."""
+        if self.image_loader is not None:
+            return self.image_loader()
+        from vad.images import read_rgb
+
+        return read_rgb(self.path)
+
+    def load_mask(self) -> np.ndarray | None:
+        """Bool ``[H, W]`` ground truth at original resolution, or None if there is none."""
+        return None if self.mask_loader is None else self.mask_loader()
+
+
+@dataclass
+class DataSplits:
+    """The samples of one category: train (normal only), validation, test."""
+
+    category: str
+    train: list[Sample]
+    validation: list[Sample]
+    test: list[Sample]
+    has_masks: bool = True
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a network.
+
+    Images are resized to ``resize`` (``(H, W)``; None means ``size``) with ``interpolation``,
+    center-cropped to ``size`` when ``crop`` is true, scaled to [0, 1] and normalised with
+    ``mean`` / ``std``.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    resize: tuple[int, int] | None = None
+    crop: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form for model.json."""
+        return {
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize": None if self.resize is None else list(self.resize),
+            "crop": self.crop,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            size=tuple(data["size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data.get("interpolation", "bilinear"),
+            resize=None if data.get("resize") is None else tuple(data["resize"]),
+            crop=bool(data.get("crop", False)),
+        )
+
+
+@dataclass
+class Prediction:
+    """Output of a detector: ``scores`` ``[B]`` and ``maps`` ``[B, h, w]`` (None if image-only)."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor | None = None
+
+
+@dataclass
+class State:
+    """Fitted state of a component: JSON-safe ``meta`` and named tensors."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One feature map a backbone can return."""
+
+    name: str
+    stride: int
+    channels: int
+
+
+# ----------------------------------------------------------------- fitted components
+
+
+class Component(abc.ABC):
+    """Base of everything a model folder stores: hyper-parameters, device, fitted state.
+
+    Subclasses set ``name`` (the registered name) and keep their constructor's keyword
+    arguments in ``self._hparams`` (or override :attr:`hparams`).
+    """
+
+    name: ClassVar[str] = ""
+    #: True when ``fit`` must run before ``predict`` / ``__call__``.
+    requires_fit: ClassVar[bool] = True
+
+    _hparams: dict[str, Any]
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """JSON-safe constructor keyword arguments."""
+        return dict(getattr(self, "_hparams", {}))
+
+    @property
+    def device(self) -> torch.device:
+        """Device the component computes on."""
+        import torch
+
+        return getattr(self, "_device", torch.device("cpu"))
+
+    def to(self, device: torch.device | str) -> Component:
+        """Move tensors and modules to ``device``; returns self."""
+        import torch
+
+        self._device = torch.device(device)
+        return self
+
+    def state(self) -> State:
+        """Fitted state to save. Stateless components return an empty State."""
+        return State()
+
+    def load_state(self, state: State) -> None:
+        """Restore what :meth:`state` returned (tensors may arrive on the CPU)."""
+
+
+class Backbone(Component):
+    """A frozen network that returns named feature maps.
+
+    Constructed as ``cls(model_name, **options)``; ``preprocessing`` states what its input must
+    look like (from the network's pretrained config) and ``feature_info`` what it returns.
+    """
+
+    requires_fit = False
+    preprocessing: Preprocessing
+
+    @abc.abstractmethod
+    def feature_info(self) -> list[FeatureInfo]:
+        """Every feature map ``forward_features`` can return, shallow to deep."""
+
+    @abc.abstractmethod
+    def forward_features(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Feature maps ``{name: [B, C, H/stride, W/stride]}`` for the named ``layers``."""
+
+    #: The user's spec (``"tf_efficientnet_lite0"``, ``"timm:convnext_tiny"``); set by vad.
+    spec: str = ""
+
+    @classmethod
+    def weights_source(cls, model_name: str) -> str | None:
+        """Where pretrained weights for ``model_name`` would come from offline, or None.
+
+        ``vad doctor`` reports it; it must not download or build the network.
+        """
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``vad list backbones --details`` (weights source, preprocessing, layers)."""
+        return {
+            "preprocessing": self.preprocessing.to_dict(),
+            "features": [vars(f) for f in self.feature_info()],
+        }
+
+
+class FeatureSource(Component):
+    """Anything that turns a batch of images into a patch-feature grid ``[B, C, h, w]``.
+
+    A backbone plus layer aggregation is one (:class:`vad.features.PatchFeatures`); a
+    feature-level ensemble of sources is one; a trained detector may expose one.
+    ``requires_fit`` is False for frozen sources; those that learn (PCA fusion) get ``fit``
+    called with the training images before any ``__call__``.
+    """
+
+    requires_fit = False
+    preprocessing: Preprocessing
+
+    def fit(self, images: Iterable[torch.Tensor]) -> None:
+        """Learn from training batches (re-iterable: each ``iter()`` is a fresh pass)."""
+
+    @abc.abstractmethod
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features ``[B, C, h, w]`` for preprocessed images ``[B, 3, H, W]``."""
+
+    @property
+    @abc.abstractmethod
+    def out_channels(self) -> int:
+        """C of the returned grid."""
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this source: ``{"kind": ..., "hparams": ...}``."""
+        return {"kind": self.name, "hparams": self.hparams}
+
+
+class Detector(Component):
+    """An anomaly detection head or model.
+
+    ``input`` says what ``fit`` and ``predict`` receive: ``"features"`` (grids from a
+    FeatureSource) or ``"images"`` (preprocessed images; the detector then defines its own
+    ``preprocessing``). ``produces_maps`` is False for image-level-only detectors: vad then
+    skips pixel metrics and says so in the report.
+    """
+
+    input: ClassVar[Literal["features", "images"]] = "features"
+    produces_maps: ClassVar[bool] = True
+    #: For ``input == "images"``: how images must be prepared.
+    preprocessing: Preprocessing | None = None
+
+    @abc.abstractmethod
+    def fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Learn from normal training data. ``batches`` is re-iterable (one pass per ``iter``)."""
+
+    @abc.abstractmethod
+    def predict(self, batch: torch.Tensor) -> Prediction:
+        """Scores ``[B]`` and maps ``[B, h, w]`` (or None) for one batch."""
+
+    def feature_source(self) -> FeatureSource | None:
+        """A FeatureSource built on this fitted detector's internals, if it offers one."""
+        return None
+
+
+class Dataset(abc.ABC):
+    """A data set in its official on-disk layout under ``root``.
+
+    ``load`` returns a category's :class:`DataSplits`; samples decode lazily. Missing or
+    malformed layouts raise :class:`vad.errors.VadError` naming what was expected.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, root: str | None = None, **options: Any) -> None:
+        self.root = root
+        self.options = options
+
+    @abc.abstractmethod
+    def categories(self) -> list[str]:
+        """Categories available (for real data sets: those present under ``root``)."""
+
+    @abc.abstractmethod
+    def load(self, category: str) -> DataSplits:
+        """Samples of ``category`` split into train / validation / test."""
+
+
+class Augmentation(abc.ABC):
+    """An image or feature transform, or a synthetic-anomaly generator.
+
+    ``target`` is ``"image"`` (``[B, 3, H, W]`` in [0, 1]) or ``"feature"`` (``[B, C, h, w]``).
+    Generators return the anomaly mask ``[B, 1, H, W]`` in [0, 1]; plain transforms return None.
+    """
+
+    name: ClassVar[str] = ""
+    target: ClassVar[Literal["image", "feature"]] = "image"
+
+    @abc.abstractmethod
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Transformed batch and anomaly mask (or None); randomness only from ``generator``."""
+
+
+class FeatureEnsembler(FeatureSource):
+    """A FeatureSource fusing the grids of several member sources (``cls(members, **options)``)."""
+
+    kind: ClassVar[str] = "feature"
+
+
+class ScoreEnsembler(abc.ABC):
+    """Fuses the predictions of several fitted detectors.
+
+    ``calibrate`` sees each member's predictions on held-out *training normals* (never test
+    data); ``combine`` fuses one batch of member predictions into one Prediction.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "score"
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def calibrate(self, member_predictions: Sequence[Prediction]) -> None:
+        """Fit per-member statistics from one concatenated Prediction per member on validation normals."""
+
+    @abc.abstractmethod
+    def combine(self, member_predictions: Sequence[Prediction]) -> Prediction:
+        """Fuse one batch (one Prediction per member, same images) into one Prediction."""
+
+    def state(self) -> State:
+        """Calibration statistics to save."""
+        return State()
+
+    def load_state(self, state: State) -> None:
+        """Restore calibration statistics."""
+
+
+class Threshold(abc.ABC):
+    """Chooses the decision threshold on validation scores.
+
+    ``needs_anomalous`` is True when the rule needs anomalous validation samples (F1-optimal);
+    vad refuses such a rule on normal-only validation data instead of degenerating.
+    """
+
+    name: ClassVar[str] = ""
+    needs_anomalous: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def fit(self, scores: np.ndarray, labels: np.ndarray) -> float:
+        """Threshold for ``scores`` (``labels`` 0 good / 1 anomalous); score >= threshold is anomalous."""
+
+
+@dataclass
+class EvaluationData:
+    """What metrics see for one category, everything at each image's original resolution."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: list[np.ndarray] | None = None
+    masks: list[np.ndarray | None] | None = None
+    samples: list[Sample] = field(default_factory=list)
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+
+
+class Metric(abc.ABC):
+    """A number (or a few named numbers) computed from :class:`EvaluationData`.
+
+    ``level`` is ``"image"`` or ``"pixel"``; pixel metrics are skipped for detectors without
+    maps or data without masks. ``applicable`` may refuse other cases with a reason.
+    """
+
+    name: ClassVar[str] = ""
+    level: ClassVar[Literal["image", "pixel"]] = "image"
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def applicable(self, data: EvaluationData) -> str | None:
+        """None if the metric can be computed, else the reason it cannot."""
+        return None
+
+    @abc.abstractmethod
+    def compute(self, data: EvaluationData) -> float | dict[str, float]:
+        """The value, or a dict of full metric names to values for metrics with parts
+        (``{"au_spro": …, "au_spro_structural": …, "au_spro_logical": …}``)."""

@@ -1,0 +1,124 @@
+"""The standard patch-feature source of PatchCore-style heads, over any :class:`Backbone`.
+
+Steps, each configurable (defaults follow the PatchCore paper and official code):
+
+1. take the chosen layers (default: the backbone's stride-8 and stride-16 maps, i.e. two
+   consecutive mid-level stages such as ResNet layer2 + layer3);
+2. ``aggregation``: local neighbourhood aggregation, a ``k x k`` mean with stride 1 and zero
+   padding counted in the mean. This equals the official code's unfold + adaptive average
+   pooling of each 3x3 patch when the per-layer dimension is kept; 1 disables it;
+3. ``layer_dim``: optional per-layer channel reduction by adaptive average pooling along
+   channels (the official "pretrain_embed_dimension"), so layers weigh alike;
+4. upsample deeper layers bilinearly to the grid of the first chosen layer, concatenate;
+5. ``target_dim``: optional projection of the concatenation to a fixed dimension by adaptive
+   average pooling along channels (the official "target_embed_dimension").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vad.contracts import Backbone, FeatureSource
+from vad.errors import VadError
+
+
+def channel_pool(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling along channels: ``[B, C, h, w] -> [B, dim, h, w]``."""
+    b, c, h, w = features.shape
+    if dim == c:
+        return features
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 1, c)
+    pooled = F.adaptive_avg_pool1d(flat, dim)
+    return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+def default_layers(backbone: Backbone) -> list[str]:
+    """The stride-8 and stride-16 maps (PatchCore's mid-level pair); else the two shallowest past stride 4."""
+    info = backbone.feature_info()
+    by_stride = {f.stride: f.name for f in info}
+    if 8 in by_stride and 16 in by_stride:
+        return [by_stride[8], by_stride[16]]
+    deeper = [f.name for f in info if f.stride >= 8]
+    if len(deeper) < 2:
+        raise VadError(
+            f"backbone {backbone.name!r} is too shallow for PatchCore's default layers: it offers "
+            f"{[(f.name, f.stride) for f in info]}; choose layers explicitly"
+        )
+    return deeper[:2]
+
+
+class PatchFeatures(FeatureSource):
+    """A backbone's chosen layers, locally aggregated, aligned on one grid and concatenated."""
+
+    name = "patch-features"
+    requires_fit = False
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        layers: Sequence[str] | None = None,
+        aggregation: int = 3,
+        layer_dim: int | None = None,
+        target_dim: int | None = None,
+    ) -> None:
+        if aggregation < 1 or aggregation % 2 == 0:
+            raise VadError(f"aggregation must be an odd size >= 1, got {aggregation}")
+        self.backbone = backbone
+        self.layers = list(layers) if layers else default_layers(backbone)
+        known = {f.name: f for f in backbone.feature_info()}
+        missing = [layer for layer in self.layers if layer not in known]
+        if missing:
+            raise VadError(
+                f"backbone {backbone.name!r} has no layer {missing[0]!r}; it offers "
+                f"{', '.join(f'{n} (stride {f.stride})' for n, f in known.items())}"
+            )
+        self.aggregation = aggregation
+        self.layer_dim = layer_dim
+        self.target_dim = target_dim
+        self.stride = known[self.layers[0]].stride
+        channels = sum(layer_dim or known[layer].channels for layer in self.layers)
+        self._out_channels = target_dim or channels
+        self.preprocessing = backbone.preprocessing
+        self._hparams = {
+            "backbone": {"spec": getattr(backbone, "spec", backbone.name), "hparams": backbone.hparams},
+            "layers": self.layers,
+            "aggregation": aggregation,
+            "layer_dim": layer_dim,
+            "target_dim": target_dim,
+        }
+
+    @property
+    def out_channels(self) -> int:
+        return self._out_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def to(self, device: Any) -> PatchFeatures:
+        self.backbone.to(device)
+        return self
+
+    def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The feature grid for an input of ``image_size``."""
+        return (-(-image_size[0] // self.stride), -(-image_size[1] // self.stride))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.backbone.forward_features(images, self.layers)
+        grid = maps[self.layers[0]].shape[-2:]
+        aligned = []
+        for layer in self.layers:
+            features = maps[layer]
+            if self.aggregation > 1:
+                features = F.avg_pool2d(features, self.aggregation, stride=1, padding=self.aggregation // 2)
+            if self.layer_dim:
+                features = channel_pool(features, self.layer_dim)
+            if features.shape[-2:] != grid:
+                features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+            aligned.append(features)
+        fused = torch.cat(aligned, dim=1)
+        return channel_pool(fused, self.target_dim) if self.target_dim else fused

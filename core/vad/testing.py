@@ -1,0 +1,1 @@
+"""pytest plugin for vad and its plugin authors (placeholder being written)."""
