@@ -281,6 +281,9 @@ class Detector(Component):
 
     input: ClassVar[Literal["features", "images"]] = "features"
     produces_maps: ClassVar[bool] = True
+    #: How many times ``fit`` iterates its batches (epochs); above 1, vad caches the inputs in
+    #: memory within a budget instead of recomputing backbone features every pass.
+    training_passes: ClassVar[int] = 1
     #: For ``input == "images"``: how images must be prepared.
     preprocessing: Preprocessing | None = None
 

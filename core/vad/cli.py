@@ -1,0 +1,255 @@
+"""The ``vad`` command line (Typer).
+
+Start-up stays fast: this module imports neither torch nor any method; plugin entry modules
+are imported to collect their sub-commands, and what they register is imported only when a
+command uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vad import __version__
+from vad.errors import VadError
+from vad.plugins import KINDS, get_registry
+
+app = typer.Typer(
+    name="vad",
+    help="Visual anomaly detection for industrial inspection: plugins composed from the command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info lines (warnings and errors still print)."),
+    json_log: bool = typer.Option(False, "--json-log", help="Progress and info as JSON lines on stderr, for scripts."),
+) -> None:
+    """vad: train on good parts, flag defective ones."""
+    from vad.progress import set_log_mode
+
+    if quiet:
+        set_log_mode("quiet")
+    elif json_log:
+        set_log_mode("json")
+
+
+@app.command("run")
+def run_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options; command-line options override it."),
+    detector: Optional[list[str]] = typer.Option(None, "--detector", "-d", help="Detector name; repeat for a score-level ensemble."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", "-e", help="Ensembler: pca-global, pca-individual, concat (features) or score-mean, score-max, rank-mean, weighted."),
+    backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Backbone name or family:model (timm:convnext_tiny); repeat for ensembles."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set plugin (default: demo)."),
+    root: Optional[str] = typer.Option(None, "--root", help="Data set root folder in its official layout."),
+    category: Optional[list[str]] = typer.Option(None, "--category", "-c", help="Category to run; repeat; default all."),
+    layers: Optional[list[str]] = typer.Option(None, "--layer", help="Backbone layer (name or index); repeat. Default: the stride-8 and stride-16 stages."),
+    aggregation: Optional[int] = typer.Option(None, "--aggregation", help="Local neighbourhood aggregation size (odd; 1 = off). Default 3."),
+    target_dim: Optional[int] = typer.Option(None, "--target-dim", help="Project patch features to this many channels."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local backbone weights file (.safetensors or .pth)."),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random backbone weights (said loudly in the report)."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="Threshold rule fitted on validation data (default k-sigma)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to compute; repeat; default all installed."),
+    validation_fraction: Optional[float] = typer.Option(None, "--validation-fraction", help="Share of normal training images held out for thresholds (default 0.2)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default 8)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default runs/<dataset>-<time>)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Reuse a saved model folder (or a run folder) instead of fitting."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and list them, instead of stopping."),
+    save_maps: bool = typer.Option(False, "--save-maps", help="Also write raw anomaly maps as float32 TIFF (MVTec evaluation layout)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Skip the plots, overlays and report.html."),
+    set_option: Optional[list[str]] = typer.Option(None, "--set", help="Plugin option NAME.KEY=VALUE, e.g. patchcore.coreset_ratio=0.01; repeat."),
+) -> None:
+    """Fit and evaluate detectors on one or more categories; writes a run folder."""
+    from vad.config import load_config, parse_set
+    from vad.pipeline import run
+
+    overrides = {
+        "detectors": detector or None,
+        "ensemble": ensemble,
+        "backbones": backbone or None,
+        "dataset": dataset,
+        "root": root,
+        "categories": category or None,
+        "layers": layers or None,
+        "aggregation": aggregation,
+        "target_dim": target_dim,
+        "weights": weights,
+        "pretrained": False if no_pretrained else None,
+        "threshold": threshold,
+        "metrics": metric or None,
+        "validation_fraction": validation_fraction,
+        "batch_size": batch_size,
+        "device": device,
+        "seed": seed,
+        "output": output,
+        "model": model,
+        "skip_bad": True if skip_bad else None,
+        "save_maps": True if save_maps else None,
+        "report": False if no_report else None,
+        "options": parse_set(set_option or []) or None,
+    }
+    run_config = load_config(str(config) if config else None, overrides)
+    folder, results = run(run_config)
+    from vad.results import table_with_mean, to_markdown
+
+    columns, rows = table_with_mean({r.category: r.metrics for r in results})
+    typer.echo(to_markdown(columns, rows))
+    typer.echo(f"run folder: {folder}")
+
+
+@app.command("plugins")
+def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List installed plugins: distribution, version, what each registers, and load errors."""
+    registry = get_registry()
+    infos = registry.info()
+    if as_json:
+        typer.echo(json.dumps([info.to_dict() for info in infos], indent=2))
+        return
+    if not infos:
+        typer.echo("no vad plugins are installed")
+        return
+    for info in infos:
+        header = f"{info.name} ({info.distribution} {info.version or ''})".replace(" )", ")")
+        typer.echo(header)
+        if info.error:
+            typer.echo(f"  FAILED: {info.error}")
+        for kind, names in info.registers.items():
+            typer.echo(f"  {kind}: {', '.join(names)}")
+
+
+@app.command("list")
+def list_command(
+    kind: str = typer.Argument(..., help=f"One of: {', '.join(KINDS)}."),
+    details: bool = typer.Option(False, "--details", help="More facts (backbones: preprocessing, layers, weights)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List what the installed plugins register of one kind."""
+    registry = get_registry()
+    if kind not in KINDS:
+        from vad.errors import UnknownNameError
+
+        raise UnknownNameError("kind", kind, KINDS)
+    entries = registry.entries(kind)
+    rows = []
+    for name, entry in sorted(entries.items()):
+        row = {"name": name, "summary": entry.summary, "plugin": entry.plugin.name}
+        if details:
+            row.update(_details(kind, name, entry))
+        rows.append(row)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        typer.echo(f"no {kind} installed")
+    for row in rows:
+        typer.echo(f"{row['name']:<28} {row['summary']}  [{row['plugin']}]")
+        for key, value in row.items():
+            if key not in ("name", "summary", "plugin"):
+                typer.echo(f"    {key}: {json.dumps(value, default=str)}")
+
+
+def _details(kind: str, name: str, entry) -> dict:
+    cls = entry.load()
+    if kind != "backbones":
+        from vad.contracts import Detector
+
+        facts = {}
+        if isinstance(cls, type) and issubclass(cls, Detector):
+            facts = {"input": cls.input, "produces_maps": cls.produces_maps}
+        return facts
+    from vad.model import create_backbone
+
+    facts = {"weights_offline": cls.weights_source(name)}
+    try:
+        facts.update(create_backbone(name, pretrained=False).describe())
+    except (VadError, TypeError, ValueError, RuntimeError) as error:  # a family entry needs a model name
+        facts["note"] = str(error)
+    return facts
+
+
+@app.command("doctor")
+def doctor_command() -> None:
+    """Check the installation: Python, torch, devices, faiss, plugins, offline backbone weights."""
+    import platform
+
+    typer.echo(f"vad {__version__} on Python {platform.python_version()} ({sys.executable})")
+    try:
+        import torch
+
+        typer.echo(f"torch {torch.__version__}; CUDA available: {torch.cuda.is_available()}")
+        for index in range(torch.cuda.device_count()):
+            typer.echo(f"  cuda:{index} {torch.cuda.get_device_name(index)}")
+        threads = torch.get_num_threads()
+        typer.echo(f"  CPU threads: {threads}")
+    except ImportError as error:
+        typer.echo(f"torch: NOT importable ({error})")
+    try:
+        import faiss
+
+        typer.echo(f"faiss {faiss.__version__} (GPUs: {faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0})")
+    except ImportError:
+        typer.echo("faiss: not installed (PatchCore falls back to exact torch search)")
+    registry = get_registry()
+    infos = registry.info()
+    typer.echo(f"plugins: {len([i for i in infos if not i.error])} loaded, {len(registry.failures)} failed")
+    for failure in registry.failures:
+        typer.echo(f"  FAILED {failure.name} ({failure.distribution}): {failure.error}")
+    try:
+        registry.check()
+    except VadError as error:
+        typer.echo(f"  CONFLICT: {error}")
+    backbones = registry.entries("backbones")
+    if backbones:
+        typer.echo("backbone weights available offline:")
+    for name, entry in sorted(backbones.items()):
+        try:
+            source = entry.load().weights_source(name)
+        except VadError as error:
+            source = f"plugin failed to load: {error}"
+        typer.echo(f"  {name:<26} {source or 'none offline (pass --weights FILE, or the hub when online)'}")
+
+
+def _register_plugin_commands() -> None:
+    registry = get_registry()
+    for impl in registry.pm.hook.vad_register_commands.get_hookimpls():
+        try:
+            impl.function(app=app)
+        except Exception as error:  # a broken plugin must not break the CLI
+            from vad.progress import warn
+
+            warn(f"plugin {impl.plugin_name!r} failed to add its commands: {error}")
+
+
+_commands_registered = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: plugin commands, then clear errors instead of tracebacks."""
+    global _commands_registered
+    if not _commands_registered:
+        _register_plugin_commands()
+        _commands_registered = True
+    try:
+        app(args=argv, prog_name="vad")
+    except VadError as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The run configuration: defaults, ``--config run.yaml``, command-line overrides.
+
+Precedence: built-in defaults < the YAML file < command-line options. Options of any plugin
+are given by its registered name, in YAML under ``options:`` or on the command line as
+``--set NAME.KEY=VALUE`` (values parsed as YAML scalars: ``--set patchcore.coreset_ratio=0.01``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vad.errors import VadError
+
+#: Feature-level fusion without explicit backbones uses these members (weights ship offline).
+DEFAULT_ENSEMBLE_BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass
+class RunConfig:
+    """Everything ``vad run`` needs; written resolved to the run folder as ``config.yaml``."""
+
+    dataset: str = "demo"
+    root: str | None = None
+    categories: list[str] = field(default_factory=list)
+    detectors: list[str] = field(default_factory=lambda: ["patchcore"])
+    backbones: list[str] = field(default_factory=list)
+    ensemble: str | None = None
+    layers: list[str] | None = None
+    aggregation: int = 3
+    layer_dim: int | None = None
+    target_dim: int | None = None
+    weights: str | None = None
+    pretrained: bool = True
+    threshold: str = "k-sigma"
+    metrics: list[str] | None = None
+    validation_fraction: float = 0.2
+    sigma: float = 4.0
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    output: str | None = None
+    model: str | None = None
+    skip_bad: bool = False
+    save_maps: bool = False
+    report: bool = True
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resolved_backbones(self) -> list[str]:
+        """The backbones used: explicit ones, or the offline defaults."""
+        if self.backbones:
+            return list(self.backbones)
+        return list(DEFAULT_ENSEMBLE_BACKBONES) if self._feature_ensemble_hint() else [DEFAULT_BACKBONE]
+
+    def _feature_ensemble_hint(self) -> bool:
+        return self.ensemble is not None and not self.ensemble.startswith(("score-", "rank-", "weighted"))
+
+    def options_for(self, name: str | None) -> dict[str, Any]:
+        """The ``options`` given for a registered name."""
+        return dict(self.options.get(name or "", {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for YAML."""
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """``["patchcore.coreset_ratio=0.01"]`` -> ``{"patchcore": {"coreset_ratio": 0.01}}``."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        name, dot, option = key.rpartition(".")
+        if not sep or not dot or not name or not option:
+            raise VadError(f"--set expects NAME.KEY=VALUE (e.g. patchcore.coreset_ratio=0.01), got {assignment!r}")
+        options.setdefault(name, {})[option] = yaml.safe_load(raw) if raw else None
+    return options
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults, then the YAML file, then ``overrides`` (None values are ignored)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise VadError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise VadError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise VadError(f"config file {path} must hold a mapping of options")
+        unknown = sorted(set(data) - FIELDS)
+        if unknown:
+            import difflib
+
+            hints = [f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, FIELDS, 1)) else "") for u in unknown]
+            raise VadError(f"config file {path} has unknown keys: {', '.join(hints)}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "options":
+            merged = {name: dict(opts) for name, opts in (data.get("options") or {}).items()}
+            for name, opts in value.items():
+                merged.setdefault(name, {}).update(opts)
+            data["options"] = merged
+        else:
+            data[key] = value
+    for key in ("categories", "detectors", "backbones"):
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
+    config = RunConfig(**data)
+    if not config.detectors:
+        raise VadError("no detector chosen: pass --detector NAME")
+    if not 0 <= config.validation_fraction < 1:
+        raise VadError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    if config.batch_size < 1:
+        raise VadError(f"batch_size must be at least 1, got {config.batch_size}")
+    return config

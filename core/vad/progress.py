@@ -1,0 +1,84 @@
+"""Progress bars for people, silence for scripts, JSON lines for log collectors.
+
+``VAD_LOG=quiet`` (or ``--quiet``) hides bars and info lines; ``VAD_LOG=json`` prints each
+info line and each finished loop as one JSON object on stderr; the default shows rich bars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MODES = ("rich", "quiet", "json")
+
+
+def log_mode() -> str:
+    """The current mode: ``rich`` (default), ``quiet`` or ``json``."""
+    mode = os.environ.get("VAD_LOG", "rich").lower()
+    return mode if mode in _MODES else "rich"
+
+
+def set_log_mode(mode: str) -> None:
+    """Set the mode for this process and its children."""
+    if mode not in _MODES:
+        raise ValueError(f"log mode must be one of {_MODES}, got {mode!r}")
+    os.environ["VAD_LOG"] = mode
+
+
+def info(message: str, **fields: Any) -> None:
+    """One line of information (to stderr, so stdout stays machine-readable)."""
+    mode = log_mode()
+    if mode == "quiet":
+        return
+    if mode == "json":
+        print(json.dumps({"event": "info", "message": message, **fields}, default=str), file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(message)
+
+
+def warn(message: str) -> None:
+    """A warning users must see, even in quiet mode."""
+    if log_mode() == "json":
+        print(json.dumps({"event": "warning", "message": message}), file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold yellow]warning:[/] {message}")
+
+
+def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar (rich), nothing (quiet) or a closing JSON record (json)."""
+    mode = log_mode()
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    if mode == "quiet":
+        yield from iterable
+        return
+    if mode == "json":
+        start, count = time.perf_counter(), 0
+        for item in iterable:
+            count += 1
+            yield item
+        print(
+            json.dumps({"event": "done", "task": description, "items": count, "seconds": round(time.perf_counter() - start, 3)}),
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.console import Console
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)
