@@ -1,0 +1,91 @@
+"""VisA (split CSV) and the user's own folders."""
+
+from __future__ import annotations
+
+import pytest
+
+from vad.errors import VadError
+from vad_datasets.base import LayoutError, UnknownCategoryError
+from vad_datasets.folder import FolderDataset
+from vad_datasets.visa import VisA
+
+
+def test_visa_split_csv(tmp_path, trees):
+    trees.visa(tmp_path)
+    dataset = VisA(root=str(tmp_path), validation_fraction=0.2)
+    assert dataset.categories() == ["candle"]
+    splits = dataset.load("candle")
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (4, 1, 4)
+    bad = [s for s in splits.test if s.label]
+    assert len(bad) == 2 and bad[1].load_mask().sum() == 6 * 7  # label value 2 counts as defect
+    assert splits.train[0].load_image().shape == (*trees.SIZE, 3)
+    with pytest.raises(UnknownCategoryError, match="Did you mean 'candle'"):
+        dataset.load("candel")
+
+
+def test_visa_missing_split_file_and_mask(tmp_path, trees):
+    with pytest.raises(LayoutError, match="1cls.csv is missing") as error:
+        VisA(root=str(tmp_path)).categories()
+    assert "spot-diff" in str(error.value)
+    trees.visa(tmp_path)
+    (tmp_path / "candle" / "Data" / "Masks" / "Anomaly" / "001.png").unlink()
+    with pytest.raises(LayoutError, match="001.JPG has no mask"):
+        VisA(root=str(tmp_path)).load("candle")
+
+
+def _folder_tree(root, trees):
+    for i in range(10):
+        trees.write_image(root / "ok" / f"{i}.png")
+    trees.write_image(root / "ok" / "notes.jpg")
+    for defect in ("dent", "burr"):
+        for i in range(2):
+            trees.write_image(root / defect / f"{defect}{i}.png", value=250)
+            trees.write_mask(root / "masks" / f"{defect}{i}.gt.png")
+    return root
+
+
+def test_folder_with_masks_pattern_and_extension_filter(tmp_path, trees):
+    _folder_tree(tmp_path / "parts", trees)
+    dataset = FolderDataset(
+        root=str(tmp_path / "parts"),
+        normal_dir="ok",
+        abnormal_dirs=["dent", "burr"],
+        mask_dirs="masks",
+        mask_pattern="{stem}.gt.png",
+        extensions=[".png"],
+        test_fraction=0.2,
+        validation_fraction=0.25,
+    )
+    assert dataset.categories() == ["parts"]
+    splits = dataset.load("parts")
+    assert (len(splits.train), len(splits.validation)) == (6, 2)
+    assert sum(1 for s in splits.test if s.label == 0) == 2
+    assert sorted({s.defect_type for s in splits.test if s.label}) == ["burr", "dent"]
+    assert splits.has_masks and all(s.load_mask().sum() == 42 for s in splits.test if s.label)
+    assert not any(s.path.endswith(".jpg") for s in splits.train + splits.validation + splits.test)
+
+
+def test_folder_without_masks_and_with_normal_test_dir(tmp_path, trees):
+    root = _folder_tree(tmp_path / "parts", trees)
+    for i in range(3):
+        trees.write_image(root / "ok_test" / f"{i}.png")
+    splits = FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs="dent", normal_test_dir="ok_test", validation_fraction=0).load("parts")
+    assert len(splits.train) == 11 and sum(1 for s in splits.test if s.label == 0) == 3
+    assert not splits.has_masks and all(s.mask_loader is None for s in splits.test)
+
+
+def test_folder_errors(tmp_path, trees):
+    root = _folder_tree(tmp_path / "parts", trees)
+    with pytest.raises(LayoutError, match="has no mask: expected .*dent0_mask.png"):
+        FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs=["dent"], mask_dirs="masks").load("parts")
+    with pytest.raises(LayoutError, match="normal_dir .*good does not exist"):
+        FolderDataset(root=str(root)).load("parts")
+    (root / "empty").mkdir()
+    with pytest.raises(LayoutError, match="no training images"):
+        FolderDataset(root=str(root), normal_dir="empty").load("parts")
+    with pytest.raises(VadError, match="one mask_dirs entry"):
+        FolderDataset(root=str(root), abnormal_dirs=["dent", "burr", "x"], mask_dirs=["a", "b"])
+    with pytest.raises(VadError, match="mask_pattern"):
+        FolderDataset(root=str(root), mask_pattern="{image}_mask.png")
+    with pytest.raises(LayoutError, match="abnormal dir .*nope does not exist"):
+        FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs=["nope"]).load("parts")
