@@ -1,0 +1,190 @@
+"""Decision thresholds fitted on validation scores; ``score >= threshold`` is anomalous.
+
+Rules on *normal* validation scores (Bergmann's thesis §4.5 and seed 001's report §A.5, which
+compares them; labels equal to 1 are ignored by these rules):
+
+* ``max`` -- the largest normal score (the most conservative; one outlier sets it). Returned as
+  the next float above it, so that under ``score >= threshold`` no normal validation score is
+  flagged, as under the papers' ``score > t``.
+* ``quantile`` -- ``Q_q`` of the normal scores, ``q = 0.99`` by default (seed 001: 0.95-0.99),
+  NumPy's default linear interpolation: a fraction ``q`` of normal scores lies below it.
+* ``k-sigma`` -- ``mean + k * std`` of the normal scores, ``k = 3`` by default (seed 001 and its
+  FeatCAE; population std, ``ddof=0``).
+
+On labelled validation data: ``f1-optimal`` -- the threshold maximising F1 (anomalous images
+required; without them it is an error that names the rules above). ``manual`` -- a given value.
+
+:func:`normalize_scores` maps raw scores so that the threshold lands on 0.5; raw scores are
+always kept by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vad.contracts import Threshold
+from vad.errors import VadError
+
+NORMAL_ONLY_RULES = "max, quantile, k-sigma (fitted on normal validation scores) or manual (--set manual.value=…)"
+
+
+def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.size != labels.size:
+        raise VadError(f"threshold fitting got {scores.size} scores but {labels.size} labels")
+    if scores.size == 0:
+        raise VadError("no validation scores to fit a threshold on; raise --validation-fraction above 0")
+    if not np.isfinite(scores).all():
+        raise VadError("validation scores contain NaN or infinity; the detector produced invalid scores")
+    return scores, labels.astype(bool)
+
+
+def _normal_scores(scores, labels, rule: str) -> np.ndarray:
+    scores, labels = _scores_labels(scores, labels)
+    normal = scores[~labels]
+    if normal.size == 0:
+        raise VadError(f"threshold {rule!r} is fitted on normal validation scores, but every validation sample is anomalous")
+    return normal
+
+
+def max_threshold(scores, labels) -> float:
+    """Smallest float above the largest normal score (no normal validation score flagged)."""
+    return float(np.nextafter(_normal_scores(scores, labels, "max").max(), np.inf))
+
+
+def quantile_threshold(scores, labels, q: float = 0.99) -> float:
+    """The ``q`` quantile of the normal scores (linear interpolation)."""
+    return float(np.quantile(_normal_scores(scores, labels, "quantile"), q))
+
+
+def k_sigma_threshold(scores, labels, k: float = 3.0) -> float:
+    """``mean + k * std`` of the normal scores (population std)."""
+    normal = _normal_scores(scores, labels, "k-sigma")
+    return float(normal.mean() + k * normal.std())
+
+
+def f1_optimal_threshold(scores, labels) -> float:
+    """The threshold with the best F1 on labelled scores (the highest one among equal F1)."""
+    from vad_metrics.pixel import f1_max_from_split
+
+    scores, labels = _scores_labels(scores, labels)
+    if not labels.any():
+        raise VadError(
+            "threshold 'f1-optimal' needs anomalous validation samples, but all are normal; "
+            f"use a threshold that fits normal-only data: {NORMAL_ONLY_RULES}"
+        )
+    if labels.all():
+        # every score is anomalous: flag all of them
+        return float(scores.min())
+    return f1_max_from_split(scores[~labels], scores[labels])[1]
+
+
+def normalize_scores(scores, threshold: float, min_value: float, max_value: float, clip: bool = True) -> np.ndarray:
+    """Scores rescaled so that ``threshold`` maps to 0.5 (anomalib's min-max normalisation).
+
+    ``normalized = (score - threshold) / (max_value - min_value) + 0.5``, clipped to [0, 1] when
+    ``clip``; ``min_value`` / ``max_value`` are the score range seen on validation (or test)
+    data. It is monotone, so every ranking metric is unchanged, and ``score >= threshold`` iff
+    ``normalized >= 0.5`` (up to clipping of values that are far outside the range).
+    """
+    span = float(max_value) - float(min_value)
+    if not np.isfinite(span) or span <= 0:
+        raise VadError(f"normalize_scores needs max_value > min_value, got min {min_value} and max {max_value}")
+    normalized = (np.asarray(scores, dtype=np.float64) - float(threshold)) / span + 0.5
+    return np.clip(normalized, 0.0, 1.0) if clip else normalized
+
+
+# --------------------------------------------------------------------------- plugin classes
+
+
+def _number(name: str, value: Any, rule: str, low: float | None = None, high: float | None = None) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise VadError(f"threshold {rule!r}: option {name} must be a number, got {value!r}") from None
+    if not np.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
+        bounds = f" in [{low}, {high}]" if low is not None and high is not None else (f" >= {low}" if low is not None else "")
+        raise VadError(f"threshold {rule!r}: option {name} must be a finite number{bounds}, got {value!r}")
+    return number
+
+
+class _Rule(Threshold):
+    allowed: tuple[str, ...] = ()
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.allowed))
+        if unknown:
+            accepted = ", ".join(self.allowed) or "no options"
+            raise VadError(f"threshold {self.name!r} got unknown option(s) {', '.join(unknown)}; it accepts {accepted}")
+        super().__init__(**options)
+
+
+class F1OptimalThreshold(_Rule):
+    """The threshold with the best F1 on labelled validation data (needs anomalous samples)."""
+
+    name = "f1-optimal"
+    needs_anomalous = True
+
+    def fit(self, scores, labels) -> float:
+        """See :func:`f1_optimal_threshold`."""
+        return f1_optimal_threshold(scores, labels)
+
+
+class MaxThreshold(_Rule):
+    """Just above the largest normal validation score: no normal validation sample is flagged."""
+
+    name = "max"
+
+    def fit(self, scores, labels) -> float:
+        """See :func:`max_threshold`."""
+        return max_threshold(scores, labels)
+
+
+class QuantileThreshold(_Rule):
+    """The q-quantile of normal validation scores (option q, default 0.99)."""
+
+    name = "quantile"
+    allowed = ("q",)
+
+    def __init__(self, q: float = 0.99, **unknown: Any) -> None:
+        self.q = _number("q", q, self.name, 0.0, 1.0)
+        super().__init__(q=self.q, **unknown)
+
+    def fit(self, scores, labels) -> float:
+        """See :func:`quantile_threshold`."""
+        return quantile_threshold(scores, labels, self.q)
+
+
+class KSigmaThreshold(_Rule):
+    """mean + k * std of normal validation scores (option k, default 3)."""
+
+    name = "k-sigma"
+    allowed = ("k",)
+
+    def __init__(self, k: float = 3.0, **unknown: Any) -> None:
+        self.k = _number("k", k, self.name)
+        super().__init__(k=self.k, **unknown)
+
+    def fit(self, scores, labels) -> float:
+        """See :func:`k_sigma_threshold`."""
+        return k_sigma_threshold(scores, labels, self.k)
+
+
+class ManualThreshold(_Rule):
+    """A fixed threshold given as option value (--set manual.value=…)."""
+
+    name = "manual"
+    allowed = ("value",)
+
+    def __init__(self, value: float | None = None, **unknown: Any) -> None:
+        if value is None:
+            raise VadError("threshold 'manual' needs a value: --set manual.value=<number>")
+        self.value = _number("value", value, self.name)
+        super().__init__(value=self.value, **unknown)
+
+    def fit(self, scores, labels) -> float:
+        """The given value (the validation scores are not used)."""
+        return self.value
