@@ -1,0 +1,291 @@
+"""Tests of vad-patchcore: coreset, kNN backends, Eq. 7, the detector, saving and errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vad.contracts import State
+from vad.errors import VadError
+from vad_patchcore.coreset import approximate_greedy_coreset, project, random_projection
+from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size
+from vad_patchcore.knn import NearestNeighbours, faiss_available
+from vad_patchcore.scoring import reweighted_scores
+
+needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
+
+
+def grids(count: int, seed: int, dim: int = 12, size: int = 6, batch: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, size, size, generator=generator) for _ in range(count)]
+
+
+# ------------------------------------------------------------------ coreset
+
+
+def brute_force_k_center(points: np.ndarray, first: int, count: int) -> list[int]:
+    """Textbook greedy k-center: start from ``first``, repeatedly add the farthest point."""
+    distances = np.linalg.norm(points[:, None, :] - points[None, :, :], axis=2)
+    chosen = [first]
+    while len(chosen) < count:
+        chosen.append(int(distances[:, chosen].min(1).argmax()))
+    return chosen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coreset_equals_brute_force_greedy_k_center(seed):
+    points = torch.randn(300, 7, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    start = 17
+    # one starting point, no projection: the official initialisation is the distance to the
+    # start, which is not itself in the coreset, so ours = reference[1:]
+    ours = approximate_greedy_coreset(points, 30, projection_dim=None, start_indices=torch.tensor([start]))
+    reference = brute_force_k_center(points.numpy(), start, 31)
+    assert ours.tolist() == reference[1:]
+
+
+def test_coreset_mean_start_initialisation_matches_official_formula():
+    points = torch.randn(200, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    starts = torch.tensor([4, 50, 120])
+    ours = approximate_greedy_coreset(points, 10, projection_dim=None, start_indices=starts)
+    # official loop, written out: mean plain distance to the starts, then min-updates
+    current = torch.cdist(points, points[starts]).mean(1)
+    expected = []
+    for _ in range(10):
+        index = int(current.argmax())
+        expected.append(index)
+        current = torch.minimum(current, torch.cdist(points, points[index : index + 1])[:, 0])
+    assert ours.tolist() == expected
+
+
+def test_random_projection_is_seeded_and_follows_linear_init():
+    a = random_projection(64, 16, torch.Generator().manual_seed(5))
+    b = random_projection(64, 16, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == (64, 16)
+    assert a.abs().max() <= 1 / math.sqrt(64)
+    features = torch.randn(10, 8)
+    assert project(features, 128, torch.Generator()) is features  # no projection up
+    assert project(features, None, torch.Generator()) is features
+
+
+def test_coreset_is_deterministic_for_a_seed():
+    points = torch.randn(500, 40, generator=torch.Generator().manual_seed(0))
+    first = approximate_greedy_coreset(points, 50, 16, 10, torch.Generator().manual_seed(9))
+    second = approximate_greedy_coreset(points, 50, 16, 10, torch.Generator().manual_seed(9))
+    assert torch.equal(first, second) and len(set(first.tolist())) == 50
+
+
+# ------------------------------------------------------------------ kNN
+
+
+@needs_faiss
+@pytest.mark.parametrize("k", [1, 3])
+def test_knn_faiss_and_torch_identical(k):
+    generator = torch.Generator().manual_seed(1)
+    bank = torch.randn(400, 24, generator=generator)
+    queries = torch.randn(250, 24, generator=generator) * 1.5
+    d_faiss, i_faiss = NearestNeighbours(bank, "faiss").search(queries, k)
+    d_torch, i_torch = NearestNeighbours(bank, "torch", query_chunk=64).search(queries, k)
+    assert torch.equal(i_faiss, i_torch)
+    assert torch.equal(d_faiss, d_torch)
+    brute = torch.cdist(queries.double(), bank.double()).square().topk(k, largest=False)
+    assert torch.equal(i_torch, brute.indices)
+    assert torch.allclose(d_torch.double(), brute.values, rtol=1e-5)
+
+
+@needs_faiss
+def test_knn_ivfpq_runs_and_mostly_agrees():
+    generator = torch.Generator().manual_seed(2)
+    bank = torch.randn(4000, 16, generator=generator)
+    queries = bank[:200] + 0.01 * torch.randn(200, 16, generator=generator)
+    distances, indices = NearestNeighbours(bank, "faiss-ivfpq", ivf_lists=32, pq_subquantizers=8, ivf_probe=8).search(queries, 1)
+    recall = (indices[:, 0] == torch.arange(200)).float().mean()
+    assert recall > 0.8 and distances.shape == (200, 1)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(VadError, match="knn_backend"):
+        PatchCore(knn_backend="annoy")
+
+
+# ------------------------------------------------------------------ Eq. 7
+
+
+def test_reweighting_on_a_hand_made_case():
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    embeddings = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])  # second patch is the most anomalous
+    patch_scores = torch.tensor([[0.0, 5.0]])  # ||(3,4) - (0,0)|| = 5: nearest is bank[0]
+    nearest = torch.tensor([[0, 0]])
+    support = torch.tensor([[0, 1, 2]])  # N_3(m*): m* itself, then its two neighbours
+    score = reweighted_scores(patch_scores, nearest, embeddings, bank, support)
+    d = torch.tensor([5.0, math.sqrt(4 + 16), math.sqrt(9 + 9)])
+    expected = (1 - math.exp(5.0) / float(d.exp().sum())) * 5.0
+    assert score.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_reweighting_in_the_detector_matches_the_formula():
+    detector = PatchCore(coreset_ratio=1.0, reweight=True, reweight_neighbors=3, knn_backend="torch")
+    detector.fit(grids(2, seed=0))
+    test = grids(1, seed=5)[0]
+    prediction = detector.predict(test)
+    plain = PatchCore(coreset_ratio=1.0, knn_backend="torch")
+    plain.fit(grids(2, seed=0))
+    base = plain.predict(test).scores
+    assert torch.all(prediction.scores < base) and torch.all(prediction.scores > 0)
+    assert torch.equal(prediction.maps, plain.predict(test).maps)
+
+
+# ------------------------------------------------------------------ detector
+
+
+def test_fit_predict_shapes_and_coreset_size():
+    detector = PatchCore(coreset_ratio=0.25, coreset_chunk_patches=0)
+    detector.fit(grids(4, seed=0))
+    assert detector.memory_bank.shape == (int(4 * 3 * 36 * 0.25), 12)
+    prediction = detector.predict(grids(1, seed=1)[0])
+    assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 6, 6)
+    assert torch.allclose(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+def test_streaming_chunks_bound_the_bank_and_equal_single_selection_when_small():
+    train = grids(5, seed=0)  # 5 * 108 = 540 patches
+    chunked = PatchCore(coreset_ratio=0.1, coreset_chunk_patches=200)
+    chunked.fit(train)
+    assert chunked.memory_bank.shape[0] == coreset_size(540, 0.1, 200) == 20 + 20 + 14
+    whole = PatchCore(coreset_ratio=0.1, coreset_chunk_patches=10_000)
+    whole.fit(train)
+    official = PatchCore(coreset_ratio=0.1, coreset_chunk_patches=0)
+    official.fit(train)
+    assert torch.equal(whole.memory_bank, official.memory_bank)
+
+
+def test_ratio_one_keeps_every_patch_and_training_patches_score_zero():
+    train = grids(2, seed=0)
+    detector = PatchCore(coreset_ratio=1.0)
+    detector.fit(train)
+    assert detector.memory_bank.shape[0] == 2 * 3 * 36
+    assert torch.allclose(detector.predict(train[0]).scores, torch.zeros(3), atol=1e-5)
+
+
+def test_squared_distance_and_k_neighbours():
+    train, test = grids(2, seed=0), grids(1, seed=3)[0]
+    euclid = PatchCore(coreset_ratio=1.0, knn_backend="torch")
+    euclid.fit(train)
+    squared = PatchCore(coreset_ratio=1.0, distance="squared", knn_backend="torch")
+    squared.fit(train)
+    assert torch.allclose(squared.predict(test).maps, euclid.predict(test).maps.square(), rtol=1e-5)
+    three = PatchCore(coreset_ratio=1.0, num_neighbors=3, knn_backend="torch")
+    three.fit(train)
+    assert torch.all(three.predict(test).maps >= euclid.predict(test).maps - 1e-6)
+
+
+def test_deterministic_for_a_seed_and_seed_matters():
+    train, test = grids(4, seed=0), grids(1, seed=1)[0]
+    runs = []
+    for seed in (0, 0, 1):
+        detector = PatchCore(coreset_ratio=0.1, seed=seed)
+        detector.fit(train)
+        runs.append((detector.memory_bank, detector.predict(test).scores))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_save_load_same_scores(tmp_path):
+    from vad import artifacts
+
+    train, test = grids(3, seed=0), grids(1, seed=1)[0]
+    detector = PatchCore(coreset_ratio=0.2, reweight=True)
+    detector.fit(train)
+    state = detector.state()
+    artifacts.write_model_folder(tmp_path / "model", {"meta": state.meta, "hparams": detector.hparams}, state.tensors)
+    document, tensors = artifacts.read_model_folder(tmp_path / "model")
+    restored = PatchCore(**document["hparams"])
+    restored.load_state(State(document["meta"], tensors))
+    assert restored.hparams == detector.hparams
+    before, after = detector.predict(test), restored.predict(test)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_empty_training_set_is_a_clear_error():
+    detector = PatchCore()
+    with pytest.raises(VadError, match="empty training set"):
+        detector.fit([])
+    assert not detector.fitted  # nothing half-written
+
+
+def test_grid_smaller_than_one_patch_is_a_clear_error():
+    detector = PatchCore()
+    with pytest.raises(VadError, match="receptive field"):
+        detector.fit([torch.zeros(2, 8, 0, 3)])
+    assert not detector.fitted
+
+
+def test_feature_dim_change_is_a_clear_error():
+    detector = PatchCore(coreset_ratio=1.0)
+    detector.fit(grids(1, seed=0, dim=12))
+    with pytest.raises(VadError, match="12-dim"):
+        detector.predict(grids(1, seed=0, dim=10)[0])
+    with pytest.raises(VadError, match="channels between batches"):
+        PatchCore().fit([grids(1, 0, dim=12)[0], grids(1, 0, dim=10)[0]])
+
+
+def test_predict_before_fit_and_bad_hparams():
+    with pytest.raises(VadError, match="not fitted"):
+        PatchCore().predict(grids(1, 0)[0])
+    with pytest.raises(VadError, match="not fitted"):
+        PatchCore().state()
+    for bad in ({"coreset_ratio": 0}, {"coreset_ratio": 1.5}, {"num_neighbors": 0}, {"distance": "cosine"}, {"coreset_projection_dim": -1}):
+        with pytest.raises(VadError):
+            PatchCore(**bad)
+
+
+def test_incompatible_state_version_is_a_clear_error():
+    detector = PatchCore(coreset_ratio=1.0)
+    detector.fit(grids(1, seed=0))
+    state = detector.state()
+    assert state.meta["patchcore_state_version"] == PATCHCORE_STATE_VERSION
+    fresh = PatchCore()
+    with pytest.raises(VadError, match="patchcore_state_version 99"):
+        fresh.load_state(State({**state.meta, "patchcore_state_version": 99}, state.tensors))
+    with pytest.raises(VadError, match="memory_bank"):
+        fresh.load_state(State(state.meta, {}))
+    assert not fresh.fitted
+
+
+# ------------------------------------------------------------------ with vad's feature source
+
+
+def test_with_patch_features_and_model_folder(tmp_path, tiny_dataset, vad_fakes, register_plugin):
+    from vad.features import PatchFeatures
+    from vad.model import AnomalyModel, Member, create_backbone
+
+    source = PatchFeatures(create_backbone("fake-backbone", vad_fakes))  # stride-8 + stride-16 stages, 3x3 aggregation
+    model = AnomalyModel([Member("patchcore", PatchCore(coreset_ratio=0.1), source)], batch_size=4)
+    model.fit(tiny_dataset.train, [])
+    outputs = list(model.predict(tiny_dataset.test))
+    for output in outputs:  # maps come back at each image's original size
+        assert output.map.shape == output.sample.load_image().shape[:2]
+    labels = np.array([o.sample.label for o in outputs])
+    scores = np.array([o.score for o in outputs])
+    pairs = scores[labels == 1][:, None] > scores[labels == 0][None, :]
+    assert pairs.mean() >= 0.8  # image AUROC: bright squares are easy even for random convolutions
+    bank = model.members[0].detector.memory_bank
+    assert bank.shape == (int(8 * 8 * 8 * 0.1), source.out_channels)
+
+    import vad_patchcore
+
+    if "patchcore" in vad_fakes.entries("detectors"):  # installed: found through its entry point
+        model.save(tmp_path / "model", vad_fakes)
+        loaded = AnomalyModel.load(tmp_path / "model", registry=vad_fakes)
+    else:
+        with register_plugin(vad_patchcore, "vad-patchcore") as registry:
+            model.save(tmp_path / "model", registry)
+            loaded = AnomalyModel.load(tmp_path / "model", registry=registry)
+    again = list(loaded.predict(tiny_dataset.test))
+    assert [o.score for o in again] == [o.score for o in outputs]
+    assert all(np.array_equal(a.map, b.map) for a, b in zip(again, outputs))
