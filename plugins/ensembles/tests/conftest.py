@@ -1,0 +1,74 @@
+"""Tiny deterministic random-conv backbones so the ensemble tests run in seconds, offline."""
+
+from __future__ import annotations
+
+import pytest
+
+import torch
+
+from vad.contracts import Backbone, FeatureInfo, Preprocessing
+from vad.features import PatchFeatures
+
+
+class TinyBackbone(Backbone):
+    """Two random conv stages with strides 8 and 16; weights fixed by ``seed``."""
+
+    name = "tiny"
+
+    def __init__(self, model_name: str = "tiny", size: int = 64, widths=(6, 10), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.stage1 = torch.randn(widths[0], 3, 8, 8, generator=generator) / 8
+        self.stage2 = torch.randn(widths[1], widths[0], 2, 2, generator=generator) / 2
+        self.widths = tuple(widths)
+        self.preprocessing = Preprocessing(size=(size, size), mean=tuple(mean), std=tuple(std))
+        self._hparams = {"size": size, "widths": list(widths), "mean": list(mean), "std": list(std), "seed": seed}
+
+    def feature_info(self):
+        return [FeatureInfo("s8", 8, self.widths[0]), FeatureInfo("s16", 16, self.widths[1])]
+
+    def forward_features(self, images, layers):
+        first = torch.relu(torch.nn.functional.conv2d(images, self.stage1.to(images), stride=8))
+        second = torch.relu(torch.nn.functional.conv2d(first, self.stage2.to(images), stride=2))
+        maps = {"s8": first, "s16": second}
+        return {layer: maps[layer] for layer in layers}
+
+
+def make_member(size: int = 64, widths=(6, 10), seed: int = 0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> PatchFeatures:
+    """PatchFeatures over a TinyBackbone."""
+    return PatchFeatures(TinyBackbone(size=size, widths=widths, seed=seed, mean=mean, std=std))
+
+
+def image_batches(count: int, size: int, batch: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random [0, 1] images in batches (the ensembles' input convention)."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(count, 3, size // 8, size // 8, generator=generator)
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    images = (images + 0.05 * torch.rand(images.shape, generator=generator)).clamp(0, 1)
+    return list(images.split(batch))
+
+
+@pytest.fixture(name="make_member")
+def make_member_fixture():
+    """Factory of PatchFeatures members over tiny backbones."""
+    return make_member
+
+
+@pytest.fixture(name="image_batches")
+def image_batches_fixture():
+    """Factory of [0, 1] image batches."""
+    return image_batches
+
+
+@pytest.fixture
+def members():
+    """Two heterogeneous members: 64 px / ImageNet stats and 96 px / mean-std 0.5 (like lite0 vs lite2)."""
+    return [make_member(64, (6, 10), seed=1), make_member(96, (8, 12), seed=2, mean=(0.5,) * 3, std=(0.5,) * 3)]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors run faster on one thread; on a shared 2-core machine two threads spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

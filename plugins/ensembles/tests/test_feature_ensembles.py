@@ -1,0 +1,137 @@
+"""Feature-level ensembles: shared input, grid alignment, PCA on training normals only, state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vad.contracts import State
+from vad.errors import VadError
+from vad.plugins import get_registry
+from vad_ensembles.features import ConcatEnsemble, PCAGlobalEnsemble, PCAIndividualEnsemble
+
+
+def rebuild(ensemble, members):
+    """What vad does on load: cls(members, **hparams without members) + load_state."""
+    hparams = ensemble.hparams
+    assert [m.config() for m in members] == hparams.pop("members")
+    again = type(ensemble)(members, **hparams)
+    state = ensemble.state()
+    again.load_state(State(dict(state.meta), {k: v.clone() for k, v in state.tensors.items()}))
+    return again
+
+
+def test_registered_under_their_names():
+    entries = get_registry().entries("ensemblers")
+    for name in ("concat", "pca-global", "pca-individual"):
+        assert name in entries
+
+
+def test_shared_input_is_the_largest_member_in_zero_one_and_each_member_gets_its_own(members, image_batches):
+    ensemble = ConcatEnsemble(members)
+    assert ensemble.preprocessing.size == (96, 96)
+    assert ensemble.preprocessing.mean == (0.0, 0.0, 0.0) and ensemble.preprocessing.std == (1.0, 1.0, 1.0)
+    images = image_batches(2, 96)[0]
+    small, large = ensemble.member_inputs(images)
+    assert small.shape[-2:] == (64, 64) and large.shape[-2:] == (96, 96)
+    torch.testing.assert_close(large, (images - 0.5) / 0.5)
+    features = ensemble(images)
+    # finest grid: the 96 px member at stride 8 -> 12 x 12; channels add up
+    assert features.shape == (2, ensemble.out_channels, 12, 12)
+    assert ensemble.out_channels == members[0].out_channels + members[1].out_channels
+    first = members[0](small)
+    torch.testing.assert_close(features[:, : first.shape[1]], F.interpolate(first, size=(12, 12), mode="bilinear", align_corners=False))
+
+
+def test_configurable_grid(members, image_batches):
+    features = ConcatEnsemble(members, grid=[5, 7])(image_batches(1, 96)[0])
+    assert features.shape[-2:] == (5, 7)
+
+
+def test_pca_global_reduces_channels_and_fits_on_training_images_only(members, image_batches):
+    ensemble = PCAGlobalEnsemble(members, n_components=6)
+    train = image_batches(8, 96, seed=0)
+    ensemble.fit(train)
+    state = {k: v.clone() for k, v in ensemble.state().tensors.items()}
+    test_a = image_batches(3, 96, seed=1)[0]
+    out_a = ensemble(test_a)
+    assert out_a.shape == (3, 6, 12, 12)
+    # Scoring other test images never changes the projection or a fixed image's features.
+    ensemble(image_batches(4, 96, seed=2)[0] * 0.3)
+    out_mixed = ensemble(torch.cat([test_a, image_batches(2, 96, seed=3)[0]]))
+    torch.testing.assert_close(out_mixed[:3], out_a, atol=1e-5, rtol=1e-5)
+    for name, tensor in ensemble.state().tensors.items():
+        torch.testing.assert_close(tensor, state[name])
+    # Fitting again on the same training images gives the same PCA (deterministic).
+    other = PCAGlobalEnsemble(members, n_components=6)
+    other.fit(train)
+    torch.testing.assert_close(other(test_a), out_a)
+
+
+def test_pca_global_default_width_is_the_widest_member_and_fraction_width_is_known_after_fit(members, image_batches):
+    assert PCAGlobalEnsemble(members).out_channels == max(m.out_channels for m in members)
+    ensemble = PCAGlobalEnsemble(members, n_components=0.9, max_fit_patches=200, seed=3)
+    with pytest.raises(VadError, match="known only after fit"):
+        ensemble.out_channels
+    ensemble.fit(image_batches(6, 96))
+    assert 1 <= ensemble.out_channels < sum(m.out_channels for m in members)
+    assert ensemble.state().meta["explained_variance_kept"] > 0.9
+
+
+@pytest.mark.parametrize("cls", [PCAGlobalEnsemble, PCAIndividualEnsemble])
+def test_save_and_load_reproduce_features(cls, members, image_batches, make_member):
+    ensemble = cls(members, n_components=4, max_fit_patches=300)
+    ensemble.fit(image_batches(6, 96))
+    test = image_batches(2, 96, seed=5)[0]
+    again = rebuild(ensemble, [make_member(64, (6, 10), seed=1), make_member(96, (8, 12), seed=2, mean=(0.5,) * 3, std=(0.5,) * 3)])
+    torch.testing.assert_close(again(test), ensemble(test))
+
+
+def test_pca_individual_fits_one_pca_per_member(members, image_batches):
+    ensemble = PCAIndividualEnsemble(members, n_components=[3, 5])
+    assert ensemble.out_channels == 8
+    ensemble.fit(image_batches(6, 96))
+    assert ensemble(image_batches(2, 96)[0]).shape == (2, 8, 12, 12)
+    assert ensemble.state().meta["n_components_kept"] == [3, 5]
+    default = PCAIndividualEnsemble(members)
+    assert default.out_channels == 2 * (max(m.out_channels for m in members) // 2)
+
+
+def test_unfitted_pca_ensembles_refuse_to_run_or_save(members, image_batches):
+    for cls in (PCAGlobalEnsemble, PCAIndividualEnsemble):
+        ensemble = cls(members, n_components=2)
+        with pytest.raises(VadError, match="must be fitted"):
+            ensemble(image_batches(1, 96)[0])
+        with pytest.raises(VadError, match="must be fitted"):
+            ensemble.state()
+
+
+def test_clear_errors(members, make_member):
+    with pytest.raises(VadError, match="at least two members"):
+        PCAGlobalEnsemble(members[:1])
+    with pytest.raises(VadError, match="list of member"):
+        ConcatEnsemble(members[0])
+    with pytest.raises(VadError, match="not a FeatureSource"):
+        ConcatEnsemble([members[0], "resnet18"])
+    too_many = sum(m.out_channels for m in members) + 1
+    with pytest.raises(VadError, match=f"above the {too_many - 1} channels"):
+        PCAGlobalEnsemble(members, n_components=too_many)
+    with pytest.raises(VadError, match="member 0"):
+        PCAIndividualEnsemble(members, n_components=members[0].out_channels + 1)
+    with pytest.raises(VadError, match="one per member"):
+        PCAIndividualEnsemble(members, n_components=[2, 2, 2])
+    with pytest.raises(VadError, match="variance fraction"):
+        PCAGlobalEnsemble(members, n_components=1.5)
+    with pytest.raises(VadError, match="max_fit_patches"):
+        PCAGlobalEnsemble(members, max_fit_patches=1)
+    with pytest.raises(VadError, match="grid"):
+        ConcatEnsemble(members, grid=[0, 4])
+    wide = make_member(64, seed=4)
+    wide.preprocessing = type(wide.preprocessing)(size=(64, 128))
+    with pytest.raises(VadError, match="aspect ratio"):
+        ConcatEnsemble([members[0], wide])
+    with pytest.raises(VadError, match="image batch"):
+        ConcatEnsemble(members)(torch.zeros(2, 1, 96, 96))
+    with pytest.raises(VadError, match="no training images"):
+        PCAGlobalEnsemble(members, n_components=2).fit([])

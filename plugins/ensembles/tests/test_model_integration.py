@@ -1,0 +1,90 @@
+"""Ensembles inside a whole vad model: fit on train, calibrate on validation, save, load, predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vad import hookimpl
+from vad.contracts import Detector, Prediction, State
+from vad.features import PatchFeatures
+from vad.model import AnomalyModel, Member, create_backbone
+
+
+class MeanDistance(Detector):
+    """Distance of every patch to the mean training patch: a minimal feature head for tests."""
+
+    name = "mean-distance"
+
+    def __init__(self) -> None:
+        self._hparams = {}
+        self.mean: torch.Tensor | None = None
+
+    def fit(self, batches):
+        total, count = 0.0, 0
+        for features in batches:
+            total = total + features.sum(dim=(0, 2, 3))
+            count += features.shape[0] * features.shape[2] * features.shape[3]
+        self.mean = total / count
+
+    def predict(self, batch):
+        maps = (batch - self.mean.to(batch)[None, :, None, None]).square().sum(1).sqrt()
+        return Prediction(maps.amax(dim=(1, 2)), maps)
+
+    def state(self):
+        return State(tensors={"mean": self.mean})
+
+    def load_state(self, state):
+        self.mean = state.tensors["mean"]
+
+
+class MeanDistancePlugin:
+    @hookimpl
+    def vad_register_detectors(self, register):
+        register(MeanDistance)
+
+
+def auroc(scores, labels) -> float:
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    return float((positive[:, None] > negative[None, :]).mean() + 0.5 * (positive[:, None] == negative[None, :]).mean())
+
+
+def members(registry):
+    return [
+        PatchFeatures(create_backbone("fake-backbone", registry, seed=0, size=64)),
+        PatchFeatures(create_backbone("fake-backbone", registry, seed=1, size=96)),
+    ]
+
+
+def round_trip(model, registry, tmp_path, test):
+    before = [output.score for output in model.predict(test)]
+    maps_before = [output.map for output in model.predict(test[:2])]
+    model.save(tmp_path / "model", registry=registry)
+    loaded = AnomalyModel.load(tmp_path / "model", registry=registry)
+    after = [output.score for output in loaded.predict(test)]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+    for a, b in zip([o.map for o in loaded.predict(test[:2])], maps_before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    return before
+
+
+def test_pca_global_model_fits_saves_loads_and_detects(vad_fakes, register_plugin, tiny_dataset, tmp_path):
+    with register_plugin(MeanDistancePlugin(), name="mean-distance-plugin") as registry:
+        source = registry.load_class("ensemblers", "pca-global")(members(registry), n_components=12)
+        model = AnomalyModel([Member("mean-distance", MeanDistance(), source)], batch_size=4)
+        model.fit(tiny_dataset.train, tiny_dataset.validation)
+        scores = round_trip(model, registry, tmp_path, tiny_dataset.test)
+        assert auroc(scores, [s.label for s in tiny_dataset.test]) > 0.8
+
+
+def test_score_mean_model_fits_saves_and_loads(vad_fakes, register_plugin, tiny_dataset, tmp_path):
+    with register_plugin(MeanDistancePlugin(), name="mean-distance-plugin") as registry:
+        model = AnomalyModel(
+            [Member("mean-distance", MeanDistance(), source) for source in members(registry)],
+            ensembler=registry.load_class("ensemblers", "score-mean")(),
+            ensembler_name="score-mean",
+            batch_size=4,
+        )
+        model.fit(tiny_dataset.train, tiny_dataset.validation)
+        round_trip(model, registry, tmp_path, tiny_dataset.test)

@@ -1,0 +1,350 @@
+"""Feature-level ensembles: one patch-feature grid fused from several member FeatureSources.
+
+This is the heterogeneous feature-level ensemble of seed 000 (after Heller et al.'s
+transformation blocks): instead of averaging the *scores* of separately fitted detectors, the
+inner representations of several networks are brought to one grid and fused, and a single head
+(PatchCore, SimpleNet's discriminator, ...) is fitted on the fused features.
+
+* ``concat``: resize every member's grid to one grid (bilinear), concatenate channels.
+* ``pca-global`` (global transformation block): ``concat``, then PCA along the channel
+  dimension fitted on training normals only.
+* ``pca-individual`` (individual transformation block): PCA per member on its own grid, then
+  resize and concatenate.
+
+**One input for all members.** The ensemble states its own :class:`Preprocessing`: the one of
+the member with the largest input (its size, resize and crop), with ``mean=(0, 0, 0)`` and
+``std=(1, 1, 1)``, i.e. images in [0, 1]. Inside ``__call__`` that image is resized
+(bilinear, anti-aliased when shrinking, as vad's preprocessing does) to each member's own input
+size and normalised with the member's own mean/std. So every member sees the same field of
+view (the largest member's resize/crop), at its own resolution. Members whose inputs have a
+different aspect ratio are refused: resizing would distort the image for one of them.
+
+**The fused grid** is ``grid=(h, w)`` when given, else the finest member grid (the one with the
+most positions); each member map is resized to it bilinearly (``align_corners=False``).
+
+PCA is fitted by :meth:`fit` on training batches only (see :mod:`vad_ensembles.pca` for how
+memory stays bounded); ``__call__`` only projects, it never refits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vad.contracts import FeatureEnsembler, FeatureSource, Preprocessing, State
+from vad.errors import VadError
+from vad.preprocess import resize_batch
+
+from vad_ensembles.pca import PCA, PCAFitter, check_n_components
+
+#: Relative aspect-ratio difference above which members are refused (resizing would distort).
+ASPECT_TOLERANCE = 0.02
+
+
+def _check_members(members: Any, name: str) -> list[FeatureSource]:
+    if isinstance(members, FeatureSource) or not isinstance(members, (list, tuple)):
+        raise VadError(f"ensemble {name!r} takes a list of member feature sources, got {type(members).__name__}")
+    members = list(members)
+    if len(members) < 2:
+        raise VadError(
+            f"ensemble {name!r} needs at least two members, got {len(members)}; "
+            "give several backbones (--backbone A --backbone B) or drop --ensemble"
+        )
+    for index, member in enumerate(members):
+        if not isinstance(member, FeatureSource):
+            raise VadError(
+                f"member {index} of ensemble {name!r} is a {type(member).__name__}, not a FeatureSource "
+                "(e.g. vad.features.PatchFeatures over a backbone)"
+            )
+    return members
+
+
+def _check_grid(grid: Any) -> tuple[int, int] | None:
+    if grid is None:
+        return None
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        grid = (grid, grid)
+    if (
+        not isinstance(grid, (list, tuple))
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise VadError(f"grid must be None (the finest member grid), an int or (height, width) of positive ints, got {grid!r}")
+    return (int(grid[0]), int(grid[1]))
+
+
+def _input_preprocessing(members: Sequence[FeatureSource], name: str) -> Preprocessing:
+    """The largest member's preprocessing with identity normalisation; refuses distorting aspect ratios."""
+    reference = max(members, key=lambda m: m.preprocessing.size[0] * m.preprocessing.size[1])
+    ref_h, ref_w = reference.preprocessing.size
+    for index, member in enumerate(members):
+        height, width = member.preprocessing.size
+        if abs((height / width) / (ref_h / ref_w) - 1.0) > ASPECT_TOLERANCE:
+            raise VadError(
+                f"member {index} of ensemble {name!r} expects {height}x{width} inputs but the largest member "
+                f"expects {ref_h}x{ref_w}: the ensemble resizes one shared image to each member's size, which "
+                "would distort one of them; choose members with the same aspect ratio"
+            )
+    return dataclasses.replace(reference.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+class FeatureEnsemble(FeatureEnsembler):
+    """Shared machinery: members' inputs from the shared image, grid alignment, state, device."""
+
+    name = ""
+
+    def __init__(self, members: Sequence[FeatureSource], grid: Sequence[int] | int | None = None) -> None:
+        self.members = _check_members(members, self.name)
+        self.grid = _check_grid(grid)
+        self.preprocessing = _input_preprocessing(self.members, self.name)
+        self._hparams = {
+            "members": [member.config() for member in self.members],
+            "grid": None if self.grid is None else list(self.grid),
+        }
+
+    # ------------------------------------------------------------------ device
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def to(self, device: torch.device | str) -> FeatureEnsemble:
+        for member in self.members:
+            member.to(device)
+        self._device = torch.device(device)
+        self._move_fitted(self._device)
+        return self
+
+    def _move_fitted(self, device: torch.device) -> None:
+        """Move fitted tensors (PCA) to ``device``; nothing to move by default."""
+
+    # ------------------------------------------------------------------ features
+
+    def member_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's input from the shared [0, 1] batch: resized to its size, normalised its way."""
+        inputs = []
+        for member in self.members:
+            prep = member.preprocessing
+            x = resize_batch(images, tuple(prep.size), prep.interpolation)
+            mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            inputs.append((x - mean) / std)
+        return inputs
+
+    def member_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's feature grid on its own resolution."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise VadError(f"expected an image batch [B, 3, H, W], got shape {tuple(images.shape)}")
+        return [member(x) for member, x in zip(self.members, self.member_inputs(images))]
+
+    def fused_grid(self, grids: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """The configured grid, or the finest member grid."""
+        if self.grid is not None:
+            return self.grid
+        finest = max(grids, key=lambda g: g.shape[-2] * g.shape[-1])
+        return (int(finest.shape[-2]), int(finest.shape[-1]))
+
+    @staticmethod
+    def resize(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Bilinear resize of a grid ``[B, C, h, w]`` to ``grid`` (a no-op when equal)."""
+        if tuple(features.shape[-2:]) == tuple(grid):
+            return features
+        return F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
+
+    def concatenated(self, images: torch.Tensor) -> torch.Tensor:
+        """Members' grids resized to the fused grid and concatenated along channels."""
+        grids = self.member_grids(images)
+        grid = self.fused_grid(grids)
+        return torch.cat([self.resize(g, grid) for g in grids], dim=1)
+
+    def _require_fitted(self, fitted: bool) -> None:
+        if not fitted:
+            raise VadError(f"feature ensemble {self.name!r} must be fitted on training images before it is used")
+
+
+class ConcatEnsemble(FeatureEnsemble):
+    """Resize every member's features to one grid and concatenate channels (no PCA; the baseline)."""
+
+    name = "concat"
+    requires_fit = False
+
+    def __init__(self, members: Sequence[FeatureSource], grid: Sequence[int] | int | None = None) -> None:
+        super().__init__(members, grid)
+
+    @property
+    def out_channels(self) -> int:
+        return sum(member.out_channels for member in self.members)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.concatenated(images)
+
+
+def _check_max_fit_patches(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise VadError(f"max_fit_patches must be None (every training patch, exact) or an int >= 2, got {value!r}")
+    return value
+
+
+class PCAGlobalEnsemble(FeatureEnsemble):
+    """Global transformation block: resize members to one grid, concatenate, PCA along channels.
+
+    ``n_components``: an int (components kept), a float in (0, 1) (the smallest number of
+    components explaining more than that variance fraction), or None: as many components as the
+    widest member has channels, so the fused features are as wide as one member's (seed 000:
+    "maintaining an equal amount of maps as if it were composed of a single classifier").
+    ``max_fit_patches``: None fits on the exact covariance of every training patch (memory
+    O(C^2)); an int fits on a uniform sample of that many patches drawn with ``seed``.
+    """
+
+    name = "pca-global"
+    requires_fit = True
+
+    def __init__(
+        self,
+        members: Sequence[FeatureSource],
+        n_components: int | float | None = None,
+        max_fit_patches: int | None = None,
+        seed: int = 0,
+        grid: Sequence[int] | int | None = None,
+    ) -> None:
+        super().__init__(members, grid)
+        channels = sum(member.out_channels for member in self.members)
+        if n_components is None:
+            n_components = max(member.out_channels for member in self.members)
+        check_n_components(n_components, channels, "the concatenated members")
+        self.n_components = n_components
+        self.max_fit_patches = _check_max_fit_patches(max_fit_patches)
+        self.seed = int(seed)
+        self.pca: PCA | None = None
+        self._hparams.update(n_components=n_components, max_fit_patches=self.max_fit_patches, seed=self.seed)
+
+    @property
+    def out_channels(self) -> int:
+        if self.pca is not None:
+            return self.pca.n_components
+        if isinstance(self.n_components, float):
+            raise VadError("pca-global keeps a variance fraction: its width is known only after fit")
+        return int(self.n_components)
+
+    def fit(self, images: Iterable[torch.Tensor]) -> None:
+        """Fit the PCA on the concatenated member features of the training batches."""
+        fitter = PCAFitter(self.max_fit_patches, self.seed)
+        with torch.inference_mode():
+            for batch in images:
+                fitter.update(self.concatenated(batch))
+        if fitter.count == 0:
+            raise VadError("pca-global got no training images to fit on")
+        self.pca = fitter.fit(self.n_components).to(self.device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self._require_fitted(self.pca is not None)
+        assert self.pca is not None
+        return self.pca.transform(self.concatenated(images))
+
+    def state(self) -> State:
+        self._require_fitted(self.pca is not None)
+        assert self.pca is not None
+        return State(
+            meta={"n_components_kept": self.pca.n_components, "explained_variance_kept": float(self.pca.explained_variance_ratio.sum())},
+            tensors=self.pca.tensors("pca"),
+        )
+
+    def load_state(self, state: State) -> None:
+        self.pca = PCA.from_tensors(state.tensors, "pca").to(self.device)
+
+    def _move_fitted(self, device: torch.device) -> None:
+        if self.pca is not None:
+            self.pca = self.pca.to(device)
+
+
+class PCAIndividualEnsemble(FeatureEnsemble):
+    """Individual transformation block: PCA per member on its own grid, then resize and concatenate.
+
+    ``n_components``: one value for every member or a list with one per member; each an int or
+    a variance fraction in (0, 1). None: every member keeps ``widest member channels // members``
+    components, so the fused width matches one member's (like ``pca-global``'s default).
+    """
+
+    name = "pca-individual"
+    requires_fit = True
+
+    def __init__(
+        self,
+        members: Sequence[FeatureSource],
+        n_components: int | float | Sequence[int | float] | None = None,
+        max_fit_patches: int | None = None,
+        seed: int = 0,
+        grid: Sequence[int] | int | None = None,
+    ) -> None:
+        super().__init__(members, grid)
+        if n_components is None:
+            share = max(1, max(member.out_channels for member in self.members) // len(self.members))
+            per_member: list[int | float] = [min(share, member.out_channels) for member in self.members]
+        elif isinstance(n_components, (list, tuple)):
+            if len(n_components) != len(self.members):
+                raise VadError(
+                    f"pca-individual got {len(n_components)} n_components for {len(self.members)} members; "
+                    "give one value for all or one per member"
+                )
+            per_member = list(n_components)
+        else:
+            per_member = [n_components] * len(self.members)
+        for index, (value, member) in enumerate(zip(per_member, self.members)):
+            check_n_components(value, member.out_channels, f"member {index}")
+        self.n_components = per_member
+        self.max_fit_patches = _check_max_fit_patches(max_fit_patches)
+        self.seed = int(seed)
+        self.pcas: list[PCA] | None = None
+        self._hparams.update(
+            n_components=n_components if not isinstance(n_components, tuple) else list(n_components),
+            max_fit_patches=self.max_fit_patches,
+            seed=self.seed,
+        )
+
+    @property
+    def out_channels(self) -> int:
+        if self.pcas is not None:
+            return sum(pca.n_components for pca in self.pcas)
+        if any(isinstance(value, float) for value in self.n_components):
+            raise VadError("pca-individual keeps a variance fraction: its width is known only after fit")
+        return sum(int(value) for value in self.n_components)
+
+    def fit(self, images: Iterable[torch.Tensor]) -> None:
+        """Fit one PCA per member on that member's own training feature grid."""
+        # Different seeds per member so their patch samples are independent.
+        fitters = [PCAFitter(self.max_fit_patches, self.seed + index) for index in range(len(self.members))]
+        with torch.inference_mode():
+            for batch in images:
+                for fitter, grid in zip(fitters, self.member_grids(batch)):
+                    fitter.update(grid)
+        if fitters[0].count == 0:
+            raise VadError("pca-individual got no training images to fit on")
+        self.pcas = [fitter.fit(value).to(self.device) for fitter, value in zip(fitters, self.n_components)]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self._require_fitted(self.pcas is not None)
+        assert self.pcas is not None
+        grids = self.member_grids(images)
+        grid = self.fused_grid(grids)
+        return torch.cat([self.resize(pca.transform(g), grid) for pca, g in zip(self.pcas, grids)], dim=1)
+
+    def state(self) -> State:
+        self._require_fitted(self.pcas is not None)
+        assert self.pcas is not None
+        tensors: dict[str, torch.Tensor] = {}
+        for index, pca in enumerate(self.pcas):
+            tensors.update(pca.tensors(f"pca{index}"))
+        return State(meta={"n_components_kept": [pca.n_components for pca in self.pcas]}, tensors=tensors)
+
+    def load_state(self, state: State) -> None:
+        self.pcas = [PCA.from_tensors(state.tensors, f"pca{index}").to(self.device) for index in range(len(self.members))]
+
+    def _move_fitted(self, device: torch.device) -> None:
+        if self.pcas is not None:
+            self.pcas = [pca.to(device) for pca in self.pcas]
