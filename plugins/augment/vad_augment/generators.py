@@ -1,0 +1,245 @@
+"""The registered augmentations: DRAEM's Perlin + texture anomaly, cutout, local swirl, rotation.
+
+Each is a :class:`vad.contracts.Augmentation`: ``aug(x, generator) -> (x_aug, mask)`` with ``x``
+``[B, 3, H, W]`` in [0, 1] on any device, ``mask`` ``[B, 1, H, W]`` with values 0/1 (None for the
+plain rotation), and every random draw taken from ``generator``: the same seed gives the same
+batch. Pixels where the mask is 0 are returned bit-identical. ``probability`` is the chance that
+a given image gets an anomaly at all (DRAEM leaves 50 % of its training images normal; seed 003
+made 75 % of its synthetic validation images anomalous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vad.contracts import Augmentation
+from vad.errors import VadError
+from vad_augment.noise import integers, perlin_noise_2d, uniform
+from vad_augment.textures import augment_texture, texture_source
+from vad_augment.warp import rotate_images, swirl_images
+
+
+def check_images(x: Any, name: str) -> None:
+    """Refuse anything but a float ``[B, 3, H, W]`` batch with values in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise VadError(f"augmentation {name!r} takes an image batch [B, 3, H, W], got {shape}")
+    if not x.is_floating_point():
+        raise VadError(f"augmentation {name!r} takes float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+    if x.numel() and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        raise VadError(
+            f"augmentation {name!r} takes images in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]; "
+            "apply it before mean/std normalisation"
+        )
+
+
+def check_range(name: str, option: str, value: Any, low: float, high: float) -> tuple[float, float]:
+    """A ``(min, max)`` pair inside ``[low, high]`` with ``min <= max``, else a VadError."""
+    try:
+        first, second = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise VadError(f"{name}: {option} must be a pair (min, max), got {value!r}") from None
+    if not (low <= first <= second <= high):
+        raise VadError(f"{name}: {option} must satisfy {low} <= min <= max <= {high}, got {value!r}")
+    return first, second
+
+
+def check_probability(name: str, value: Any) -> float:
+    """A probability in [0, 1], else a VadError."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise VadError(f"{name}: probability must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise VadError(f"{name}: probability must be in [0, 1], got {value}")
+    return value
+
+
+class AnomalyGenerator(Augmentation):
+    """Shared loop: decide per image whether it gets an anomaly, then call :meth:`anomaly`."""
+
+    name = ""
+    target = "image"
+
+    def __init__(self, probability: float = 1.0) -> None:
+        self.probability = check_probability(self.name, probability)
+        self.options: dict[str, Any] = {"probability": self.probability}
+
+    def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(anomalous image [3, H, W], mask [1, H, W])`` for one image."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomalous batch and masks; images drawn as normal come back unchanged with a zero mask."""
+        check_images(x, self.name)
+        chosen = (uniform(generator, x.shape[0]) < self.probability).tolist()
+        out, masks = x.clone(), torch.zeros((x.shape[0], 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+        for index, apply in enumerate(chosen):
+            if apply:
+                out[index], masks[index] = self.anomaly(x[index], generator)
+        return out, masks
+
+
+class PerlinTextureAnomaly(AnomalyGenerator):
+    """DRAEM's anomaly: a Perlin-noise mask blended with an augmented texture.
+
+    Per image, as DRAEM's ``data_loader.py``: Perlin noise with ``2**k`` lattice periods per axis
+    (``k`` uniform in ``[min_scale, max_scale)``, 0..5 by default), rotated by U(-rotate, rotate)
+    degrees (zero fill), thresholded at ``threshold`` (0.5) into the mask ``M``; a texture from
+    ``textures`` passed through ``augmenters`` (3) of DRAEM's ten texture augmentations; blended as
+    ``x_a = (1 - M) x + M ((1 - beta) x + beta A)`` with the texture opacity ``beta`` uniform in
+    ``opacity``.
+
+    Deviation: ``opacity`` defaults to the paper's [0.1, 1.0]; the official code draws the texture
+    weight in (0.2, 1.0] (``beta = rand() * 0.8`` on the image side); pass ``opacity=(0.2, 1.0)``
+    to match it. ``textures``: ``"procedural"`` (default, generated, no download), ``"skimage"``
+    (scikit-image's CC0 textures) or a folder of images such as DTD's ``images/``.
+    """
+
+    name = "perlin"
+
+    def __init__(
+        self,
+        textures: str = "procedural",
+        min_scale: int = 0,
+        max_scale: int = 6,
+        threshold: float = 0.5,
+        opacity: Sequence[float] = (0.1, 1.0),
+        rotate: float = 90.0,
+        augmenters: int = 3,
+        probability: float = 1.0,
+    ) -> None:
+        super().__init__(probability)
+        if not (isinstance(min_scale, int) and isinstance(max_scale, int) and 0 <= min_scale < max_scale <= 10):
+            raise VadError(f"perlin: need integers 0 <= min_scale < max_scale <= 10, got {min_scale}, {max_scale}")
+        if not (isinstance(augmenters, int) and 0 <= augmenters <= 10):
+            raise VadError(f"perlin: augmenters is how many of the 10 texture augmenters to apply (0-10), got {augmenters!r}")
+        if not -1.0 < float(threshold) < 1.0:
+            raise VadError(f"perlin: threshold must lie inside the noise range (-1, 1), got {threshold}")
+        self.opacity = check_range(self.name, "opacity", opacity, 0.0, 1.0)
+        self.rotate = float(rotate)
+        self.textures = texture_source(textures)
+        self.min_scale, self.max_scale, self.threshold, self.augmenters = min_scale, max_scale, float(threshold), augmenters
+        self.options.update(
+            textures=textures, min_scale=min_scale, max_scale=max_scale, threshold=self.threshold,
+            opacity=list(self.opacity), rotate=self.rotate, augmenters=augmenters,
+        )
+
+    def perlin_mask(self, height: int, width: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
+        """DRAEM's binary anomaly mask ``[1, H, W]`` (0/1 floats)."""
+        scale_y, scale_x = (2 ** int(k) for k in integers(generator, 2, self.min_scale, self.max_scale).tolist())
+        noise = perlin_noise_2d((height, width), (scale_y, scale_x), generator, device=device)
+        angle = uniform(generator, 1, -self.rotate, self.rotate)
+        noise = rotate_images(noise.view(1, 1, height, width), angle).view(1, height, width)
+        return (noise > self.threshold).float()
+
+    def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blend one augmented texture into ``image`` where the Perlin mask is 1."""
+        _, height, width = image.shape
+        mask = self.perlin_mask(height, width, generator, image.device).to(image.dtype)
+        texture = self.textures.sample(generator, height, width, image.device)
+        texture = augment_texture(texture, generator, self.augmenters).to(image.dtype)
+        beta = uniform(generator, 1, *self.opacity).item()
+        blended = torch.lerp(image, texture, beta)
+        return torch.where(mask.bool(), blended, image), mask
+
+
+class CutoutAnomaly(AnomalyGenerator):
+    """Seed 001's cutout: a ``color`` (white) rectangle pasted at a random position.
+
+    The thesis gives "a feasible size (not too large or too small)"; here height and width are
+    each a uniform fraction ``size`` (default 10-30 %) of the image side, the rectangle lies fully
+    inside the image, and the mask is the rectangle.
+    """
+
+    name = "cutout"
+
+    def __init__(self, size: Sequence[float] = (0.1, 0.3), color: Sequence[float] = (1.0, 1.0, 1.0), probability: float = 1.0) -> None:
+        super().__init__(probability)
+        self.size = check_range(self.name, "size", size, 0.0, 1.0)
+        try:
+            self.color = tuple(float(c) for c in color)
+        except (TypeError, ValueError):
+            raise VadError(f"cutout: color must be three values in [0, 1], got {color!r}") from None
+        if len(self.color) != 3 or not all(0.0 <= c <= 1.0 for c in self.color):
+            raise VadError(f"cutout: color must be three values in [0, 1] (RGB), got {color!r}")
+        self.options.update(size=list(self.size), color=list(self.color))
+
+    def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paste one rectangle."""
+        _, height, width = image.shape
+        fractions = uniform(generator, 2, *self.size).tolist()
+        box_h = min(height, max(1, round(fractions[0] * height)))
+        box_w = min(width, max(1, round(fractions[1] * width)))
+        top = int(integers(generator, 1, 0, height - box_h + 1).item())
+        left = int(integers(generator, 1, 0, width - box_w + 1).item())
+        mask = torch.zeros((1, height, width), device=image.device, dtype=image.dtype)
+        mask[:, top : top + box_h, left : left + box_w] = 1
+        color = torch.tensor(self.color, device=image.device, dtype=image.dtype).view(3, 1, 1)
+        return torch.where(mask.bool(), color, image), mask
+
+
+class SwirlAnomaly(AnomalyGenerator):
+    """Seed 003's local "twist": ``regions`` discs of the image swirled (scikit-image's formula).
+
+    Seed 003 names no parameters; here the radius is a uniform fraction ``radius`` of the shorter
+    side (5-15 %), the strength uniform in ``strength`` radians with a random sign, the centre
+    uniform over positions that keep the disc inside the image. The mask is the disc.
+    """
+
+    name = "swirl"
+
+    def __init__(
+        self, radius: Sequence[float] = (0.05, 0.15), strength: Sequence[float] = (3.0, 8.0), regions: int = 1, probability: float = 1.0
+    ) -> None:
+        super().__init__(probability)
+        self.radius = check_range(self.name, "radius", radius, 0.0, 0.5)
+        self.strength = check_range(self.name, "strength", strength, 0.0, 100.0)
+        if not (isinstance(regions, int) and regions >= 1):
+            raise VadError(f"swirl: regions must be a positive integer, got {regions!r}")
+        self.regions = regions
+        self.options.update(radius=list(self.radius), strength=list(self.strength), regions=regions)
+
+    def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Swirl ``regions`` discs one after the other; the mask is their union."""
+        _, height, width = image.shape
+        out = image.unsqueeze(0)
+        mask = torch.zeros((1, 1, height, width), device=image.device, dtype=image.dtype)
+        for _ in range(self.regions):
+            radius = max(1.0, uniform(generator, 1, *self.radius).item() * min(height, width))
+            strength = uniform(generator, 1, *self.strength).item() * (1 if uniform(generator, 1).item() < 0.5 else -1)
+            low_y, high_y = (radius, height - 1 - radius) if height - 1 > 2 * radius else (0.0, height - 1.0)
+            low_x, high_x = (radius, width - 1 - radius) if width - 1 > 2 * radius else (0.0, width - 1.0)
+            center = torch.stack((uniform(generator, 1, low_y, high_y), uniform(generator, 1, low_x, high_x)), dim=1)
+            out, disc = swirl_images(out, center, torch.tensor([radius]), torch.tensor([strength]))
+            mask = torch.maximum(mask, disc)
+        return out.squeeze(0), mask.squeeze(0)
+
+
+class RandomRotation(Augmentation):
+    """Rotate each image, with chance ``probability``, by U(-degrees, degrees) about its centre
+    (zero fill). DRAEM does this to 30 % of its training images (``degrees=90``). No mask."""
+
+    name = "rotate"
+    target = "image"
+
+    def __init__(self, degrees: float = 90.0, probability: float = 1.0) -> None:
+        self.degrees = float(degrees)
+        if not 0.0 <= self.degrees <= 180.0:
+            raise VadError(f"rotate: degrees must be in [0, 180], got {degrees}")
+        self.probability = check_probability(self.name, probability)
+        self.options = {"degrees": self.degrees, "probability": self.probability}
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, None]:
+        """The rotated batch (images drawn as not rotated are returned unchanged) and None."""
+        check_images(x, self.name)
+        chosen = uniform(generator, x.shape[0]) < self.probability
+        angles = uniform(generator, x.shape[0], -self.degrees, self.degrees)
+        if not chosen.any():
+            return x.clone(), None
+        rotated = rotate_images(x, angles)
+        keep = chosen.to(x.device).view(-1, 1, 1, 1)
+        return torch.where(keep, rotated, x), None
