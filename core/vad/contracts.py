@@ -299,6 +299,11 @@ class Detector(Component):
         """A FeatureSource built on this fitted detector's internals, if it offers one."""
         return None
 
+    def export_module(self) -> torch.nn.Module | None:
+        """A traceable module mapping a ``predict`` input batch to ``(scores [B], maps [B, h, w])``
+        for ONNX export (``vad export``), or None when the head cannot be exported."""
+        return None
+
 
 class Dataset(abc.ABC):
     """A data set in its official on-disk layout under ``root``.

@@ -1,0 +1,247 @@
+"""``vad bench``: sweep detectors x ensembles x backbones x categories from a YAML grid.
+
+Grid file (every key but the four axes is a :class:`vad.config.RunConfig` field shared by all
+cells, e.g. ``dataset``, ``root``, ``threshold``, ``options``, ``device``)::
+
+    dataset: demo
+    categories: [brick, grass]          # default: every category of the data set
+    detectors: [patchcore, simplenet]   # "a+b" (or a list) = several detectors in one cell
+    ensembles: [null, score-mean]       # null = no ensemble
+    backbones: [tf_efficientnet_lite0, [tf_efficientnet_lite0, tf_efficientnet_lite2]]
+    threshold: k-sigma
+    report: false                       # the default in a sweep: no plots per cell
+
+Each cell is one :func:`vad.pipeline.run` writing ``<output>/cells/<cell id>/``. A cell whose
+``metrics.json`` exists is finished and is not rerun (delete its folder to redo it); a cell that
+fails writes ``error.txt`` and the sweep goes on, so rerunning the command retries only the
+failed and missing cells. At the end ``bench.md``, ``bench.csv`` and ``bench.json`` hold one row
+per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or the error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vad import artifacts
+from vad.errors import VadError
+
+AXES = ("detectors", "ensembles", "backbones", "categories")
+#: Metric columns first in this order when present; others follow alphabetically.
+PREFERRED = ["image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"]
+TIMINGS = ["fit_s", "predict_ms_per_image"]
+
+
+@dataclass
+class Cell:
+    """One point of the grid."""
+
+    detectors: list[str]
+    ensemble: str | None
+    backbones: list[str]
+    category: str | None
+
+    @property
+    def id(self) -> str:
+        """Folder name: readable and unique within the grid."""
+        parts = ["+".join(self.detectors), self.ensemble or "none", "+".join(self.backbones) or "default", self.category or "all"]
+        return "__".join(re.sub(r"[^A-Za-z0-9._+-]+", "-", part) for part in parts)
+
+
+@dataclass
+class CellResult:
+    """A finished, cached or failed cell."""
+
+    cell: Cell
+    status: str  # "done", "cached" or "failed"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
+    """The shared RunConfig fields and the cells of a grid file."""
+    import yaml
+
+    from vad.config import FIELDS
+
+    file = Path(path)
+    if not file.is_file():
+        raise VadError(f"grid file {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise VadError(f"grid file {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise VadError(f"grid file {path} must hold a mapping (detectors, ensembles, backbones, categories, ...)")
+    data = dict(data)
+    # singular spellings are accepted for the axes
+    for singular, plural in (("detector", "detectors"), ("ensemble", "ensembles"), ("backbone", "backbones"), ("category", "categories")):
+        if singular in data and plural not in data:
+            data[plural] = data.pop(singular)
+    unknown = sorted(set(data) - FIELDS - set(AXES))
+    if unknown:
+        raise VadError(f"grid file {path} has unknown keys {unknown}; axes are {list(AXES)}, other keys are run options ({', '.join(sorted(FIELDS))})")
+    detectors = [d if isinstance(d, list) else str(d).split("+") for d in _as_list(data.pop("detectors", None))]
+    if not detectors:
+        raise VadError(f"grid file {path} names no detector: add e.g. 'detectors: [patchcore]'")
+    ensembles = _as_list(data.pop("ensembles", None)) or [None]
+    backbones = [b if isinstance(b, list) else [str(b)] for b in _as_list(data.pop("backbones", None))] or [[]]
+    categories = [str(c) for c in _as_list(data.pop("categories", None))]
+    base = {"report": False, **data}
+    if not categories:
+        categories = _dataset_categories(base)
+    cells = [
+        Cell([str(d) for d in detector], None if ensemble in (None, "none") else str(ensemble), [str(b) for b in backbone], category)
+        for detector, ensemble, backbone, category in itertools.product(detectors, ensembles, backbones, categories)
+    ]
+    return base, cells
+
+
+def _dataset_categories(base: dict[str, Any]) -> list[str]:
+    from vad.config import RunConfig
+    from vad.pipeline import create_dataset
+    from vad.plugins import get_registry
+
+    registry = get_registry()
+    config = RunConfig(**{k: v for k, v in base.items() if k != "categories"})
+    return create_dataset(config, registry).categories()
+
+
+def cell_config(base: dict[str, Any], cell: Cell, folder: Path) -> Any:
+    """The RunConfig of one cell."""
+    from vad.config import RunConfig
+
+    return RunConfig(**{**base, "detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)})
+
+
+def _flatten(metrics_json: dict[str, Any]) -> dict[str, Any]:
+    row = dict(metrics_json.get("mean") or {})
+    timings = metrics_json.get("timings") or {}
+    for key in TIMINGS:
+        values = [t[key] for t in timings.values() if isinstance(t.get(key), (int, float))]
+        if values:
+            row[key] = sum(values) / len(values)
+    return row
+
+
+def run_cell(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = None) -> CellResult:
+    """Run (or reuse) one cell; errors become a failed result, never an exception."""
+    from vad.pipeline import run
+
+    metrics_file = folder / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            return CellResult(cell, "cached", _flatten(json.loads(metrics_file.read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable: run the cell again
+    try:
+        config = cell_config(base, cell, folder)
+        run(config, registry)
+        result = CellResult(cell, "done", _flatten(json.loads(metrics_file.read_text(encoding="utf-8"))))
+        (folder / "error.txt").unlink(missing_ok=True)
+        return result
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # one broken cell must not stop the sweep
+        message = f"{type(error).__name__}: {error}" if not isinstance(error, VadError) else str(error)
+        artifacts.atomic_write_text(folder / "error.txt", message + "\n\n" + traceback.format_exc())
+        return CellResult(cell, "failed", error=message.splitlines()[0] if message else type(error).__name__)
+
+
+def _columns(results: list[CellResult]) -> list[str]:
+    present: list[str] = []
+    for r in results:
+        present.extend(k for k in r.metrics if k not in present)
+    metrics = [c for c in PREFERRED if c in present] + sorted(c for c in present if c not in PREFERRED and c not in TIMINGS)
+    return metrics + [c for c in TIMINGS if c in present]
+
+
+def _resolved_backbones(cell: Cell) -> list[str]:
+    """The backbones a cell really uses (the defaults when the grid names none)."""
+    from vad.config import RunConfig
+
+    return RunConfig(ensemble=cell.ensemble, backbones=cell.backbones).resolved_backbones()
+
+
+def table_rows(results: list[CellResult]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and one row per cell."""
+    columns = ["cell", "detector", "ensemble", "backbone", "category", "status", *_columns(results), "error"]
+    rows = []
+    for r in results:
+        row = {
+            "cell": r.cell.id,
+            "detector": "+".join(r.cell.detectors),
+            "ensemble": r.cell.ensemble or "none",
+            "backbone": "+".join(_resolved_backbones(r.cell)),
+            "category": r.cell.category or "all",
+            "status": r.status,
+            "error": r.error or "",
+            **r.metrics,
+        }
+        rows.append({c: row.get(c) for c in columns})
+    return columns, rows
+
+
+def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """Markdown table; numbers to 4 decimals, missing values ``n/a``; the cell id is left out."""
+    shown = [c for c in columns if c != "cell"]
+
+    def fmt(value: Any) -> str:
+        if value is None or value == "":
+            return "" if value == "" else "n/a"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in shown) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """CSV with full precision; missing values empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    return buffer.getvalue()
+
+
+def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tuple[Path, list[CellResult]]:
+    """Run every cell of ``grid`` under ``output``; write and return the table."""
+    from vad.progress import info, warn
+
+    base, cells = load_grid(grid)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise VadError("the grid has duplicate cells; list each detector, ensemble, backbone and category once")
+    results = []
+    for number, cell in enumerate(cells, 1):
+        info(f"[bench {number}/{len(cells)}] {cell.id}")
+        result = run_cell(base, cell, output / "cells" / cell.id, registry)
+        if result.status == "failed":
+            warn(f"cell {cell.id} failed: {result.error}")
+        elif result.status == "cached":
+            info(f"[bench] {cell.id}: finished earlier, not rerun")
+        results.append(result)
+    columns, rows = table_rows(results)
+    artifacts.atomic_write_text(output / "bench.md", to_markdown(columns, rows))
+    artifacts.atomic_write_text(output / "bench.csv", to_csv(columns, rows))
+    artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
+    return output, results

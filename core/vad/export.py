@@ -1,0 +1,222 @@
+"""``vad export``: a saved model as one ONNX graph.
+
+Inside the graph (input ``images``: float32 ``[B, 3, H, W]``, RGB in [0, 1], at the fixed input
+size chosen at export, by default the network's own input size; the batch axis is dynamic):
+
+1. resize to the network's size exactly as :func:`vad.preprocess.to_batch` does (antialiased
+   bilinear etc.). ONNX's Resize has no antialiasing that matches torch, so the resize is
+   exported as two constant matrices (rows then columns), which is the same linear operator;
+   centre crop; clamp to [0, 1]; normalise with the backbone's mean and std;
+2. the feature source (backbone layers + aggregation, or a feature-level ensemble with its
+   fitted PCA) traced as is;
+3. the detector's head from ``Detector.export_module()`` (PatchCore: the memory bank as a
+   constant and exact nearest neighbours by matmul);
+4. post-processing up to the network's input size: bilinear upsampling of the grid map and the
+   Gaussian blur (sigma from the model).
+
+Outputs: ``scores`` ``[B]`` (raw, compare with ``image_threshold``) and ``maps`` ``[B, h, w]`` at
+the network's input size (the cropped window with a centre crop). Left outside: decoding,
+the resize of the maps back to each image's original size, and the thresholds, which are
+stored in the ONNX metadata and in the ``<file>.json`` written next to it.
+Not exportable: score-level ensembles of several detectors, and heads whose
+``export_module()`` returns None.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vad.errors import VadError
+
+OPSET = 17
+#: Largest absolute score difference accepted between onnxruntime and torch.
+PARITY_TOLERANCE = 1e-4
+
+
+def require_onnx() -> tuple[Any, Any]:
+    """Import ``onnx`` and ``onnxruntime`` or say how to install them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise VadError(
+            f"ONNX export needs the optional packages onnx and onnxruntime ({error.name} is missing): "
+            "pip install 'vad-core[onnx]' (or: pip install onnx onnxruntime)"
+        ) from error
+    return onnx, onnxruntime
+
+
+def resize_matrix(size_in: int, size_out: int, interpolation: str):
+    """The ``[size_out, size_in]`` matrix of :func:`vad.preprocess.resize_batch` along one axis.
+
+    Resizing is linear and separable, so resizing the identity gives the operator itself.
+    """
+    import torch
+
+    from vad.preprocess import resize_batch
+
+    # size_in images of [size_in, 2]: image k is the k-th unit vector along the axis. (Width 2,
+    # not 1: torch's antialiased kernels mis-handle width-1 inputs; the width is kept as is.)
+    identity = torch.eye(size_in)[:, None, :, None].expand(-1, -1, -1, 2).contiguous()
+    resized = resize_batch(identity, (size_out, 2), interpolation)  # [size_in, 1, size_out, 2]
+    return resized[:, 0, :, 0].T.contiguous()
+
+
+class ExportBlur:
+    """:func:`vad.postprocess.gaussian_blur` for a fixed map size, in ONNX-friendly operations.
+
+    The mirror padding becomes a constant gather (``index_select``) instead of the shape-driven
+    loop of the torch version, which the tracer would freeze wrongly.
+    """
+
+    def __init__(self, size: tuple[int, int], sigma: float, truncate: float = 4.0) -> None:
+        import numpy as np
+        import torch
+
+        from vad.postprocess import gaussian_kernel1d
+
+        self.sigma = sigma
+        self.kernel = gaussian_kernel1d(sigma, truncate) if sigma > 0 else None
+        radius = 0 if self.kernel is None else (self.kernel.numel() - 1) // 2
+        # numpy's "symmetric" padding repeats the edge sample, like scipy's "reflect"
+        self.rows = torch.from_numpy(np.pad(np.arange(size[0]), radius, mode="symmetric")).long()
+        self.cols = torch.from_numpy(np.pad(np.arange(size[1]), radius, mode="symmetric")).long()
+
+    def __call__(self, maps):
+        import torch.nn.functional as F
+
+        if self.kernel is None:
+            return maps
+        kernel = self.kernel.to(maps.dtype)
+        x = maps[:, None].index_select(3, self.cols)
+        x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+        x = x.index_select(2, self.rows)
+        x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+        return x[:, 0]
+
+
+def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
+    """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel`."""
+    import torch
+
+    from vad.postprocess import upsample
+
+    if len(model.members) != 1 or model.ensembler is not None:
+        raise VadError(
+            f"this model fuses {len(model.members)} detectors with a score-level ensemble "
+            f"({model.ensembler_name}); ONNX export covers single-detector models (feature-level "
+            "ensembles such as pca-global are fine): export each member's model separately"
+        )
+    member = model.members[0]
+    head = member.detector.export_module()
+    if head is None:
+        raise VadError(
+            f"detector {member.detector_name!r} cannot be exported to ONNX: its export_module() returns None "
+            "(the head is not a traceable torch module)"
+        )
+    preprocessing = member.preprocessing
+    source = member.source
+    resized = tuple(preprocessing.resize or preprocessing.size)
+    input_size = tuple(input_size or resized)
+    blur = ExportBlur(tuple(preprocessing.size), float(model.sigma))
+
+    class ExportGraph(torch.nn.Module):
+        """Preprocessing + feature source + head + upsample/blur, for tracing."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = head
+            self.register_buffer("rows", resize_matrix(input_size[0], resized[0], preprocessing.interpolation))
+            self.register_buffer("cols", resize_matrix(input_size[1], resized[1], preprocessing.interpolation))
+            self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, images: torch.Tensor):
+            x = images
+            if tuple(input_size) != resized:
+                x = torch.matmul(torch.matmul(self.rows, x), self.cols.T)
+            if preprocessing.crop:
+                top, left = (resized[0] - preprocessing.size[0]) // 2, (resized[1] - preprocessing.size[1]) // 2
+                x = x[:, :, top : top + preprocessing.size[0], left : left + preprocessing.size[1]]
+            x = (x.clamp(0.0, 1.0) - self.mean) / self.std
+            inputs = source(x) if source is not None else x
+            scores, maps = self.head(inputs)
+            maps = blur(upsample(maps.float(), tuple(preprocessing.size)))
+            return scores.float(), maps
+
+    return ExportGraph().eval(), input_size
+
+
+def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | None = None, metadata: dict[str, Any] | None = None, opset: int = OPSET) -> dict[str, Any]:
+    """Trace and write ``output`` (atomically) plus ``output.json``; returns the description."""
+    import io
+    import json
+    import warnings
+
+    import torch
+
+    from vad import artifacts
+
+    onnx, _ = require_onnx()
+    model.to(torch.device("cpu"))
+    module, input_size = build_export_module(model, input_size)
+    example = torch.rand(2, 3, *input_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
+        try:
+            torch.onnx.export(
+                module, (example,), buffer, dynamo=False, opset_version=opset,
+                input_names=["images"], output_names=["scores", "maps"],
+                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "maps": {0: "batch"}},
+            )
+        except Exception as error:  # the tracer raises many types; say which part failed
+            raise VadError(f"ONNX export failed while tracing the model: {type(error).__name__}: {error}") from error
+    member = model.members[0]
+    description = {
+        "input": {"name": "images", "shape": ["batch", 3, *input_size], "dtype": "float32", "range": "RGB in [0, 1]"},
+        "outputs": {
+            "scores": "raw anomaly score per image; anomalous when >= image_threshold",
+            "maps": f"anomaly map per image at {list(member.preprocessing.size)} (resize it to the original image size)",
+        },
+        "inside_graph": ["resize to the network size", "centre crop" if member.preprocessing.crop else None, "normalisation", "feature source", "detector head", "bilinear upsampling", f"Gaussian blur sigma {model.sigma}"],
+        "outside_graph": ["image decoding", "resize of the maps to each image's original size", "thresholding"],
+        "image_threshold": model.image_threshold,
+        "pixel_threshold": model.pixel_threshold,
+        "preprocessing": member.preprocessing.to_dict(),
+        "detector": member.detector_name,
+        "opset": opset,
+        **(metadata or {}),
+    }
+    description["inside_graph"] = [step for step in description["inside_graph"] if step]
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in {"vad": json.dumps(description, default=str), "image_threshold": str(model.image_threshold), "pixel_threshold": str(model.pixel_threshold)}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    output = Path(output)
+    artifacts.atomic_write_bytes(output, proto.SerializeToString())
+    artifacts.atomic_write_json(output.with_name(output.name + ".json"), description)
+    return description
+
+
+def check_parity(model: Any, onnx_file: str | Path, images: list[Any], input_size: tuple[int, int]) -> float:
+    """Largest absolute score difference between onnxruntime and the torch model on ``images``.
+
+    ``images`` are RGB uint8 arrays of exactly ``input_size``; the torch side runs the model's
+    own prediction path on them.
+    """
+    import numpy as np
+
+    from vad.contracts import Sample
+
+    _, onnxruntime = require_onnx()
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    batch = np.stack([image.astype(np.float32) / 255.0 for image in images]).transpose(0, 3, 1, 2)
+    onnx_scores, _ = session.run(None, {"images": np.ascontiguousarray(batch)})
+    samples = [
+        Sample(path=f"parity-{i}", label=0, category="export", split="test", image_loader=lambda image=image: image)
+        for i, image in enumerate(images)
+    ]
+    torch_scores = np.array([o.score for o in model.predict(samples, description="parity check")])
+    return float(np.max(np.abs(torch_scores - onnx_scores.astype(np.float64))))

@@ -1,0 +1,138 @@
+"""The pipeline end to end on the tiny in-memory data (fake backbone, template detector)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vad import hookimpl
+from vad.config import RunConfig, load_config
+from vad.contracts import Sample
+from vad.errors import VadError
+from vad.images import BadImageError
+from vad.model import AnomalyModel, resolve_device
+from vad.pipeline import build_model, run
+from vad.testing import make_tiny_splits
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contrib" / "plugin-template"))
+import vad_template  # noqa: E402  (the template's detector, imported from its folder)
+
+
+@pytest.fixture
+def registry(vad_fakes, register_plugin):
+    with register_plugin(vad_template, name="template-under-test") as registry:
+        yield registry
+
+
+def tiny_config(tmp_path: Path, **changes) -> RunConfig:
+    base = dict(
+        dataset="tiny", backbones=["fake-backbone"], detectors=["feature-distance"], threshold="max",
+        output=str(tmp_path / "run"), device="cpu", report=False, categories=["tiny-a"],
+    )
+    return RunConfig(**{**base, **changes})
+
+
+def read_scores(folder: Path) -> list[dict]:
+    with open(folder / "scores.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_run_writes_config_model_scores_and_tables(registry, tmp_path):
+    folder, results = run(tiny_config(tmp_path, categories=[]), registry)
+    assert [r.category for r in results] == ["tiny-a", "tiny-b"]
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["detectors"] == ["feature-distance"] and saved["output"] == str(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["categories"]["tiny-a"]["image_auroc"] == pytest.approx(1.0)
+    assert metrics["categories"]["tiny-a"]["au_pro"] > 0.5
+    assert set(metrics["mean"]) >= {"image_auroc", "pixel_auroc", "au_pro"}
+    assert (folder / "results.csv").is_file() and (folder / "results.md").is_file()
+    rows = read_scores(folder / "tiny-a")
+    assert len(rows) == 12 and {r["decision"] for r in rows} <= {"0", "1"}
+    assert (folder / "tiny-a" / "model" / "model.json").is_file()
+
+
+def test_saved_model_is_reused_without_refitting(registry, tmp_path):
+    first, _ = run(tiny_config(tmp_path), registry)
+    model_file = first / "tiny-a" / "model" / "model.json"
+    before = model_file.stat().st_mtime_ns
+    second, _ = run(tiny_config(tmp_path, output=str(tmp_path / "again"), model=str(first)), registry)
+    assert model_file.stat().st_mtime_ns == before
+    assert not (second / "tiny-a" / "model").exists()
+    assert [r["score"] for r in read_scores(first / "tiny-a")] == [r["score"] for r in read_scores(second / "tiny-a")]
+
+
+def test_same_seed_same_scores(registry, tmp_path):
+    a, _ = run(tiny_config(tmp_path, output=str(tmp_path / "a")), registry)
+    b, _ = run(tiny_config(tmp_path, output=str(tmp_path / "b")), registry)
+    assert read_scores(a / "tiny-a") == read_scores(b / "tiny-a")
+
+
+def test_model_save_load_gives_the_same_outputs(registry, tmp_path):
+    splits = make_tiny_splits()
+    model = build_model(tiny_config(tmp_path), registry)
+    model.fit(splits.train, splits.validation)
+    model.save(tmp_path / "m", registry)
+    loaded = AnomalyModel.load(tmp_path / "m", "cpu", registry)
+    assert loaded.image_threshold == model.image_threshold
+    for a, b in zip(model.predict(splits.test), loaded.predict(splits.test)):
+        assert a.score == b.score and (a.map == b.map).all()
+
+
+def test_f1_optimal_without_anomalous_validation_is_refused(registry, tmp_path):
+    with pytest.raises(VadError, match="needs anomalous validation images.*max, quantile, k-sigma"):
+        run(tiny_config(tmp_path, threshold="f1-optimal"), registry)
+
+
+def test_several_detectors_need_an_ensemble(registry, tmp_path):
+    with pytest.raises(VadError, match="need an ensemble"):
+        build_model(tiny_config(tmp_path, detectors=["feature-distance", "patchcore"]), registry)
+
+
+def test_empty_training_set_is_a_clear_error(registry, tmp_path):
+    model = build_model(tiny_config(tmp_path), registry)
+    with pytest.raises(VadError, match="training set is empty"):
+        model.fit([], [])
+
+
+def _corrupt(sample: Sample) -> Sample:
+    def fail():
+        raise BadImageError(sample.path, "truncated file")
+
+    sample.image_loader = fail
+    return sample
+
+
+def test_bad_image_stops_with_its_name_or_is_skipped_and_listed(registry, tmp_path):
+    splits = make_tiny_splits()
+    splits.test[0] = _corrupt(splits.test[0])
+    model = build_model(tiny_config(tmp_path), registry)
+    model.fit(splits.train, splits.validation)
+    with pytest.raises(VadError, match=r"memory://tiny/test/good/000.png.*--skip-bad"):
+        list(model.predict(splits.test))
+    model.skip_bad = True
+    outputs = list(model.predict(splits.test))
+    assert len(outputs) == len(splits.test) - 1
+    assert [s.path for s in model.skipped] == [splits.test[0].path]
+
+
+def test_device_resolution_errors():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(VadError, match="unknown device"):
+        resolve_device("gpu0")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(VadError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
+def test_command_line_overrides_the_config_file(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("detectors: [padim]\nbatch_size: 4\noptions: {patchcore: {coreset_ratio: 0.5, seed: 1}}\n")
+    config = load_config(str(file), {"batch_size": 2, "options": {"patchcore": {"coreset_ratio": 0.01}}, "device": None})
+    assert config.detectors == ["padim"] and config.batch_size == 2
+    assert config.options["patchcore"] == {"coreset_ratio": 0.01, "seed": 1}
