@@ -39,12 +39,8 @@ def registry(vad_fakes, register_plugin):
 
 @pytest.fixture
 def cli():
-    """The ``vad`` app with predict / export / bench (added here until cli.py wires them)."""
+    """The ``vad`` app (predict / export / bench included), quiet."""
     from vad.cli import app
-    from vad.results_cli import add_commands
-
-    if not any(getattr(c, "name", None) == "predict" for c in app.registered_commands):
-        add_commands(app)
 
     def invoke(*args: str):
         return CliRunner().invoke(app, ["--quiet", *args])

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from vad import __version__
+from vad import __version__, results_cli
 from vad.errors import VadError
 from vad.plugins import KINDS, get_registry
 
@@ -223,6 +223,9 @@ def doctor_command() -> None:
         except VadError as error:
             source = f"plugin failed to load: {error}"
         typer.echo(f"  {name:<26} {source or 'none offline (pass --weights FILE, or the hub when online)'}")
+
+
+results_cli.add_commands(app)
 
 
 def _register_plugin_commands() -> None:

@@ -222,6 +222,11 @@ class Backbone(Component):
     def forward_features(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Feature maps ``{name: [B, C, H/stride, W/stride]}`` for the named ``layers``."""
 
+    def resolve_layer(self, layer: str) -> str:
+        """The ``feature_info`` name a user's layer reference means (``"2"`` may mean a
+        position); names pass through unchanged by default."""
+        return layer
+
     #: The user's spec (``"tf_efficientnet_lite0"``, ``"timm:convnext_tiny"``); set by vad.
     spec: str = ""
 

@@ -68,7 +68,7 @@ class PatchFeatures(FeatureSource):
         if aggregation < 1 or aggregation % 2 == 0:
             raise VadError(f"aggregation must be an odd size >= 1, got {aggregation}")
         self.backbone = backbone
-        self.layers = list(layers) if layers else default_layers(backbone)
+        self.layers = [backbone.resolve_layer(layer) for layer in layers] if layers else default_layers(backbone)
         known = {f.name: f for f in backbone.feature_info()}
         missing = [layer for layer in self.layers if layer not in known]
         if missing:
@@ -80,6 +80,7 @@ class PatchFeatures(FeatureSource):
         self.layer_dim = layer_dim
         self.target_dim = target_dim
         self.stride = known[self.layers[0]].stride
+        self._deepest_stride = max(known[layer].stride for layer in self.layers)
         channels = sum(layer_dim or known[layer].channels for layer in self.layers)
         self._out_channels = target_dim or channels
         self.preprocessing = backbone.preprocessing
@@ -108,6 +109,12 @@ class PatchFeatures(FeatureSource):
         return (-(-image_size[0] // self.stride), -(-image_size[1] // self.stride))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if min(images.shape[-2:]) < self._deepest_stride:
+            raise VadError(
+                f"images of {tuple(images.shape[-2:])} px are smaller than the stride "
+                f"{self._deepest_stride} of layer set {self.layers}; use images of at least "
+                f"{self._deepest_stride} px (or shallower layers)"
+            )
         maps = self.backbone.forward_features(images, self.layers)
         grid = maps[self.layers[0]].shape[-2:]
         aligned = []

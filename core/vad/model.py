@@ -95,6 +95,9 @@ def build_feature_source(config: dict[str, Any], registry: Registry | None = Non
         backbone_config = hparams.pop("backbone")
         backbone = create_backbone(backbone_config["spec"], registry, **backbone_config["hparams"])
         return PatchFeatures(backbone, **hparams)
+    if kind == "detector-features":  # a trained detector's internals (DRAEM's encoder, ...)
+        detector = registry.load_class("detectors", config["detector"])(**hparams.pop("detector"))
+        return detector.feature_source(**hparams)
     members = [build_feature_source(member, registry) for member in hparams.pop("members")]
     return registry.load_class("ensemblers", kind)(members, **hparams)
 

@@ -261,8 +261,15 @@ def reset_registry() -> None:
 
 @contextmanager
 def registered(plugin: Any, name: str = "test-plugin") -> Iterator[Registry]:
-    """Register ``plugin`` in the process-wide registry for the duration of the block."""
+    """Register ``plugin`` in the process-wide registry for the duration of the block.
+
+    A plugin that is already registered (e.g. installed and found through its entry point)
+    stays as it is: the block uses it, and it is not removed afterwards.
+    """
     registry = get_registry()
+    if registry.pm.is_registered(plugin):
+        yield registry
+        return
     registry.register_plugin(plugin, name)
     try:
         yield registry

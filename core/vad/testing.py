@@ -28,7 +28,7 @@ from vad.hookspecs import hookimpl
 
 
 def make_tiny_splits(category: str = "tiny", size: int = 64, seed: int = 0, train: int = 8, validation: int = 4, test_good: int = 6, test_bad: int = 6):
-    """A small in-memory data set: noisy striped textures, bright square defects with masks."""
+    """A small in-memory data set: noisy, roughly aligned striped textures; red square defects with masks."""
     import numpy as np
 
     from vad.contracts import DataSplits, Sample
@@ -37,7 +37,7 @@ def make_tiny_splits(category: str = "tiny", size: int = 64, seed: int = 0, trai
     yy, xx = np.mgrid[0:size, 0:size]
 
     def texture() -> np.ndarray:
-        phase = rng.uniform(0, 2 * np.pi)
+        phase = rng.uniform(-0.3, 0.3)  # roughly aligned parts, as on an inspection line
         stripes = 0.5 + 0.25 * np.sin(2 * np.pi * xx / 8 + phase)
         gray = np.clip(stripes + rng.normal(0, 0.05, (size, size)), 0, 1)
         return (np.repeat(gray[..., None], 3, axis=2) * 255).astype(np.uint8)

@@ -289,3 +289,18 @@ def test_with_patch_features_and_model_folder(tmp_path, tiny_dataset, vad_fakes,
     again = list(loaded.predict(tiny_dataset.test))
     assert [o.score for o in again] == [o.score for o in outputs]
     assert all(np.array_equal(a.map, b.map) for a, b in zip(again, outputs))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_neighbors": 3, "distance": "squared"}, {"reweight": True, "reweight_neighbors": 4}],
+)
+def test_export_module_matches_predict(options):
+    detector = PatchCore(coreset_ratio=0.5, knn_backend="torch", **options)
+    assert detector.export_module() is None  # nothing to export before fit
+    detector.fit(grids(4, seed=0))
+    test = grids(1, seed=5)[0]
+    expected = detector.predict(test)
+    scores, maps = detector.export_module()(test)
+    torch.testing.assert_close(scores, expected.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps, expected.maps, rtol=1e-5, atol=1e-5)

@@ -324,6 +324,17 @@ class PatchCore(Detector):
         self.timings["scoring"] = self.timings.get("scoring", 0.0) + time.perf_counter() - middle
         return Prediction(scores=scores, maps=patch_scores.view(size, height, width))
 
+    def export_module(self) -> torch.nn.Module | None:
+        """The scoring as one traceable module with the bank as a constant (exact search), or
+        None before fit."""
+        if self.memory_bank is None:
+            return None
+        from vad_patchcore.export import PatchCoreHead
+
+        return PatchCoreHead(
+            self.memory_bank, self.num_neighbors, self.distance, self.reweight_neighbors if self.reweight else None
+        )
+
 
 def coreset_size(patches: int, ratio: float, chunk: int) -> int:
     """Bank size :meth:`PatchCore.fit` produces from ``patches`` training patches (chunks of ``chunk``)."""
