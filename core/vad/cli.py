@@ -53,7 +53,7 @@ def run_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options; command-line options override it."),
     detector: Optional[list[str]] = typer.Option(None, "--detector", "-d", help="Detector name; repeat for a score-level ensemble."),
     ensemble: Optional[str] = typer.Option(None, "--ensemble", "-e", help="Ensembler: pca-global, pca-individual, concat (features) or score-mean, score-max, rank-mean, weighted."),
-    backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Backbone name or family:model (timm:convnext_tiny); repeat for ensembles."),
+    backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Backbone name or family:model (timm:convnext_tiny), or detector:NAME for a detector's learned features (detector:draem); repeat for ensembles."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set plugin (default: demo)."),
     root: Optional[str] = typer.Option(None, "--root", help="Data set root folder in its official layout."),
     category: Optional[list[str]] = typer.Option(None, "--category", "-c", help="Category to run; repeat; default all."),

@@ -35,8 +35,21 @@ def _with_seed(cls: type, options: dict[str, Any], seed: int) -> dict[str, Any]:
     return options
 
 
+#: ``--backbone detector:NAME`` makes a detector's learned features a member (``detector:draem``).
+DETECTOR_SOURCE_PREFIX = "detector:"
+
+
+def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
+    """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
+    cls = registry.load_class("detectors", name)
+    source = cls(**_with_seed(cls, config.options_for(name), config.seed)).feature_source()
+    if source is None:
+        raise VadError(f"detector {name!r} offers no feature source, so --backbone detector:{name} cannot use it")
+    return source
+
+
 def build_sources(config: RunConfig, registry: Registry) -> list[FeatureSource]:
-    """One patch-feature source per backbone."""
+    """One patch-feature source per backbone (``detector:NAME``: that detector's features)."""
     from vad.features import PatchFeatures
 
     specs = config.resolved_backbones()
@@ -44,6 +57,9 @@ def build_sources(config: RunConfig, registry: Registry) -> list[FeatureSource]:
         raise VadError("--weights names one file, but several backbones were chosen; give each its weights with --set BACKBONE.weights=PATH")
     sources = []
     for spec in specs:
+        if spec.startswith(DETECTOR_SOURCE_PREFIX):
+            sources.append(build_detector_source(spec[len(DETECTOR_SOURCE_PREFIX) :], config, registry))
+            continue
         options = {"pretrained": config.pretrained, **config.options_for(spec)}
         if config.weights:
             options["weights"] = config.weights

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from vad import artifacts
 from vad.contracts import FeatureEnsembler, FeatureSource, Preprocessing, State
 from vad.errors import VadError
 from vad.preprocess import resize_batch
@@ -106,6 +107,42 @@ class FeatureEnsemble(FeatureEnsembler):
             "grid": None if self.grid is None else list(self.grid),
         }
 
+    # ------------------------------------------------------------------ fit / state
+
+    #: True when the fusion itself learns from training images (PCA).
+    learns: ClassVar[bool] = False
+
+    @property
+    def requires_fit(self) -> bool:  # type: ignore[override]
+        """True when the fusion learns or a member still has to (a detector's features, e.g. DRAEM)."""
+        return self.learns or any(member.requires_fit for member in self.members)
+
+    def fit(self, images: Iterable[torch.Tensor]) -> None:
+        """Fit the members that learn (each on its own inputs, one pass per member); subclasses
+        then fit their fusion on the fitted members' features."""
+        for index, member in enumerate(self.members):
+            if member.requires_fit:
+                member.fit(_MemberInputs(self, index, images))
+
+    def state(self) -> State:
+        """The members' fitted states (those that have one), under ``member<i>/``."""
+        meta: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for index, member in enumerate(self.members):
+            member_state = member.state()
+            if member_state.meta or member_state.tensors:
+                meta[f"member{index}"] = member_state.meta
+                tensors.update(artifacts.prefixed(f"member{index}", member_state.tensors))
+        return State(meta={"members": meta} if meta else {}, tensors=tensors)
+
+    def load_state(self, state: State) -> None:
+        """Restore the members' states saved by :meth:`state`."""
+        saved = state.meta.get("members", {})
+        for index, member in enumerate(self.members):
+            key = f"member{index}"
+            if key in saved:
+                member.load_state(State(saved[key], artifacts.unprefixed(key, state.tensors)))
+
     # ------------------------------------------------------------------ device
 
     @property
@@ -124,16 +161,17 @@ class FeatureEnsemble(FeatureEnsembler):
 
     # ------------------------------------------------------------------ features
 
+    def member_input(self, images: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s input from the shared [0, 1] batch: resized to its size, normalised its way."""
+        prep = self.members[index].preprocessing
+        x = resize_batch(images, tuple(prep.size), prep.interpolation)
+        mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
     def member_inputs(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Each member's input from the shared [0, 1] batch: resized to its size, normalised its way."""
-        inputs = []
-        for member in self.members:
-            prep = member.preprocessing
-            x = resize_batch(images, tuple(prep.size), prep.interpolation)
-            mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            inputs.append((x - mean) / std)
-        return inputs
+        """Every member's input from the shared [0, 1] batch."""
+        return [self.member_input(images, index) for index in range(len(self.members))]
 
     def member_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Every member's feature grid on its own resolution."""
@@ -170,7 +208,6 @@ class ConcatEnsemble(FeatureEnsemble):
     """Resize every member's features to one grid and concatenate channels (no PCA; the baseline)."""
 
     name = "concat"
-    requires_fit = False
 
     def __init__(self, members: Sequence[FeatureSource], grid: Sequence[int] | int | None = None) -> None:
         super().__init__(members, grid)
@@ -203,7 +240,7 @@ class PCAGlobalEnsemble(FeatureEnsemble):
     """
 
     name = "pca-global"
-    requires_fit = True
+    learns = True
 
     def __init__(
         self,
@@ -233,7 +270,9 @@ class PCAGlobalEnsemble(FeatureEnsemble):
         return int(self.n_components)
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
-        """Fit the PCA on the concatenated member features of the training batches."""
+        """Fit the members that learn, then the PCA on the concatenated member features of the
+        training batches."""
+        super().fit(images)
         fitter = PCAFitter(self.max_fit_patches, self.seed)
         with torch.inference_mode():
             for batch in images:
@@ -250,12 +289,18 @@ class PCAGlobalEnsemble(FeatureEnsemble):
     def state(self) -> State:
         self._require_fitted(self.pca is not None)
         assert self.pca is not None
+        members = super().state()
         return State(
-            meta={"n_components_kept": self.pca.n_components, "explained_variance_kept": float(self.pca.explained_variance_ratio.sum())},
-            tensors=self.pca.tensors("pca"),
+            meta={
+                **members.meta,
+                "n_components_kept": self.pca.n_components,
+                "explained_variance_kept": float(self.pca.explained_variance_ratio.sum()),
+            },
+            tensors={**members.tensors, **self.pca.tensors("pca")},
         )
 
     def load_state(self, state: State) -> None:
+        super().load_state(state)
         self.pca = PCA.from_tensors(state.tensors, "pca").to(self.device)
 
     def _move_fitted(self, device: torch.device) -> None:
@@ -272,7 +317,7 @@ class PCAIndividualEnsemble(FeatureEnsemble):
     """
 
     name = "pca-individual"
-    requires_fit = True
+    learns = True
 
     def __init__(
         self,
@@ -316,7 +361,8 @@ class PCAIndividualEnsemble(FeatureEnsemble):
         return sum(int(value) for value in self.n_components)
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
-        """Fit one PCA per member on that member's own training feature grid."""
+        """Fit the members that learn, then one PCA per member on its own training feature grid."""
+        super().fit(images)
         # Different seeds per member so their patch samples are independent.
         fitters = [PCAFitter(self.max_fit_patches, self.seed + index) for index in range(len(self.members))]
         with torch.inference_mode():
@@ -337,14 +383,27 @@ class PCAIndividualEnsemble(FeatureEnsemble):
     def state(self) -> State:
         self._require_fitted(self.pcas is not None)
         assert self.pcas is not None
-        tensors: dict[str, torch.Tensor] = {}
+        members = super().state()
+        tensors = dict(members.tensors)
         for index, pca in enumerate(self.pcas):
             tensors.update(pca.tensors(f"pca{index}"))
-        return State(meta={"n_components_kept": [pca.n_components for pca in self.pcas]}, tensors=tensors)
+        return State(meta={**members.meta, "n_components_kept": [pca.n_components for pca in self.pcas]}, tensors=tensors)
 
     def load_state(self, state: State) -> None:
+        super().load_state(state)
         self.pcas = [PCA.from_tensors(state.tensors, f"pca{index}").to(self.device) for index in range(len(self.members))]
 
     def _move_fitted(self, device: torch.device) -> None:
         if self.pcas is not None:
             self.pcas = [pca.to(device) for pca in self.pcas]
+
+
+class _MemberInputs:
+    """Re-iterable: member ``index``'s inputs for each shared training batch (one fresh pass per ``iter``)."""
+
+    def __init__(self, ensemble: FeatureEnsemble, index: int, images: Iterable[torch.Tensor]) -> None:
+        self.ensemble, self.index, self.images = ensemble, index, images
+
+    def __iter__(self):
+        for batch in self.images:
+            yield self.ensemble.member_input(batch, self.index)
