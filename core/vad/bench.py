@@ -73,20 +73,9 @@ def _as_list(value: Any) -> list[Any]:
 
 def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     """The shared RunConfig fields and the cells of a grid file."""
-    import yaml
+    from vad.config import FIELDS, read_yaml_mapping
 
-    from vad.config import FIELDS
-
-    file = Path(path)
-    if not file.is_file():
-        raise VadError(f"grid file {path} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise VadError(f"grid file {path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise VadError(f"grid file {path} must hold a mapping (detectors, ensembles, backbones, categories, ...)")
-    data = dict(data)
+    data = read_yaml_mapping(path, "grid file", "detectors, ensembles, backbones, categories, ...")
     # singular spellings are accepted for the axes
     for singular, plural in (("detector", "detectors"), ("ensemble", "ensembles"), ("backbone", "backbones"), ("category", "categories")):
         if singular in data and plural not in data:

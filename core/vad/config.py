@@ -84,21 +84,27 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
-def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Defaults, then the YAML file, then ``overrides`` (None values are ignored)."""
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict[str, Any]:
+    """The mapping in a YAML file, or a VadError naming ``what`` the file is and what it must hold."""
     import yaml
 
+    file = Path(path)
+    if not file.is_file():
+        raise VadError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise VadError(f"{what} {path} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise VadError(f"{what} {path} must hold a mapping of {expected}")
+    return dict(data)
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """Defaults, then the YAML file, then ``overrides`` (None values are ignored)."""
     data: dict[str, Any] = {}
     if path:
-        file = Path(path)
-        if not file.is_file():
-            raise VadError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise VadError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise VadError(f"config file {path} must hold a mapping of options")
+        data = read_yaml_mapping(path, "config file", "options")
         unknown = sorted(set(data) - FIELDS)
         if unknown:
             import difflib

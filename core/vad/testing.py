@@ -12,6 +12,9 @@ Fixtures:
           with register_plugin(my_plugin_module):
               ...
 
+* ``random_images`` -- four seeded random 64 px images in [0, 1], for augmentations and heads
+  that take images;
+* ``one_torch_thread`` -- the test runs on one torch thread (faster for tiny tensors);
 * ``vad_fakes`` -- registers the fake backbone as ``fake-backbone`` and the tiny data set as
   ``tiny`` so that ``vad run --dataset tiny --backbone fake-backbone`` runs in a second.
 """
@@ -160,6 +163,27 @@ def tiny_dataset():
 def fake_backbone():
     """A deterministic random-convolution Backbone (strides 4/8/16/32, 64 px input)."""
     return _fake_backbone_class()()
+
+
+@pytest.fixture
+def random_images():
+    """Four seeded random 64 px RGB images ``[4, 3, 64, 64]`` in [0.05, 0.95] (so no pixel equals
+    white or black by chance)."""
+    import torch
+
+    return torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(123)) * 0.9 + 0.05
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch thread, then restore the count: tiny tensors compute faster
+    that way, and on a shared 2-core machine two threads spin-wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

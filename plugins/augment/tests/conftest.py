@@ -1,19 +1,14 @@
 """Fixtures of the augmentation tests."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors run faster on one thread; on a shared 2-core machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (``vad.testing.one_torch_thread``)."""
 
 
 @pytest.fixture
-def images():
-    """Four random 64 px images in [0, 1] (no pixel equals white or any texture by chance)."""
-    return torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(123)) * 0.9 + 0.05
+def images(random_images):
+    """``vad.testing.random_images``: four seeded random 64 px images."""
+    return random_images

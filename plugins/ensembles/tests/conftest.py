@@ -66,9 +66,5 @@ def members():
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors run faster on one thread; on a shared 2-core machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (``vad.testing.one_torch_thread``)."""

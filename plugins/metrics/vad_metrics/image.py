@@ -8,16 +8,17 @@ from vad.errors import VadError
 from vad_metrics.pixel import f1_max_from_split
 
 
-def check_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """1-D float scores without NaN and 0/1 labels of the same length, or a VadError."""
+def check_scores(scores, labels, empty: str = "no scores to evaluate") -> tuple[np.ndarray, np.ndarray]:
+    """1-D finite float scores and 0/1 labels of the same length, or a VadError (``empty`` says
+    what to do when there are none)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
     if scores.size != labels.size:
         raise VadError(f"got {scores.size} scores but {labels.size} labels")
     if scores.size == 0:
-        raise VadError("no scores to evaluate")
-    if np.isnan(scores).any():
-        raise VadError("the scores contain NaN; the detector produced invalid scores")
+        raise VadError(empty)
+    if not np.isfinite(scores).all():
+        raise VadError("the scores contain NaN or infinity; the detector produced invalid scores")
     if not np.isin(labels, (0, 1)).all():
         raise VadError(f"labels must be 0 (good) or 1 (anomalous), got values {sorted(set(labels.tolist()))[:5]}")
     return scores, labels.astype(np.int64)

@@ -26,19 +26,15 @@ import numpy as np
 
 from vad.contracts import Threshold
 from vad.errors import VadError
+from vad_metrics.image import check_scores
 
 NORMAL_ONLY_RULES = "max, quantile, k-sigma (fitted on normal validation scores) or manual (--set manual.value=…)"
 
 
 def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel()
-    if scores.size != labels.size:
-        raise VadError(f"threshold fitting got {scores.size} scores but {labels.size} labels")
-    if scores.size == 0:
-        raise VadError("no validation scores to fit a threshold on; raise --validation-fraction above 0")
-    if not np.isfinite(scores).all():
-        raise VadError("validation scores contain NaN or infinity; the detector produced invalid scores")
+    scores, labels = check_scores(
+        scores, labels, empty="no validation scores to fit a threshold on; raise --validation-fraction above 0"
+    )
     return scores, labels.astype(bool)
 
 
