@@ -177,7 +177,11 @@ def _details(kind: str, name: str, entry) -> dict:
 
     facts = {"weights_offline": cls.weights_source(name)}
     try:
-        facts.update(create_backbone(name, pretrained=False).describe())
+        # built without weights only to read its layers and preprocessing: its "weights" fact
+        # would describe that throw-away instance, so it is left out
+        described = create_backbone(name, pretrained=False).describe()
+        described.pop("weights", None)
+        facts.update(described)
     except (VadError, TypeError, ValueError, RuntimeError) as error:  # a family entry needs a model name
         facts["note"] = str(error)
     return facts

