@@ -273,3 +273,51 @@ def test_bench_grid_errors_are_clear(tmp_path):
 def test_results_commands_do_not_import_torch():
     code = "import sys, typer, vad.results_cli as r; r.add_commands(typer.Typer()); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_demo_data_patchcore_run_report_predict_export(cli, tmp_path):
+    """The issue's journey on real parts: demo data (brick), PatchCore on packaged lite0 weights,
+    report + raw maps, then predict and an ONNX export (backbone + memory bank) with parity."""
+    pytest.importorskip("vad_datasets")
+    pytest.importorskip("vad_timm")
+    pytest.importorskip("vad_patchcore")
+    pytest.importorskip("onnxruntime")
+    import tifffile
+
+    run = tmp_path / "run"
+    result = cli("run", "--detector", "patchcore", "--category", "brick", "--device", "cpu", "--save-maps", "--output", str(run))
+    assert result.exit_code == 0, (result.output, result.exception)
+    metrics = json.loads((run / "metrics.json").read_text())["categories"]["brick"]
+    assert metrics["image_auroc"] > 0.9 and metrics["pixel_auroc"] > 0.9
+    for name in ("config.yaml", "results.csv", "results.md", "results.json", "report.html"):
+        assert (run / name).is_file(), name
+    with open(run / "brick" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        path = Path(row["path"])
+        tiff = run / "anomaly_maps" / "brick" / "test" / row["defect_type"] / (path.stem + ".tiff")
+        saved = tifffile.imread(tiff)
+        assert saved.dtype == np.float32 and saved.shape == decode_png(path).shape[:2]  # original size
+    shot = screenshot(run / "report.html", tmp_path / "shot.png", tmp_path / "chromium-profile")
+    saturation = shot.max(axis=2).astype(int) - shot.min(axis=2)
+    assert (saturation > 100).mean() > 0.01, "no coloured heat maps visible in the screenshot"
+
+    model = run / "brick" / "model"
+    defective = [Path(r["path"]) for r in rows if r["label"] == "1"][:2]
+    result = cli("predict", "--model", str(model), *map(str, defective))
+    assert result.exit_code == 0, (result.output, result.exception)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    expected = {r["path"]: float(r["score"]) for r in rows}
+    for record in records:
+        assert record["score"] == pytest.approx(expected[record["path"]], rel=1e-5)
+
+    onnx_file = tmp_path / "brick.onnx"
+    # the demo images are 128 px: the graph resizes them to lite0's 224 px itself
+    result = cli("export", "--model", str(model), "--output", str(onnx_file), "--input-size", "128")
+    assert result.exit_code == 0, (result.output, result.exception)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    images = np.stack([decode_png(path) for path in defective]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    onnx_scores, _ = session.run(None, {"images": np.ascontiguousarray(images)})
+    assert np.abs(onnx_scores - [expected[str(p)] for p in defective]).max() < 1e-4
