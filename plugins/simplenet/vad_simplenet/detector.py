@@ -140,8 +140,10 @@ class SimpleNet(Detector):
             for _ in range(self.epochs - 1):
                 yield batches
 
+        from vad.progress import track
+
         with torch.enable_grad():
-            for epoch_batches in passes():
+            for epoch_batches in track(passes(), "simplenet epochs", total=self.epochs):
                 losses = []
                 for features in epoch_batches:
                     normal = head.adaptor(self._patches(features, channels))
