@@ -6,6 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -63,10 +64,12 @@ def fake_distributions(tmp_path, monkeypatch):
     reset_registry()
 
 
-def run_vad(*args: str, pythonpath: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the ``vad`` console script of this environment in a subprocess."""
+def run_vad(*args: str, pythonpath: Path | None = None, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the ``vad`` console script of this environment in a subprocess (in ``cwd``, else in
+    a fresh temporary folder, so a default ``runs/`` never lands in the checkout)."""
     environment = {**os.environ, **(env or {})}
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), environment.get("PYTHONPATH", "")]))
     vad = Path(sys.executable).with_name("vad")
-    return subprocess.run([str(vad), *args], capture_output=True, text=True, env=environment, timeout=timeout)
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="vad-cli-test-"))
+    return subprocess.run([str(vad), *args], capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)

@@ -86,10 +86,11 @@ def test_list_unknown_kind_suggests():
     assert "Traceback" not in result.stderr
 
 
-def test_run_unknown_detector_suggests_nearest():
-    result = run_vad("run", "--detector", "patchcor")
+def test_run_unknown_detector_suggests_nearest(tmp_path):
+    result = run_vad("run", "--detector", "patchcor", cwd=tmp_path)
     assert result.returncode == 2
     assert "unknown detector 'patchcor'" in result.stderr and "Did you mean 'patchcore'?" in result.stderr
+    assert not any(tmp_path.iterdir())  # no half-made runs/ folder
 
 
 def test_run_bad_set_option(tmp_path):
@@ -110,6 +111,7 @@ def test_run_bad_config_files(tmp_path):
     assert "not valid YAML" in run_vad("run", "--config", str(broken)).stderr
 
 
-def test_run_bad_device():
-    result = run_vad("run", "--device", "tpu", "--category", "brick", "--output", "/tmp/vad-never-used")
+def test_run_bad_device(tmp_path):
+    result = run_vad("run", "--device", "tpu", "--category", "brick", "--output", str(tmp_path / "r"))
     assert result.returncode == 2 and "device" in result.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -195,8 +195,11 @@ def _saved_model_folder(config: RunConfig, category: str) -> Path:
     raise VadError(f"--model {root}: no model.json there nor in {candidate}")
 
 
-def run_category(config: RunConfig, splits: DataSplits, folder: Path, registry: Registry) -> CategoryResult:
-    """Fit (or load) a model for one category, evaluate it and write its files."""
+def run_category(
+    config: RunConfig, splits: DataSplits, folder: Path, registry: Registry, model: AnomalyModel | None = None
+) -> CategoryResult:
+    """Fit (or load) a model for one category, evaluate it and write its files; ``model`` is
+    an unfitted model already composed from ``config``, else one is built."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
     category_folder = folder / splits.category
@@ -205,7 +208,7 @@ def run_category(config: RunConfig, splits: DataSplits, folder: Path, registry: 
         model = AnomalyModel.load(_saved_model_folder(config, splits.category), device, registry)
         info(f"[{splits.category}] loaded the saved model from {config.model}")
     else:
-        model = build_model(config, registry).to(device)
+        model = (model or build_model(config, registry)).to(device)
         start = time.perf_counter()
         model.fit(splits.train, splits.validation)
         timings["fit_s"] = time.perf_counter() - start
@@ -242,6 +245,11 @@ def run(config: RunConfig, registry: Registry | None = None) -> tuple[Path, list
     categories = config.categories or dataset.categories()
     if not categories:
         raise VadError(f"data set {config.dataset!r} has no categories under {config.root}")
+    # Compose the first model before anything is written: a bad device, name or option fails
+    # here and leaves no half-made run folder behind.
+    resolve_device(config.device)
+    seed_everything(config.seed)
+    first_model = None if config.model else build_model(config, registry)
     folder = Path(config.output) if config.output else default_output(config)
     folder.mkdir(parents=True, exist_ok=True)
     config.output = str(folder)
@@ -251,7 +259,8 @@ def run(config: RunConfig, registry: Registry | None = None) -> tuple[Path, list
     for category in categories:
         splits = dataset.load(category)
         info(f"[{category}] {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test images")
-        results.append(run_category(config, splits, folder, registry))
+        results.append(run_category(config, splits, folder, registry, first_model))
+        first_model = None
     per_category = {r.category: {**r.metrics, **{k: v for k, v in r.timings.items() if k != "predict_s"}} for r in results}
     write_results_table(folder, per_category)
     columns, rows = table_with_mean(per_category)
