@@ -63,44 +63,11 @@ def resize_matrix(size_in: int, size_out: int, interpolation: str):
     return resized[:, 0, :, 0].T.contiguous()
 
 
-class ExportBlur:
-    """:func:`vad.postprocess.gaussian_blur` for a fixed map size, in ONNX-friendly operations.
-
-    The mirror padding becomes a constant gather (``index_select``) instead of the shape-driven
-    loop of the torch version, which the tracer would freeze wrongly.
-    """
-
-    def __init__(self, size: tuple[int, int], sigma: float, truncate: float = 4.0) -> None:
-        import numpy as np
-        import torch
-
-        from vad.postprocess import gaussian_kernel1d
-
-        self.sigma = sigma
-        self.kernel = gaussian_kernel1d(sigma, truncate) if sigma > 0 else None
-        radius = 0 if self.kernel is None else (self.kernel.numel() - 1) // 2
-        # numpy's "symmetric" padding repeats the edge sample, like scipy's "reflect"
-        self.rows = torch.from_numpy(np.pad(np.arange(size[0]), radius, mode="symmetric")).long()
-        self.cols = torch.from_numpy(np.pad(np.arange(size[1]), radius, mode="symmetric")).long()
-
-    def __call__(self, maps):
-        import torch.nn.functional as F
-
-        if self.kernel is None:
-            return maps
-        kernel = self.kernel.to(maps.dtype)
-        x = maps[:, None].index_select(3, self.cols)
-        x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-        x = x.index_select(2, self.rows)
-        x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-        return x[:, 0]
-
-
 def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
     """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel`."""
     import torch
 
-    from vad.postprocess import upsample
+    from vad.postprocess import gaussian_blur, upsample
 
     if len(model.members) != 1 or model.ensembler is not None:
         raise VadError(
@@ -119,7 +86,6 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
     source = member.source
     resized = tuple(preprocessing.resize or preprocessing.size)
     input_size = tuple(input_size or resized)
-    blur = ExportBlur(tuple(preprocessing.size), float(model.sigma))
 
     class ExportGraph(torch.nn.Module):
         """Preprocessing + feature source + head + upsample/blur, for tracing."""
@@ -142,7 +108,7 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
             x = (x.clamp(0.0, 1.0) - self.mean) / self.std
             inputs = source(x) if source is not None else x
             scores, maps = self.head(inputs)
-            maps = blur(upsample(maps.float(), tuple(preprocessing.size)))
+            maps = gaussian_blur(upsample(maps.float(), tuple(preprocessing.size)), float(model.sigma))
             return scores.float(), maps
 
     return ExportGraph().eval(), input_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,17 +27,11 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = 
     return (kernel / kernel.sum()).to(dtype)
 
 
-def _symmetric_pad(maps: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
-    """Pad by mirroring with the edge sample repeated (scipy mode 'reflect')."""
-    size = maps.shape[dim]
-    while radius > 0:  # tiny maps need several mirrorings
-        step = min(radius, size)
-        before = maps.narrow(dim, 0, step).flip(dim)
-        after = maps.narrow(dim, maps.shape[dim] - step, step).flip(dim)
-        maps = torch.cat([before, maps, after], dim=dim)
-        radius -= step
-        size = maps.shape[dim]
-    return maps
+def _mirror_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices padding an axis of ``size`` by ``radius`` on both sides by mirroring with the edge
+    sample repeated (scipy mode 'reflect'; tiny axes are mirrored repeatedly). A gather with
+    them traces to a constant index in ONNX, so ``vad export`` reuses this blur as it is."""
+    return torch.from_numpy(np.pad(np.arange(size), radius, mode="symmetric")).to(device)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -45,9 +40,10 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
         return maps
     kernel = gaussian_kernel1d(sigma, truncate, maps.dtype).to(maps.device)
     radius = (kernel.numel() - 1) // 2
-    x = maps[:, None]
-    x = F.conv2d(_symmetric_pad(x, radius, 3), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(_symmetric_pad(x, radius, 2), kernel.view(1, 1, -1, 1))
+    x = maps[:, None].index_select(3, _mirror_indices(maps.shape[-1], radius, maps.device))
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = x.index_select(2, _mirror_indices(maps.shape[-2], radius, maps.device))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
 
