@@ -20,8 +20,6 @@ per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or 
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import re
@@ -32,6 +30,7 @@ from typing import Any
 
 from vad import artifacts
 from vad.errors import VadError
+from vad.results import csv_table, markdown_table
 
 AXES = ("detectors", "ensembles", "backbones", "categories")
 #: Metric columns first in this order when present; others follow alphabetically.
@@ -187,27 +186,12 @@ def table_rows(results: list[CellResult]) -> tuple[list[str], list[dict[str, Any
 def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     """Markdown table; numbers to 4 decimals, missing values ``n/a``; the cell id is left out."""
     shown = [c for c in columns if c != "cell"]
-
-    def fmt(value: Any) -> str:
-        if value is None or value == "":
-            return "" if value == "" else "n/a"
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in shown) + "|"]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in shown) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(shown, ([row.get(c) for c in shown] for row in rows))
 
 
 def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     """CSV with full precision; missing values empty."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    return buffer.getvalue()
+    return csv_table(columns, ([row.get(c) for c in columns] for row in rows))
 
 
 def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tuple[Path, list[CellResult]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +36,40 @@ def table_with_mean(per_category: Mapping[str, Mapping[str, float | None]]) -> t
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
+    """A Markdown cell: ``n/a`` for missing, floats to ``digits`` decimals, text kept on one line."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
-    return str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(columns: list[str], rows: Mapping[str, Mapping[str, Any]]) -> str:
-    """A GitHub Markdown table."""
-    lines = ["| category | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
-    for category, row in rows.items():
-        label = f"**{category}**" if category == MEAN_ROW else category
-        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right_aligned_from: int | None = None) -> str:
+    """A GitHub Markdown table; columns from ``right_aligned_from`` on are right-aligned."""
+    first = len(header) if right_aligned_from is None else right_aligned_from
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * first + "---:|" * (len(header) - first)]
+    lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def to_csv(columns: list[str], rows: Mapping[str, Mapping[str, Any]]) -> str:
+def csv_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """CSV with full precision; missing values are empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category", *columns])
-    for category, row in rows.items():
-        writer.writerow([category, *("" if row.get(c) is None else row.get(c) for c in columns)])
+    writer.writerow(header)
+    writer.writerows(["" if value is None else value for value in row] for row in rows)
     return buffer.getvalue()
+
+
+def to_markdown(columns: list[str], rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """The results table in Markdown, the mean row in bold."""
+    cells = ([f"**{category}**" if category == MEAN_ROW else category, *(row.get(c) for c in columns)] for category, row in rows.items())
+    return markdown_table(["category", *columns], cells, right_aligned_from=1)
+
+
+def to_csv(columns: list[str], rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """The results table as CSV."""
+    return csv_table(["category", *columns], ([category, *(row.get(c) for c in columns)] for category, row in rows.items()))
 
 
 def write_results_table(folder: str | Path, per_category: Mapping[str, Mapping[str, float | None]]) -> dict[str, Path]:
