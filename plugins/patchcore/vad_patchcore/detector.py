@@ -41,12 +41,16 @@ r = coreset_ratio, N training patches)::
 
     peak_bytes ~= 4 * [2 * (C + Bp) * D        # chunk buffer and its concatenation
                        + C * (p + s + 3)       # projection, start distances, norms, minima
-                       + 2 * r * N * D]        # the bank: chunk coresets + their final concatenation
+                       + r * N * (2 * D + 27)] # the bank + one more copy: its chunk coresets at
+                                               # the concatenation, then the search index's copy
 
-Only the last term grows with the number of training images: twice the memory bank itself.
+Only the last term grows with the number of training images: about twice the memory bank
+itself (the index is built after the chunk coresets are freed; its build temporaries are
+bounded by 16384 x L floats for L cells).
 With ``coreset_ratio = 1`` the bank is every patch: ``8 * N * D`` bytes at the final
-concatenation. ``predict`` holds the bank (and a faiss copy of it, ``4 * M * D`` each) plus,
-for the torch backend, a ``query_chunk x M`` distance block.
+concatenation. ``predict`` holds the bank plus the search's copy of it (faiss: ``4 * M * D``;
+pruned: ``4 * M * (D + 27)``, cell-sorted with its head coordinates) plus, for the torch
+backend, a ``query_chunk x M`` distance block. The search index is built at the end of ``fit``.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class PatchCore(Detector):
     * ``coreset_chunk_patches`` patches buffered per coreset chunk (0: one chunk; bounds memory);
     * ``num_neighbors`` k of the patch score (mean distance to the k nearest bank items);
     * ``reweight`` / ``reweight_neighbors`` the paper's Eq. 7 image score with b neighbours;
-    * ``knn_backend`` "auto", "faiss" (exact), "torch" (exact, GPU on CUDA), "faiss-ivfpq"
+    * ``knn_backend`` "auto", "faiss" (exact), "torch" (exact, GPU on CUDA), "pruned" (exact,
+      cell-pruned, the CPU default for banks >= 2048 items), "faiss-ivfpq"
       (approximate; ``ivf_lists``, ``pq_subquantizers``, ``pq_bits``, ``ivf_probe``);
     * ``distance`` "euclidean" (paper) or "squared" (official code's faiss distances);
     * ``query_chunk`` queries per block of the torch search (bounds its memory);
@@ -162,7 +167,7 @@ class PatchCore(Detector):
         self.train_patches = 0
         self.train_grid: tuple[int, int] | None = None
         self._index: NearestNeighbours | None = None
-        #: Seconds spent per stage, accumulated (``fit_collect``, ``fit_coreset``, ``knn``, ``scoring``).
+        #: Seconds spent per stage (``fit_coreset``, ``fit_index``; accumulated over predicts: ``knn``, ``scoring``).
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ device / state
@@ -268,6 +273,10 @@ class PatchCore(Detector):
         self.memory_bank = torch.cat(kept) if len(kept) > 1 else kept[0].clone()
         self.train_patches, self.train_grid = total, grid
         self._index = None
+        del kept, buffer  # before the index adds its own copy of the bank
+        start = time.perf_counter()
+        self._search_index()  # built here, so the first predict does not pay for it
+        self.timings["fit_index"] = time.perf_counter() - start
 
     def _select(self, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The coreset rows of one chunk of patches (a copy, so the chunk can be freed)."""

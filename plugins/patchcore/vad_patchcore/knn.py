@@ -5,12 +5,16 @@ Backends (all return *squared* L2 distances, ascending, and bank indices):
 * ``"faiss"``: ``faiss.IndexFlatL2``, exact, as the official code's ``FaissNN``;
 * ``"torch"``: exact brute force in chunks (``||q||^2 - 2 q.b + ||b||^2`` by one ``addmm`` per
   chunk of queries, then ``topk``); runs on the bank's device, so it is the GPU search on CUDA;
+* ``"pruned"``: exact, :class:`vad_patchcore.pruned.PrunedExactSearch`: the bank partitioned into
+  k-means cells, cells and pairs skipped by proven lower bounds; pure torch, several times faster
+  than brute force on the CPU at PatchCore's bank sizes, same neighbours;
 * ``"faiss-ivfpq"``: ``faiss.IndexIVFPQ`` (the official ``ApproximateFaissNN``: 512 lists, 64
   sub-quantizers of 8 bits; we clip the lists to the bank size and the sub-quantizers to a
   divisor of the dimension, probe ``ivf_probe`` lists and re-rank ``8 k`` candidates by exact
   distance). Approximate: for very large banks only; the benchmark measures its recall;
-* ``"auto"``: faiss when importable and the bank is on the CPU (or faiss has GPU support),
-  else torch.
+* ``"auto"``: on the CPU, ``"pruned"`` for banks of at least ``PRUNED_MIN_BANK`` items, below
+  that faiss when importable, else torch; on CUDA, faiss when it has GPU support, else torch
+  (one large matrix product is what a GPU does best).
 
 Exact backends find the same neighbours; the distances they report are then recomputed from
 the differences ``||q - b||^2`` of the found pairs, so faiss and torch return *identical*
@@ -25,8 +29,12 @@ from typing import Any
 import torch
 
 from vad.errors import VadError
+from vad_patchcore.pruned import PrunedExactSearch
 
-BACKENDS = ("auto", "faiss", "torch", "faiss-ivfpq")
+BACKENDS = ("auto", "faiss", "torch", "pruned", "faiss-ivfpq")
+#: Smallest bank for which "auto" prunes on the CPU: below it, cells would hold too few items
+#: for the bounds to pay for themselves (see benchmarks/patchcore.py).
+PRUNED_MIN_BANK = 2048
 #: The IVF-PQ backend fetches ``k * PQ_RERANK`` candidates and keeps the ``k`` nearest by exact
 #: distance (PQ distances are coarse; re-ranking recovers most of the recall for little time).
 PQ_RERANK = 8
@@ -41,11 +49,14 @@ def _faiss_has_gpu(faiss: Any) -> bool:
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``"auto"`` stands for on ``device``; checks that it is installed."""
+def resolve_backend(backend: str, device: torch.device, bank_size: int = 0) -> str:
+    """The concrete backend ``"auto"`` stands for on ``device`` for a bank of ``bank_size`` items;
+    checks that it is installed."""
     if backend not in BACKENDS:
         raise VadError(f"unknown knn_backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if device.type == "cpu" and bank_size >= PRUNED_MIN_BANK:
+            return "pruned"
         if not faiss_available():
             return "torch"
         if device.type == "cpu":
@@ -56,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend.startswith("faiss") and not faiss_available():
         raise VadError(
             f"knn_backend {backend!r} needs faiss: `pip install faiss-cpu` (or faiss-gpu), "
-            "or use knn_backend='torch' (exact, same results as 'faiss')"
+            "or use knn_backend='pruned' or 'torch' (exact, same results as 'faiss')"
         )
     return backend
 
@@ -80,12 +91,15 @@ class NearestNeighbours:
         seed: int = 0,
     ) -> None:
         self.bank = bank.float().contiguous()
-        self.backend = resolve_backend(backend, bank.device)
+        self.backend = resolve_backend(backend, bank.device, bank.shape[0])
         self.query_chunk = query_chunk
         self._bank_norms = (self.bank * self.bank).sum(1)
         self._index: Any = None
+        self._pruned: PrunedExactSearch | None = None
         if self.backend.startswith("faiss"):
             self._index = self._build_faiss(ivf_lists, pq_subquantizers, pq_bits, ivf_probe, seed)
+        elif self.backend == "pruned":
+            self._pruned = PrunedExactSearch(self.bank, seed=seed)
 
     def _build_faiss(self, ivf_lists: int, pq_subquantizers: int, pq_bits: int, ivf_probe: int, seed: int) -> Any:
         import faiss
@@ -120,6 +134,8 @@ class NearestNeighbours:
             indices = torch.from_numpy(found).to(self.bank.device)
             if self.backend == "faiss-ivfpq":
                 indices = indices.clamp_min(0)  # -1 = fewer candidates than asked in the probed lists
+        elif self._pruned is not None:
+            indices = self._pruned.search(queries, k)[1]
         else:
             indices = self._torch_search(queries, k)
         # recompute the distances of the found pairs from their differences: identical numbers
