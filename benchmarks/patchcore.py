@@ -420,6 +420,11 @@ def worker_memory(config: dict[str, Any]) -> dict[str, Any]:
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in a fresh subprocess; returns its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
+    # glibc otherwise maps and unmaps every large activation tensor, and the page faults can
+    # double the backbone's time depending on what the process did before (seen here: the
+    # same Lite0 forward at 26 vs 54 ms/image); a fixed heap keeps both sides' backbone honest
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**32))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
     completed = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, env=env
     )
