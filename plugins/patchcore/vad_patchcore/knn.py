@@ -32,8 +32,9 @@ from vad.errors import VadError
 from vad_patchcore.pruned import PrunedExactSearch
 
 BACKENDS = ("auto", "faiss", "torch", "pruned", "faiss-ivfpq")
-#: Smallest bank for which "auto" prunes on the CPU: below it, cells would hold too few items
-#: for the bounds to pay for themselves (see benchmarks/patchcore.py).
+#: Smallest bank for which "auto" prunes on the CPU: below it, the ~sqrt(M)/2 cells hold so few
+#: items that the bounds hardly pay for themselves (a judgement, not measured at this size; the
+#: 15,676-item bank of benchmarks/patchcore.py is where the speed-up was measured).
 PRUNED_MIN_BANK = 2048
 #: The IVF-PQ backend fetches ``k * PQ_RERANK`` candidates and keeps the ``k`` nearest by exact
 #: distance (PQ distances are coarse; re-ranking recovers most of the recall for little time).
