@@ -67,7 +67,7 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
     """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel`."""
     import torch
 
-    from vad.postprocess import gaussian_blur, upsample
+    from vad.postprocess import upsample_and_blur
 
     if len(model.members) != 1 or model.ensembler is not None:
         raise VadError(
@@ -108,7 +108,7 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
             x = (x.clamp(0.0, 1.0) - self.mean) / self.std
             inputs = source(x) if source is not None else x
             scores, maps = self.head(inputs)
-            maps = gaussian_blur(upsample(maps.float(), tuple(preprocessing.size)), float(model.sigma))
+            maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
             return scores.float(), maps
 
     return ExportGraph().eval(), input_size

@@ -9,6 +9,7 @@ of the resized image; pixels outside it get the map's minimum.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,24 +27,59 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = 
     return (kernel / kernel.sum()).to(dtype)
 
 
-def _mirror_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
-    """Indices padding an axis of ``size`` by ``radius`` on both sides by mirroring with the edge
-    sample repeated (scipy mode 'reflect'; tiny axes are mirrored repeatedly). A gather with
-    them traces to a constant index in ONNX, so ``vad export`` reuses this blur as it is."""
-    return torch.from_numpy(np.pad(np.arange(size), radius, mode="symmetric")).to(device)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, H, W]`` maps; equals ``scipy.ndimage.gaussian_filter``."""
+def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """``[size, size]`` float64 matrix of the 1-D Gaussian blur along an axis of ``size`` samples,
+    with scipy's mode 'reflect' at the edges (mirrored with the edge sample repeated; tiny axes
+    are mirrored repeatedly). ``sigma <= 0``: the identity."""
     if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma, truncate, maps.dtype).to(maps.device)
-    radius = (kernel.numel() - 1) // 2
-    x = maps[:, None].index_select(3, _mirror_indices(maps.shape[-1], radius, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = x.index_select(2, _mirror_indices(maps.shape[-2], radius, maps.device))
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x[:, 0]
+        return np.eye(size)
+    kernel = gaussian_kernel1d(sigma, truncate, torch.float64).numpy()
+    radius = (kernel.size - 1) // 2
+    source = np.pad(np.arange(size), radius, mode="symmetric")  # input sample behind each padded one
+    matrix = np.zeros((size, size))
+    for tap, weight in enumerate(kernel):  # output i reads padded sample i + tap
+        np.add.at(matrix, (np.arange(size), source[tap : tap + size]), weight)
+    return matrix
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``[size_out, size_in]`` float64 matrix of :func:`upsample` along one axis: torch's linear
+    interpolation with ``align_corners=False`` (source position ``(i + 0.5) * in / out - 0.5``,
+    clamped at 0; the last sample repeats past the end)."""
+    position = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    lower = position.astype(np.int64)
+    upper = np.minimum(lower + 1, size_in - 1)
+    weight = position - lower
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.arange(size_out), lower), 1.0 - weight)
+    np.add.at(matrix, (np.arange(size_out), upper), weight)
+    return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def map_operator(size_in: int, size_out: int, sigma: float) -> np.ndarray:
+    """``[size_out, size_in]`` float64: bilinear upsampling to ``size_out``, then the Gaussian
+    blur, along one axis (see :func:`upsample_and_blur`). Cached: a handful of sizes per run.
+    Built in numpy, so that an ONNX trace sees a constant, not the ops that made it."""
+    operator = blur_matrix(size_out, sigma) @ bilinear_matrix(size_in, size_out)
+    operator.flags.writeable = False  # shared by every caller through the cache
+    return operator
+
+
+def upsample_and_blur(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """``[B, h, w]`` maps upsampled bilinearly to ``size`` and smoothed there by a Gaussian of
+    ``sigma`` pixels: equal to scipy's ``gaussian_filter`` (truncate 4, mode 'reflect') of
+    :func:`upsample`'s output.
+
+    Both steps are linear and separable, so they compose into one ``[H, h]`` and one ``[W, w]``
+    matrix: two small matrix products per map, tens of times cheaper than convolving the
+    upsampled map, and two MatMuls with constant operands in an ONNX graph.
+    """
+    rows, cols = (
+        torch.tensor(map_operator(int(n), int(m), float(sigma)), dtype=maps.dtype, device=maps.device)
+        for n, m in zip(maps.shape[-2:], size)
+    )
+    return torch.matmul(torch.matmul(rows, maps), cols.T)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -60,7 +96,7 @@ def postprocess_maps(
     sigma: float = 4.0,
 ) -> list[np.ndarray]:
     """Grid maps ``[B, h, w]`` to float32 maps at each image's original ``(H, W)``."""
-    maps = gaussian_blur(upsample(maps.float(), preprocessing.size), sigma)
+    maps = upsample_and_blur(maps.float(), preprocessing.size, sigma)
     if preprocessing.crop:
         full = preprocessing.resize or preprocessing.size
         canvas = maps.amin(dim=(1, 2), keepdim=True).expand(-1, *full).clone()
