@@ -121,9 +121,10 @@ class PrunedExactSearch:
         self.cell_sizes = torch.tensor(bounds[1:], device=bank.device) - self.cell_starts
         #: share of (query, bank item) distances the last search computed exactly
         self.scanned_fraction = 0.0
-        #: per cell: (items, squared norms as a column), views into the sorted bank
+        #: per cell: (items transposed, squared norms as a row), views into the sorted bank; the
+        #: products are taken as queries @ items.T: on CPU that orientation runs up to twice as fast
         self._exact_cells = [
-            (self.items[a:b], self.item_norms[a:b, None]) for a, b in zip(bounds[:-1], bounds[1:])
+            (self.items[a:b].T, self.item_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
         ]
         self.centroids = centroids
         self.centroid_norms = centroids.square().sum(1)
@@ -143,7 +144,7 @@ class PrunedExactSearch:
             augmented = torch.cat([self._augmented(chunk) for chunk in self.items.split(BUILD_CHUNK)])
             augmented_norms = augmented.square().sum(1)
             self._augmented_cells = [
-                (augmented[a:b], augmented_norms[a:b, None]) for a, b in zip(bounds[:-1], bounds[1:])
+                (augmented[a:b].T, augmented_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
             ]
 
     @property
@@ -225,10 +226,10 @@ class PrunedExactSearch:
     def _cheap_bounds(self, cells: torch.Tensor, rows: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
         """Per (cell, query) pair, sorted by cell: the smallest augmented-space squared distance
         to the cell's items, a lower bound of the smallest true one."""
-        gathered = augmented[rows]
+        gathered = augmented.index_select(0, rows)  # (much faster than advanced indexing on CPU)
         smallest = [
-            torch.addmm(norms, items, gathered[start:stop].T, alpha=-2.0).amin(0)
-            for (items, norms), start, stop in self._runs(cells, self._augmented_cells)
+            torch.addmm(norms, gathered[start:stop], items_t, alpha=-2.0).amin(1)
+            for (items_t, norms), start, stop in self._runs(cells, self._augmented_cells)
         ]
         return torch.cat(smallest).add_(gathered.square().sum(1))
 
@@ -237,22 +238,22 @@ class PrunedExactSearch:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact squared distances of each (cell, query) pair, sorted by cell: the ``k`` nearest
         items of the pair's cell, ``[P, k]`` values (inf where a cell has fewer) and positions."""
-        gathered = queries[rows]
+        gathered = queries.index_select(0, rows)
         values, positions = [], []
-        for (items, item_norms), start, stop in self._runs(cells, self._exact_cells):
-            partial = torch.addmm(item_norms, items, gathered[start:stop].T, alpha=-2.0)
+        for (items_t, item_norms), start, stop in self._runs(cells, self._exact_cells):
+            partial = torch.addmm(item_norms, gathered[start:stop], items_t, alpha=-2.0)
             if k == 1:
-                nearest, found = partial.min(0, keepdim=True)
+                nearest, found = partial.min(1, keepdim=True)
             else:
-                nearest, found = partial.topk(min(k, items.shape[0]), dim=0, largest=False)
-                if nearest.shape[0] < k:  # a cell smaller than k: pad with "no item"
-                    missing = k - nearest.shape[0]
-                    nearest = torch.cat([nearest, nearest.new_full((missing, nearest.shape[1]), math.inf)])
-                    found = torch.cat([found, found.new_zeros(missing, found.shape[1])])
+                nearest, found = partial.topk(min(k, items_t.shape[1]), dim=1, largest=False)
+                if nearest.shape[1] < k:  # a cell smaller than k: pad with "no item"
+                    missing = k - nearest.shape[1]
+                    nearest = torch.cat([nearest, nearest.new_full((nearest.shape[0], missing), math.inf)], dim=1)
+                    found = torch.cat([found, found.new_zeros(found.shape[0], missing)], dim=1)
             values.append(nearest)
             positions.append(found)
         first = self.cell_starts[cells]
-        return torch.cat(values, dim=1).T.add(norms[rows, None]), torch.cat(positions, dim=1).T.add(first[:, None])
+        return torch.cat(values).add_(norms[rows, None]), torch.cat(positions).add_(first[:, None])
 
     @staticmethod
     def _runs(cells: torch.Tensor, per_cell: list):
