@@ -420,11 +420,6 @@ def worker_memory(config: dict[str, Any]) -> dict[str, Any]:
 def run_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in a fresh subprocess; returns its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
-    # glibc otherwise maps and unmaps every large activation tensor, and the page faults can
-    # double the backbone's time depending on what the process did before (seen here: the
-    # same Lite0 forward at 26 vs 54 ms/image); a fixed heap keeps both sides' backbone honest
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**32))
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
     completed = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True, env=env
     )
@@ -456,6 +451,12 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from vad.heap import keep_freed_memory
+
+        # as the vad command does: otherwise glibc maps and unmaps every large activation
+        # tensor, and the page faults can double the backbone's time depending on what the
+        # process did before (seen here: the same Lite0 forward at 26 vs 54 ms/image)
+        keep_freed_memory()
         config = json.loads(args.worker)
         result = worker_images(config) if config["kind"] == "images" else worker_memory(config)
         print(json.dumps(result))
