@@ -66,10 +66,12 @@ def fake_distributions(tmp_path, monkeypatch):
 
 def run_vad(*args: str, pythonpath: Path | None = None, env: dict | None = None, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the ``vad`` console script of this environment in a subprocess (in ``cwd``, else in
-    a fresh temporary folder, so a default ``runs/`` never lands in the checkout)."""
+    a temporary folder removed afterwards, so a default ``runs/`` never lands in the checkout)."""
     environment = {**os.environ, **(env or {})}
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), environment.get("PYTHONPATH", "")]))
-    vad = Path(sys.executable).with_name("vad")
-    cwd = cwd or Path(tempfile.mkdtemp(prefix="vad-cli-test-"))
-    return subprocess.run([str(vad), *args], capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)
+    command = [str(Path(sys.executable).with_name("vad")), *args]
+    if cwd is not None:
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)
+    with tempfile.TemporaryDirectory(prefix="vad-cli-test-") as scratch:
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=scratch)
