@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import subprocess
@@ -71,7 +72,6 @@ def run_vad(*args: str, pythonpath: Path | None = None, env: dict | None = None,
     if pythonpath is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), environment.get("PYTHONPATH", "")]))
     command = [str(Path(sys.executable).with_name("vad")), *args]
-    if cwd is not None:
-        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd)
-    with tempfile.TemporaryDirectory(prefix="vad-cli-test-") as scratch:
-        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=scratch)
+    folder = contextlib.nullcontext(cwd) if cwd is not None else tempfile.TemporaryDirectory(prefix="vad-cli-test-")
+    with folder as where:
+        return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=where)
