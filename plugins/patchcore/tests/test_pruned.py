@@ -1,13 +1,26 @@
-"""Tests of the cell-pruned exact search: same neighbours as brute force, and it does prune."""
+"""Tests of the cell-pruned exact search: same neighbours as brute force, and it does prune.
+
+Every search test runs with both scans: ``native=False`` (torch) and ``native=True`` (the
+compiled ``vad_patchcore._scan``; skipped where it is not built, and a test below makes sure it is
+built wherever a C++ compiler exists).
+"""
 
 from __future__ import annotations
+
+import shutil
+import sysconfig
 
 import pytest
 import torch
 
+from vad.errors import VadError
+from vad_patchcore import pruned
 from vad_patchcore.detector import PatchCore
 from vad_patchcore.knn import PRUNED_MIN_BANK, NearestNeighbours, resolve_backend
-from vad_patchcore.pruned import PrunedExactSearch, default_cells
+from vad_patchcore.pruned import LANES, PrunedExactSearch, default_cells
+
+needs_native = pytest.mark.skipif(not pruned.native_available(), reason="vad_patchcore._scan is not built")
+SCANS = [pytest.param(False, id="torch-scan"), pytest.param(True, id="compiled-scan", marks=needs_native)]
 
 
 def clustered(count: int, dim: int, centres: int, seed: int, spread: float = 0.3) -> torch.Tensor:
@@ -39,23 +52,26 @@ def assert_exact(
     return indices
 
 
+@pytest.mark.parametrize("native", SCANS)
 @pytest.mark.parametrize("k", [1, 3, 9])
 @pytest.mark.parametrize("head_dims", [8, 0])
-def test_pruned_finds_the_brute_force_neighbours(k, head_dims):
+def test_pruned_finds_the_brute_force_neighbours(k, head_dims, native):
     generator = torch.Generator().manual_seed(12)
     bank = clustered(3000, 40, centres=25, seed=0)
     normal = clustered(200, 40, centres=25, seed=0) + 0.05 * torch.randn(200, 40, generator=generator)
     anomalous = 4 * torch.randn(100, 40, generator=generator)  # far from the bank
-    search = PrunedExactSearch(bank, head_dims=head_dims, seed=3)
+    search = PrunedExactSearch(bank, head_dims=head_dims, seed=3, native=native)
+    assert search.native == native
     assert_exact(search, torch.cat([normal, anomalous]), bank, k)
     assert 0 < search.scanned_fraction < 0.5  # exact, and most of the bank was never touched
 
 
-def test_pruned_finds_exactly_the_brute_force_indices_without_near_ties():
+@pytest.mark.parametrize("native", SCANS)
+def test_pruned_finds_exactly_the_brute_force_indices_without_near_ties(native):
     generator = torch.Generator().manual_seed(13)
     bank = torch.randn(4000, 12, generator=generator)
     queries = torch.randn(500, 12, generator=generator)
-    _, indices = PrunedExactSearch(bank).search(queries, 4)
+    _, indices = PrunedExactSearch(bank, native=native).search(queries, 4)
     assert torch.equal(indices, brute_force(queries, bank, 4).indices)
 
 
@@ -69,34 +85,53 @@ def test_pruned_through_nearest_neighbours_is_identical_to_the_torch_backend():
         assert torch.equal(i_pruned, i_torch) and torch.equal(d_pruned, d_torch)
 
 
-def test_pruned_with_cells_smaller_than_k_and_tiny_banks():
+@pytest.mark.parametrize("native", SCANS)
+def test_pruned_with_cells_smaller_than_k_and_tiny_banks(native):
     generator = torch.Generator().manual_seed(5)
     bank = torch.randn(30, 6, generator=generator)
     queries = torch.randn(40, 6, generator=generator)
-    search = PrunedExactSearch(bank, cells=15)  # about two items per cell, k = 5 spans cells
+    search = PrunedExactSearch(bank, cells=15, native=native)  # about two items per cell, k = 5 spans cells
     assert_exact(search, queries, bank, 5)
-    single = PrunedExactSearch(bank[:1])
+    single = PrunedExactSearch(bank[:1], native=native)
     _, indices = single.search(queries, 3)  # k clipped to the bank
     assert indices.shape == (40, 1) and torch.all(indices == 0)
     empty = search.search(torch.zeros(0, 6), 2)
     assert empty[0].shape == (0, 2) and empty[1].shape == (0, 2)
 
 
-def test_pruned_is_exact_when_norms_dwarf_the_distances():
+@pytest.mark.parametrize("native", SCANS)
+def test_pruned_is_exact_when_norms_dwarf_the_distances(native):
     # items ~0.3 apart around centres of norm ~4e3: float32 expanded distances cannot tell the
     # items of one cluster apart (rounding ~60 in squared units), so only the distance check
     # applies; the tolerance must keep the right cluster from being pruned
     bank = clustered(2000, 16, centres=10, seed=6, spread=1e-3) * 300
     queries = bank[::7] + 2e-4 * torch.randn(bank[::7].shape, generator=torch.Generator().manual_seed(7))
-    assert_exact(PrunedExactSearch(bank), queries, bank, 1, same_indices=0.0)
+    assert_exact(PrunedExactSearch(bank, native=native), queries, bank, 1, same_indices=0.0)
 
 
-def test_pruned_build_is_deterministic_and_drops_empty_cells():
+@pytest.mark.parametrize("native", SCANS)
+def test_pruned_build_is_deterministic_and_drops_empty_cells(native):
     bank = clustered(2500, 20, centres=12, seed=8)
-    first, second = PrunedExactSearch(bank, seed=1), PrunedExactSearch(bank, seed=1)
+    first, second = PrunedExactSearch(bank, seed=1, native=native), PrunedExactSearch(bank, seed=1, native=native)
     assert torch.equal(first.positions, second.positions) and torch.equal(first.centroids, second.centroids)
     assert int(first.cell_sizes.min()) >= 1 and int(first.cell_sizes.sum()) == 2500
-    assert sorted(first.positions.tolist()) == list(range(2500))  # every bank row exactly once
+    stored = first.positions[first.positions >= 0]
+    assert sorted(stored.tolist()) == list(range(2500))  # every bank row exactly once, the rest padding
+    # each cell starts a block of LANES slots and holds its rows there, in the cell-sorted order
+    assert torch.all(first.cell_starts % LANES == 0) and torch.all(first.cell_blocks * LANES >= first.cell_sizes)
+    for start, size in zip(first.cell_starts.tolist(), first.cell_sizes.tolist()):
+        rows = bank[first.positions[start : start + size]] - first.mean
+        assert torch.all(first.positions[start : start + size] >= 0)
+        if native:  # the compiled scan's panels hold the rows rotated into the principal axes
+            slots = torch.arange(start, start + size)
+            stored = first._panels[slots // LANES, :20, slots % LANES]
+            assert torch.allclose(stored, rows @ first.rotation, atol=1e-5)
+            assert torch.all(first._panels[slots // LANES, 20:, slots % LANES] == 0)
+        else:
+            assert torch.equal(first.items[start : start + size, :20], rows)
+    if native:  # padding lanes are NaN: they never pass a comparison
+        padding = (first.positions < 0).nonzero()[:, 0]
+        assert torch.all(first._panels[padding // LANES, :, padding % LANES].isnan())
     assert default_cells(15676) == 63 and default_cells(1) == 1
 
 
@@ -105,6 +140,71 @@ def test_auto_backend_prunes_large_banks_on_the_cpu():
     assert resolve_backend("auto", cpu, PRUNED_MIN_BANK) == "pruned"
     assert resolve_backend("auto", cpu, PRUNED_MIN_BANK - 1) in ("faiss", "torch")
     assert resolve_backend("pruned", cpu, 10) == "pruned"
+
+
+def test_native_scan_is_built_where_a_compiler_exists():
+    # setup.py builds the extension as optional: a failed build must not go unnoticed where it
+    # should have worked (this machine and CI have g++)
+    compiler = (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    if shutil.which(compiler) is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the torch scan is the search here")
+    assert pruned.native_available()
+
+
+def test_compiled_and_torch_scans_find_the_same_neighbours_on_a_patchcore_like_bank():
+    if not pruned.native_available():
+        pytest.skip("vad_patchcore._scan is not built")
+    # 152-dim clumpy features, a bank of 4,000, head_dims 24 as the defaults: every bound of both
+    # scans is active (cells, blocks, the cheap head bound)
+    bank = clustered(4000, 152, centres=40, seed=21, spread=0.5)
+    queries = torch.cat([clustered(600, 152, centres=40, seed=21, spread=0.55), 2 * torch.randn(100, 152)])
+    for k in (1, 9):
+        compiled = PrunedExactSearch(bank, native=True)
+        torch_scan = PrunedExactSearch(bank, native=False)
+        d_compiled, i_compiled = compiled.search(queries, k)
+        d_torch, i_torch = torch_scan.search(queries, k)
+        assert (i_compiled == i_torch).all(1).double().mean() >= 0.99  # near-ties may swap
+        tolerance = compiled.tolerance_scale * ((queries - compiled.mean).square().sum(1) + compiled.squared_radius)
+        assert torch.all((d_compiled - d_torch).abs() <= tolerance[:, None])
+        assert 0 < compiled.scanned_fraction < 0.5  # most blocks are never begun
+        assert_exact(compiled, queries, bank, k)
+
+
+def test_without_the_compiled_scan_the_torch_scan_runs_and_native_true_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(pruned, "native_scan", None)
+    bank = clustered(2000, 40, centres=10, seed=4)
+    search = PrunedExactSearch(bank)  # native=None: what is available
+    assert search.native is False
+    assert_exact(search, bank[:50] + 0.01, bank, 2)
+    with pytest.raises(VadError, match="compiled pruned scan needs a CPU bank and the vad_patchcore._scan module"):
+        PrunedExactSearch(bank, native=True)
+
+
+def test_the_compiled_scan_is_the_default_only_with_its_avx512_code(monkeypatch):
+    class Built:  # stands in for the extension: only isa() is asked before a search
+        def __init__(self, isa):
+            self.isa = lambda: isa
+
+    bank = clustered(500, 40, centres=5, seed=3)
+    monkeypatch.setattr(pruned, "native_scan", Built("x86-64-v3"))
+    assert pruned.native_available() and not pruned.native_preferred()
+    assert PrunedExactSearch(bank).native is False  # AVX2 code: slower than the torch scan
+    monkeypatch.setattr(pruned, "native_scan", Built("x86-64-v4"))
+    assert pruned.native_preferred()
+
+
+@needs_native
+def test_compiled_scan_reports_its_instruction_set():
+    assert pruned.native_scan.isa() in ("x86-64-v4", "x86-64-v3", "default")
+    assert PrunedExactSearch(torch.randn(300, 40)).native == (pruned.native_scan.isa() == "x86-64-v4")
+
+
+@needs_native
+def test_compiled_scan_checks_its_arguments():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pruned.native_scan.scan(*([0] * 7), 10, 1, 1, 1, *([0] * 8), 1, 1, 1)
+    with pytest.raises(TypeError):
+        pruned.native_scan.scan(1, 2, 3)
 
 
 def test_detector_scores_are_identical_with_pruned_and_brute_force_search():

@@ -6,8 +6,9 @@ Backends (all return *squared* L2 distances, ascending, and bank indices):
 * ``"torch"``: exact brute force in chunks (``||q||^2 - 2 q.b + ||b||^2`` by one ``addmm`` per
   chunk of queries, then ``topk``); runs on the bank's device, so it is the GPU search on CUDA;
 * ``"pruned"``: exact, :class:`vad_patchcore.pruned.PrunedExactSearch`: the bank partitioned into
-  k-means cells, cells and pairs skipped by proven lower bounds; pure torch, several times faster
-  than brute force on the CPU at PatchCore's bank sizes, same neighbours;
+  k-means cells, cells, blocks and pairs skipped by proven lower bounds; on the CPU its scan is
+  the optional compiled ``vad_patchcore._scan`` (else torch); several times faster than brute
+  force at PatchCore's bank sizes, same neighbours;
 * ``"faiss-ivfpq"``: ``faiss.IndexIVFPQ`` (the official ``ApproximateFaissNN``: 512 lists, 64
   sub-quantizers of 8 bits; we clip the lists to the bank size and the sub-quantizers to a
   divisor of the dimension, probe ``ivf_probe`` lists and re-rank ``8 k`` candidates by exact

@@ -26,6 +26,16 @@ Search, per block of queries (all steps are matrix products on contiguous slices
 4. pairs whose cheap bound is still below ``u`` get exact distances, and the k nearest are
    kept.
 
+On the CPU the scan (steps 2-4) runs, when the optional compiled module
+``vad_patchcore._scan`` is built, as one fused loop per query (``_scan.cpp``), with no
+intermediate matrices: cell by cell; then block by block of ``LANES`` items, a block being
+skipped when a ball around its centre in the augmented space lies beyond the k-th distance found
+so far (items are ordered within each cell so that blocks are tight); then, for a kept block,
+the ``LANES`` distances accumulate in difference form over the bank's principal axes (the bank
+is stored rotated into them), and after every ``LANES`` coordinates the partial sum plus a bound
+on the rest drops the items that can no longer be nearer. Its tolerance also covers the rotation
+(:func:`_native_tolerance`), so both scans find the same neighbours.
+
 Nothing is approximate: a cell or pair is skipped only when a proven lower bound exceeds a
 distance already found. How much is skipped depends on the data (and the partition), never the
 result: a poor partition is only slower.
@@ -46,6 +56,13 @@ import math
 
 import torch
 
+from vad.errors import VadError
+
+try:  # the optional compiled scan (setup.py builds it where a C++ compiler is available)
+    from vad_patchcore import _scan as native_scan
+except ImportError:  # pragma: no cover - depends on the install
+    native_scan = None
+
 #: The query's nearest centroids whose bisectors bound the other cells (more: tighter, slower).
 BISECTOR_CENTROIDS = 4
 #: float32 unit roundoff (see "Rounding" above).
@@ -54,6 +71,19 @@ UNIT_ROUNDOFF = 2.0**-24
 BUILD_CHUNK = 16384
 #: Bank rows sampled for the PCA basis: it only steers the cheap bound, never the result.
 PCA_SAMPLE = 4096
+#: Items per block of the compiled scan (one AVX-512 register of float32; _scan.cpp's LANES).
+LANES = 16
+
+
+def native_available() -> bool:
+    """True when the compiled scan ``vad_patchcore._scan`` was built and imports."""
+    return native_scan is not None
+
+
+def native_preferred() -> bool:
+    """True when the compiled scan is built and runs its AVX-512 code: only then is it faster
+    than the torch scan (its AVX2 and baseline code are correct but slower, see _scan.cpp)."""
+    return native_scan is not None and native_scan.isa() == "x86-64-v4"
 
 
 def default_cells(bank_size: int) -> int:
@@ -82,8 +112,10 @@ class PrunedExactSearch:
     """Exact k-nearest-neighbour search in a fixed ``bank [M, D]`` (float32, any device).
 
     ``cells`` k-means cells (None: :func:`default_cells`), ``head_dims`` PCA directions of the
-    cheap bound (0 disables it), ``seed`` for the k-means initialisation. See the module
-    docstring for the method and why its result equals brute force.
+    cheap bound (0 disables it), ``seed`` for the k-means initialisation, ``native`` the compiled
+    scan (None: where :func:`native_preferred` and the bank is on the CPU; True: required, a
+    :class:`VadError` where it cannot run). See the module docstring for the method and why its
+    result equals brute force.
     """
 
     def __init__(
@@ -93,9 +125,18 @@ class PrunedExactSearch:
         head_dims: int = 24,
         kmeans_iterations: int = 10,
         seed: int = 0,
+        native: bool | None = None,
     ) -> None:
         bank = bank.float()
         size, dim = bank.shape
+        if native is None:
+            native = native_preferred() and bank.device.type == "cpu"
+        elif native and not (native_available() and bank.device.type == "cpu"):
+            raise VadError(
+                "the compiled pruned scan needs a CPU bank and the vad_patchcore._scan module "
+                "(reinstall vad-patchcore where a C++ compiler is available), or pass native=False"
+            )
+        self.native = bool(native)
         generator = torch.Generator().manual_seed(int(seed))
         self.mean = bank.double().mean(0).float()
         cells = min(cells or default_cells(size), size)
@@ -110,56 +151,116 @@ class PrunedExactSearch:
         centroids = centroids[used].contiguous()
         assignment = torch.searchsorted(used, assignment)
         order = torch.argsort(assignment, stable=True)
-        #: bank row of each position of the cell-sorted bank
-        self.positions = order
-        self.items = bank[order].sub_(self.mean)  # the only full copy of the bank the search keeps
+        items = bank[order].sub_(self.mean)  # cell-sorted, centred
         assignment = assignment[order]
-        self.item_norms = self.items.square().sum(1)
-        bounds = [0, *torch.bincount(assignment, minlength=centroids.shape[0]).cumsum(0).tolist()]
-        #: position of each cell's first item in the sorted bank, and its number of items
-        self.cell_starts = torch.tensor(bounds[:-1], device=bank.device)
-        self.cell_sizes = torch.tensor(bounds[1:], device=bank.device) - self.cell_starts
-        #: share of (query, bank item) distances the last search computed exactly
-        self.scanned_fraction = 0.0
-        #: per cell: (items transposed, squared norms as a row), views into the sorted bank; the
-        #: products are taken as queries @ items.T: on CPU that orientation runs up to twice as fast
-        self._exact_cells = [
-            (self.items[a:b].T, self.item_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
-        ]
+        counts = torch.bincount(assignment, minlength=centroids.shape[0])
+        bounds = [0, *counts.cumsum(0).tolist()]
         self.centroids = centroids
         self.centroid_norms = centroids.square().sum(1)
         gamma = (dim + 3) * UNIT_ROUNDOFF
         reach = torch.cat([
-            (items - centroids[cells_of]).norm(dim=1)
-            for items, cells_of in zip(self.items.split(BUILD_CHUNK), assignment.split(BUILD_CHUNK))
+            (chunk - centroids[cells_of]).norm(dim=1)
+            for chunk, cells_of in zip(items.split(BUILD_CHUNK), assignment.split(BUILD_CHUNK))
         ])
         radii = torch.zeros(centroids.shape[0], device=bank.device).scatter_reduce(0, assignment, reach, "amax")
         self.radii = radii * (1.0 + 2.0 * gamma)  # a difference-form norm is accurate to ~D ulps
         self.centroid_gaps = torch.cdist(centroids.double(), centroids.double()).float()
-        self.squared_radius = float(self.item_norms.max())
+        self.squared_radius = float(items.square().sum(1).max())
         self.tolerance_scale = 16.0 * gamma
         self.head_dims = min(int(head_dims), dim - 1) if dim > 2 * head_dims else 0
+        augmented = None
+        if self.native:
+            # the compiled scan stores the bank rotated into its principal axes (see _native_tolerance)
+            self.rotation = self._principal_directions(items, generator, dim)
+            self.tolerance_scale = _native_tolerance(dim)
+            items = torch.cat([chunk @ self.rotation for chunk in items.split(BUILD_CHUNK)])
+            augmented = _rotated_augmented(items, self.head_dims)
+            within = torch.cat([_block_order(augmented[a:b]) + a for a, b in zip(bounds[:-1], bounds[1:])])
+            order, items, augmented = order[within], items[within], augmented[within]
+        elif self.head_dims:
+            self.head_basis = self._principal_directions(items, generator, self.head_dims)
+            augmented = torch.cat([self._augmented(chunk) for chunk in items.split(BUILD_CHUNK)])
+
+        # Stored with every cell padded to whole blocks of LANES items, and rows padded to a
+        # multiple of LANES floats (the compiled scan's layout; the torch scan uses views).
+        blocks = (counts + LANES - 1) // LANES
+        first_block = blocks.cumsum(0) - blocks
+        slots = (first_block * LANES).repeat_interleave(counts) + torch.arange(size, device=bank.device)
+        slots -= torch.tensor(bounds[:-1], device=bank.device).repeat_interleave(counts)
+        padded_size = int(blocks.sum()) * LANES
+        self.row = -(-dim // LANES) * LANES
+        #: bank row of each (padded) position of the cell-sorted bank; -1 in padding slots
+        self.positions = torch.full((padded_size,), -1, dtype=torch.long, device=bank.device)
+        self.positions[slots] = order
+        #: position of each cell's first item, and its number of items
+        self.cell_starts = first_block * LANES
+        self.cell_sizes = counts
+        self.cell_blocks = blocks
+        #: share of (query, bank item) distances the last search computed (or began, compiled scan)
+        self.scanned_fraction = 0.0
+        if self.native:
+            self._build_blocks(items, augmented, slots, gamma)
+            return
+        self.items = bank.new_zeros(padded_size, self.row)  # the only full copy of the bank the search keeps
+        self.items[slots, :dim] = items
+        self.item_norms = self.items.square().sum(1)
+        starts = self.cell_starts.tolist()
+        #: per cell: (items transposed, squared norms as a row), views into the sorted bank; the
+        #: products are taken as queries @ items.T: on CPU that orientation runs up to twice as fast
+        self._exact_cells = [
+            (self.items[a : a + n, :dim].T, self.item_norms[None, a : a + n]) for a, n in zip(starts, counts.tolist())
+        ]
         if self.head_dims:
-            self.head_basis = self._principal_directions(generator)
-            augmented = torch.cat([self._augmented(chunk) for chunk in self.items.split(BUILD_CHUNK)])
-            augmented_norms = augmented.square().sum(1)
+            padded = bank.new_zeros(padded_size, augmented.shape[1])
+            padded[slots] = augmented
+            padded_norms = padded.square().sum(1)
             self._augmented_cells = [
-                (augmented[a:b].T, augmented_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+                (padded[a : a + n].T, padded_norms[None, a : a + n]) for a, n in zip(starts, counts.tolist())
             ]
+
+    def _build_blocks(self, rotated: torch.Tensor, augmented: torch.Tensor, slots: torch.Tensor, gamma: float) -> None:
+        """The compiled scan's tables: the rotated bank as ``[block, coordinate, LANES]`` panels
+        (NaN in padding lanes, so they never pass a comparison), each item's norm past 1, 2, ...
+        chunks of LANES coordinates, and per block the centre and radius of its items in the
+        augmented space."""
+        dim = rotated.shape[1]
+        blocks = int(self.cell_blocks.sum())
+        block, lane = slots // LANES, slots % LANES
+        #: the only full copy of the bank the compiled scan keeps
+        self._panels = rotated.new_full((blocks, self.row, LANES), math.nan)
+        self._panels[block, :, lane] = 0.0
+        self._panels[block, :dim, lane] = rotated
+        chunks = self.row // LANES
+        squares = torch.nn.functional.pad(rotated.square(), (0, self.row - dim)).view(-1, chunks, LANES).sum(2)
+        self._suffix_norms = rotated.new_full((blocks, chunks - 1, LANES), math.nan)
+        self._suffix_norms[block, :, lane] = squares.flip(1).cumsum(1).flip(1)[:, 1:].sqrt()
+        width = augmented.shape[1]
+        members = torch.bincount(block, minlength=blocks)[:, None]
+        centres = augmented.new_zeros(blocks, width).index_add_(0, block, augmented) / members
+        reach = (augmented - centres[block]).norm(dim=1)
+        radii = augmented.new_zeros(blocks).scatter_reduce(0, block, reach, "amax") * (1.0 + 2.0 * gamma)
+        panels = -(-blocks // LANES)
+        padded_centres = augmented.new_zeros(panels * LANES, width)
+        padded_centres[:blocks] = centres
+        self._centres = padded_centres.view(panels, LANES, width).transpose(1, 2).contiguous()
+        self._centre_norms = padded_centres.square().sum(1)
+        self._block_radii = augmented.new_full((panels * LANES,), math.nan)
+        self._block_radii[:blocks] = radii
+        self._cell_first = (self.cell_starts // LANES).contiguous()
 
     @property
     def cells(self) -> int:
         """Number of non-empty k-means cells."""
         return self.centroids.shape[0]
 
-    def _principal_directions(self, generator: torch.Generator) -> torch.Tensor:
-        """``[D, head_dims]`` orthonormal leading directions of (a sample of) the centred bank."""
-        rows = self.items
+    @staticmethod
+    def _principal_directions(rows: torch.Tensor, generator: torch.Generator, count: int) -> torch.Tensor:
+        """``[D, count]`` orthonormal leading directions of (a sample of) the centred ``rows``."""
         if rows.shape[0] > PCA_SAMPLE:
             rows = rows[torch.randperm(rows.shape[0], generator=generator)[:PCA_SAMPLE].to(rows.device)]
         _, vectors = torch.linalg.eigh((rows.T @ rows).double())
         # re-orthonormalised in float64 so that the float32 basis is orthonormal to rounding
-        return torch.linalg.qr(vectors[:, -self.head_dims :].flip(1)).Q.float().contiguous()
+        return torch.linalg.qr(vectors[:, -count:].flip(1)).Q.float().contiguous()
 
     def _augmented(self, centred: torch.Tensor) -> torch.Tensor:
         """``[head coordinates, norm of the rest]``: distances between these vectors are lower
@@ -173,11 +274,12 @@ class PrunedExactSearch:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank rows of each query: ``(squared distances, indices)``, ``[n, k]``,
-        ascending. Distances are float32 expanded-form values (callers that need them exact
-        recompute them from the differences)."""
+        ascending. Distances are float32 values of the scan (expanded form; the compiled scan's
+        are taken between rotated rows): callers that need them exact recompute them from the
+        differences."""
         queries = queries.float() - self.mean
         count = queries.shape[0]
-        k = min(int(k), self.items.shape[0])
+        k = min(int(k), int(self.cell_sizes.sum()))
         device = queries.device
         if count == 0:
             return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
@@ -187,6 +289,8 @@ class PrunedExactSearch:
         to_centroids.add_(norms[:, None]).clamp_min_(0.0)
         nearest_cells = to_centroids.topk(min(BISECTOR_CENTROIDS, self.cells), dim=1, largest=False).indices
         lower = self._cell_lower_bounds(to_centroids, nearest_cells, tolerance)
+        if self.native:
+            return self._native_search(queries, tolerance, lower.square_(), nearest_cells[:, 0], k)
 
         home = nearest_cells[:, 0]
         order = torch.argsort(home)
@@ -209,8 +313,31 @@ class PrunedExactSearch:
             values, positions = self._scan(cells, rows, queries, norms, k)
             best, best_positions = _merge(best, best_positions, rows, values, positions)
             scanned += int(self.cell_sizes[cells].sum())
-        self.scanned_fraction = scanned / (count * self.items.shape[0])
+        self.scanned_fraction = scanned / (count * int(self.cell_sizes.sum()))
         return best, self.positions[best_positions]
+
+    def _native_search(
+        self, queries: torch.Tensor, tolerance: torch.Tensor, lower: torch.Tensor, home: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-4 by the compiled scan (``_scan.cpp``) on the rotated queries."""
+        count, dim = queries.shape
+        rows = queries.new_zeros(count, self.row)
+        torch.mm(queries, self.rotation, out=rows[:, :dim])
+        augmented = _rotated_augmented(rows[:, :dim], self.head_dims)
+        augmented_norms = augmented.square().sum(1)
+        lower, home = lower.contiguous(), home.contiguous()
+        distances = queries.new_empty(count, k)
+        positions = torch.empty(count, k, dtype=torch.long)
+        begun = native_scan.scan(
+            self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
+            self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self._cell_first.data_ptr(),
+            self.cell_blocks.data_ptr(), self.row, augmented.shape[1], self.cells, int(self.cell_blocks.max()),
+            rows.data_ptr(), augmented.data_ptr(), augmented_norms.data_ptr(), lower.data_ptr(),
+            tolerance.contiguous().data_ptr(), home.data_ptr(), distances.data_ptr(), positions.data_ptr(),
+            count, k, torch.get_num_threads(),
+        )
+        self.scanned_fraction = begun / (count * int(self.cell_sizes.sum()))
+        return distances, self.positions[positions]
 
     def _cell_lower_bounds(self, to_centroids: torch.Tensor, nearest_cells: torch.Tensor, tolerance: torch.Tensor) -> torch.Tensor:
         """``[n, L]`` lower bounds (distance units) from each query to the items of each cell."""
@@ -263,6 +390,36 @@ class PrunedExactSearch:
         for cell, count in zip(values.tolist(), counts.tolist()):
             yield per_cell[cell], start, start + count
             start += count
+
+
+def _native_tolerance(dim: int) -> float:
+    """Tolerance scale of the compiled scan, whose distances are taken between rotated rows.
+
+    A float32 product ``x @ P`` with orthonormal ``P`` is off by at most ``g sqrt(D) ||x||`` (in
+    norm, ``g = (D + 3) 2^-24``), so a squared distance between rotated rows differs from the
+    true one by at most ``e = 4 g sqrt(D) (||q||^2 + R^2)``. A bound or a distance found may be
+    off by ``e`` each, hence ``2 e`` on top of the torch scan's ``16 g (||q||^2 + R^2)``.
+    """
+    return (16.0 + 8.0 * math.sqrt(dim)) * (dim + 3) * UNIT_ROUNDOFF
+
+
+def _rotated_augmented(rotated: torch.Tensor, head_dims: int) -> torch.Tensor:
+    """The augmented vectors of rows already in the principal axes: the leading ``head_dims``
+    coordinates and the norm of the rest."""
+    return torch.cat([rotated[:, :head_dims], rotated[:, head_dims:].norm(dim=1, keepdim=True)], dim=1)
+
+
+def _block_order(augmented: torch.Tensor) -> torch.Tensor:
+    """A permutation of one cell's items such that consecutive blocks of ``LANES`` items are
+    tight (small balls in the augmented space, so the compiled scan can skip whole blocks):
+    recursive halving along the principal direction, each left part a whole number of blocks."""
+    if augmented.shape[0] <= LANES:
+        return torch.arange(augmented.shape[0], device=augmented.device)
+    centred = (augmented - augmented.mean(0)).double()
+    direction = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -1]
+    order = torch.argsort(centred @ direction)
+    left = min(-(-((order.numel() + 1) // 2) // LANES) * LANES, order.numel() - 1)
+    return torch.cat([order[:left][_block_order(augmented[order[:left]])], order[left:][_block_order(augmented[order[left:]])]])
 
 
 def _merge(
