@@ -12,6 +12,7 @@ setup(
         Extension(
             "vad_patchcore._scan",
             ["vad_patchcore/_scan.cpp"],
+            depends=["vad_patchcore/_scan_kernel.inc"],
             language="c++",
             # -ffp-contract=fast: fused multiply-adds (the error bounds of pruned.py hold for any
             # summation order and for fused products); OpenMP shares torch's libgomp thread pool

@@ -82,8 +82,8 @@ def native_available() -> bool:
 
 def native_preferred() -> bool:
     """True when the compiled scan is built and runs its AVX-512 code: only then is it faster
-    than the torch scan (its AVX2 and baseline code are correct but slower, see _scan.cpp)."""
-    return native_scan is not None and native_scan.isa() == "x86-64-v4"
+    than the torch scan (its portable code is correct but slower, see _scan.cpp)."""
+    return native_scan is not None and native_scan.isa() == "avx512"
 
 
 def default_cells(bank_size: int) -> int:
@@ -168,7 +168,7 @@ class PrunedExactSearch:
         self.squared_radius = float(items.square().sum(1).max())
         self.tolerance_scale = 16.0 * gamma
         self.head_dims = min(int(head_dims), dim - 1) if dim > 2 * head_dims else 0
-        augmented = None
+        augmented = rank = None
         if self.native:
             # the compiled scan stores the bank rotated into its principal axes (see _native_tolerance)
             self.rotation = self._principal_directions(items, generator, dim)
@@ -176,7 +176,8 @@ class PrunedExactSearch:
             items = torch.cat([chunk @ self.rotation for chunk in items.split(BUILD_CHUNK)])
             augmented = _rotated_augmented(items, self.head_dims)
             within = torch.cat([_block_order(augmented[a:b]) + a for a, b in zip(bounds[:-1], bounds[1:])])
-            order, items, augmented = order[within], items[within], augmented[within]
+            rank = torch.empty_like(within)  # each row's place in the block order (rows are not moved)
+            rank[within] = torch.arange(size, device=bank.device)
         elif self.head_dims:
             self.head_basis = self._principal_directions(items, generator, self.head_dims)
             augmented = torch.cat([self._augmented(chunk) for chunk in items.split(BUILD_CHUNK)])
@@ -187,6 +188,8 @@ class PrunedExactSearch:
         first_block = blocks.cumsum(0) - blocks
         slots = (first_block * LANES).repeat_interleave(counts) + torch.arange(size, device=bank.device)
         slots -= torch.tensor(bounds[:-1], device=bank.device).repeat_interleave(counts)
+        if rank is not None:
+            slots = slots[rank]  # the slot of each row of `items`
         padded_size = int(blocks.sum()) * LANES
         self.row = -(-dim // LANES) * LANES
         #: bank row of each (padded) position of the cell-sorted bank; -1 in padding slots
@@ -219,21 +222,23 @@ class PrunedExactSearch:
             ]
 
     def _build_blocks(self, rotated: torch.Tensor, augmented: torch.Tensor, slots: torch.Tensor, gamma: float) -> None:
-        """The compiled scan's tables: the rotated bank as ``[block, coordinate, LANES]`` panels
-        (NaN in padding lanes, so they never pass a comparison), each item's norm past 1, 2, ...
-        chunks of LANES coordinates, and per block the centre and radius of its items in the
-        augmented space."""
-        dim = rotated.shape[1]
+        """The compiled scan's tables: the rotated bank as ``[chunk, block, coordinate, LANES]``
+        panels of LANES coordinates of LANES items (NaN in padding lanes, so they never pass a
+        comparison), each item's norm past 1, 2, ... chunks as ``[chunk - 1, block, LANES]``, and
+        per block the centre and radius of its items in the augmented space."""
         blocks = int(self.cell_blocks.sum())
+        chunks = self.row // LANES
         block, lane = slots // LANES, slots % LANES
         #: the only full copy of the bank the compiled scan keeps
-        self._panels = rotated.new_full((blocks, self.row, LANES), math.nan)
-        self._panels[block, :, lane] = 0.0
-        self._panels[block, :dim, lane] = rotated
-        chunks = self.row // LANES
-        squares = torch.nn.functional.pad(rotated.square(), (0, self.row - dim)).view(-1, chunks, LANES).sum(2)
-        self._suffix_norms = rotated.new_full((blocks, chunks - 1, LANES), math.nan)
-        self._suffix_norms[block, :, lane] = squares.flip(1).cumsum(1).flip(1)[:, 1:].sqrt()
+        self._panels = rotated.new_full((chunks, blocks, LANES, LANES), math.nan)
+        self._panels[:, block, :, lane] = 0.0
+        squares = rotated.new_zeros(chunks, rotated.shape[0])
+        for chunk in range(chunks):  # chunk by chunk: no padded copy of the bank
+            columns = rotated[:, chunk * LANES : (chunk + 1) * LANES]
+            self._panels[chunk, block, : columns.shape[1], lane] = columns
+            squares[chunk] = columns.square().sum(1)
+        self._suffix_norms = rotated.new_full((chunks - 1, blocks, LANES), math.nan)
+        self._suffix_norms[:, block, lane] = squares.flip(0).cumsum(0).flip(0)[1:].sqrt()
         width = augmented.shape[1]
         members = torch.bincount(block, minlength=blocks)[:, None]
         centres = augmented.new_zeros(blocks, width).index_add_(0, block, augmented) / members
@@ -332,8 +337,9 @@ class PrunedExactSearch:
             self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
             self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self._cell_first.data_ptr(),
             self.cell_blocks.data_ptr(), self.row, augmented.shape[1], self.cells, int(self.cell_blocks.max()),
-            rows.data_ptr(), augmented.data_ptr(), augmented_norms.data_ptr(), lower.data_ptr(),
-            tolerance.contiguous().data_ptr(), home.data_ptr(), distances.data_ptr(), positions.data_ptr(),
+            self._panels.shape[1], rows.data_ptr(), augmented.data_ptr(), augmented_norms.data_ptr(),
+            lower.data_ptr(), tolerance.contiguous().data_ptr(), home.data_ptr(), distances.data_ptr(),
+            positions.data_ptr(),
             count, k, torch.get_num_threads(),
         )
         self.scanned_fraction = begun / (count * int(self.cell_sizes.sum()))
