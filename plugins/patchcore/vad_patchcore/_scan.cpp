@@ -19,10 +19,10 @@
 //
 // Partial sums of squares only grow, so every bound is a lower bound of the distance computed
 // at the end, and each comparison carries the tolerance of pruned._native_tolerance: the
-// neighbours are those of brute force (ties within float32 rounding aside). Vectors use GCC's
-// vector extension (GCC or Clang); the kernel (_scan_kernel.inc) is compiled for AVX-512 and
-// portably, and picked at run time. Queries are shared among OpenMP threads: the same runtime (libgomp) as
-// torch's, so its pool is reused and torch's idle threads do not compete with ours.
+// neighbours are those of brute force (ties within float32 rounding aside). Written for GCC
+// (vector extension, target pragmas); the kernel (_scan_kernel.inc) is compiled for AVX-512 and
+// portably, and picked at run time. Queries are shared among OpenMP threads: the same runtime
+// (libgomp) as torch's, so its pool is reused and torch's idle threads do not compete with ours.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -124,7 +124,7 @@ T *pointer(unsigned long long address) {
 }
 
 // scan(bank pointers..., query pointers..., sizes..., threads) -> distances begun (LANES per block visited).
-// Pointers are data_ptr() of contiguous tensors of the dtypes above, checked by pruned.py.
+// Pointers are data_ptr() of the contiguous tensors pruned.py makes, of the dtypes above.
 PyObject *scan(PyObject *, PyObject *args) {
   unsigned long long b[7], q[8];
   long long row, head, cells, max_blocks, blocks, count, k;

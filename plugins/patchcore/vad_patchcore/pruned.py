@@ -173,7 +173,10 @@ class PrunedExactSearch:
             # the compiled scan stores the bank rotated into its principal axes (see _native_tolerance)
             self.rotation = self._principal_directions(items, generator, dim)
             self.tolerance_scale = _native_tolerance(dim)
-            items = torch.cat([chunk @ self.rotation for chunk in items.split(BUILD_CHUNK)])
+            rotated = torch.empty_like(items)
+            for start in range(0, size, BUILD_CHUNK):  # in place of a list of chunks and their concatenation
+                torch.mm(items[start : start + BUILD_CHUNK], self.rotation, out=rotated[start : start + BUILD_CHUNK])
+            items = rotated
             augmented = _rotated_augmented(items, self.head_dims)
             within = torch.cat([_block_order(augmented[a:b]) + a for a, b in zip(bounds[:-1], bounds[1:])])
             rank = torch.empty_like(within)  # each row's place in the block order (rows are not moved)
@@ -229,16 +232,22 @@ class PrunedExactSearch:
         blocks = int(self.cell_blocks.sum())
         chunks = self.row // LANES
         block, lane = slots // LANES, slots % LANES
+        padding = torch.ones(blocks * LANES, dtype=torch.bool, device=rotated.device)
+        padding[slots] = False
+        padding = padding.nonzero()[:, 0]
+        # filled through views indexed as [block, lane, ...]: leading indices do not make torch
+        # expand index tensors to the size of the bank, as indices behind a slice would
         #: the only full copy of the bank the compiled scan keeps
-        self._panels = rotated.new_full((chunks, blocks, LANES, LANES), math.nan)
-        self._panels[:, block, :, lane] = 0.0
-        squares = rotated.new_zeros(chunks, rotated.shape[0])
+        self._panels = rotated.new_zeros((chunks, blocks, LANES, LANES))
+        by_item = self._panels.permute(1, 3, 0, 2)  # [block, lane, chunk, coordinate]
+        by_item[padding // LANES, padding % LANES] = math.nan
+        squares = rotated.new_zeros(rotated.shape[0], chunks)
         for chunk in range(chunks):  # chunk by chunk: no padded copy of the bank
             columns = rotated[:, chunk * LANES : (chunk + 1) * LANES]
-            self._panels[chunk, block, : columns.shape[1], lane] = columns
-            squares[chunk] = columns.square().sum(1)
+            by_item[block, lane, chunk, : columns.shape[1]] = columns
+            squares[:, chunk] = columns.square().sum(1)
         self._suffix_norms = rotated.new_full((chunks - 1, blocks, LANES), math.nan)
-        self._suffix_norms[:, block, lane] = squares.flip(0).cumsum(0).flip(0)[1:].sqrt()
+        self._suffix_norms.permute(1, 2, 0)[block, lane] = squares.flip(1).cumsum(1).flip(1)[:, 1:].sqrt()
         width = augmented.shape[1]
         members = torch.bincount(block, minlength=blocks)[:, None]
         centres = augmented.new_zeros(blocks, width).index_add_(0, block, augmented) / members
