@@ -12,7 +12,8 @@ cost; random weights are fine for timing, and the synthetic anomalies remain det
 
 * **vad**: ``PatchCore()`` with its defaults (streaming fit, chunked approximate greedy coreset
   with a 128-dim projection, exact search by the cell-pruned ``pruned`` backend, which ``auto``
-  picks on the CPU for this bank) and ``vad.postprocess``.
+  picks on the CPU for this bank; its compiled scan where built and AVX-512 runs) and
+  ``vad.postprocess``.
 * **baseline**: embeddings accumulated in a list and stacked, the full greedy k-center loop
   over all patches without projection (one pass over ``[N, D]`` per selected item, as in the
   official/anomalib loops), brute-force torch distances, then bilinear upsampling and
@@ -338,7 +339,7 @@ def worker_images(config: dict[str, Any]) -> dict[str, Any]:
     result = {
         "truncated": config["side"] == "baseline" and truncated,
         "backbone": backbone_name,
-        "knn": detector._search_index().backend if config["side"] == "vad" else "brute-force torch.cdist",
+        "knn": detector._search_index().description if config["side"] == "vad" else "brute-force torch.cdist",
         "times": times,
         "bank": bank_size,
         "dim": source.out_channels,

@@ -135,6 +135,15 @@ def test_pruned_build_is_deterministic_and_drops_empty_cells(native):
     assert default_cells(15676) == 63 and default_cells(1) == 1
 
 
+def test_nearest_neighbours_says_which_scan_the_pruned_backend_runs(monkeypatch):
+    bank = torch.randn(3000, 40)
+    expected = "pruned (compiled scan)" if pruned.native_preferred() else "pruned (torch scan)"
+    assert NearestNeighbours(bank, "pruned").description == expected
+    monkeypatch.setattr(pruned, "native_scan", None)
+    assert NearestNeighbours(bank, "pruned").description == "pruned (torch scan)"
+    assert NearestNeighbours(bank, "torch").description == "torch"
+
+
 def test_auto_backend_prunes_large_banks_on_the_cpu():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu, PRUNED_MIN_BANK) == "pruned"

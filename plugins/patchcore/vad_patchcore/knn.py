@@ -103,6 +103,13 @@ class NearestNeighbours:
         elif self.backend == "pruned":
             self._pruned = PrunedExactSearch(self.bank, seed=seed)
 
+    @property
+    def description(self) -> str:
+        """The backend, and for ``pruned`` which scan it runs (for logs and benchmark tables)."""
+        if self._pruned is None:
+            return self.backend
+        return f"pruned ({'compiled' if self._pruned.native else 'torch'} scan)"
+
     def _build_faiss(self, ivf_lists: int, pq_subquantizers: int, pq_bits: int, ivf_probe: int, seed: int) -> Any:
         import faiss
 
