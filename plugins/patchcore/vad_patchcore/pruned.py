@@ -168,7 +168,7 @@ class PrunedExactSearch:
         self.squared_radius = float(items.square().sum(1).max())
         self.tolerance_scale = 16.0 * gamma
         self.head_dims = min(int(head_dims), dim - 1) if dim > 2 * head_dims else 0
-        augmented = rank = None
+        augmented = None
         if self.native:
             # the compiled scan stores the bank rotated into its principal axes (see _native_tolerance)
             self.rotation = self._principal_directions(items, generator, dim)
@@ -178,59 +178,59 @@ class PrunedExactSearch:
                 torch.mm(items[start : start + BUILD_CHUNK], self.rotation, out=rotated[start : start + BUILD_CHUNK])
             items = rotated
             augmented = _rotated_augmented(items, self.head_dims)
-            within = torch.cat([_block_order(augmented[a:b]) + a for a, b in zip(bounds[:-1], bounds[1:])])
-            rank = torch.empty_like(within)  # each row's place in the block order (rows are not moved)
-            rank[within] = torch.arange(size, device=bank.device)
         elif self.head_dims:
             self.head_basis = self._principal_directions(items, generator, self.head_dims)
             augmented = torch.cat([self._augmented(chunk) for chunk in items.split(BUILD_CHUNK)])
 
-        # Stored with every cell padded to whole blocks of LANES items, and rows padded to a
-        # multiple of LANES floats (the compiled scan's layout; the torch scan uses views).
-        blocks = (counts + LANES - 1) // LANES
-        first_block = blocks.cumsum(0) - blocks
-        slots = (first_block * LANES).repeat_interleave(counts) + torch.arange(size, device=bank.device)
-        slots -= torch.tensor(bounds[:-1], device=bank.device).repeat_interleave(counts)
-        if rank is not None:
-            slots = slots[rank]  # the slot of each row of `items`
-        padded_size = int(blocks.sum()) * LANES
-        self.row = -(-dim // LANES) * LANES
-        #: bank row of each (padded) position of the cell-sorted bank; -1 in padding slots
-        self.positions = torch.full((padded_size,), -1, dtype=torch.long, device=bank.device)
-        self.positions[slots] = order
-        #: position of each cell's first item, and its number of items
-        self.cell_starts = first_block * LANES
-        self.cell_sizes = counts
-        self.cell_blocks = blocks
         #: share of (query, bank item) distances the last search computed (or began, compiled scan)
         self.scanned_fraction = 0.0
+        self.cell_sizes = counts
+        #: number of bank rows
+        self.size = size
         if self.native:
-            self._build_blocks(items, augmented, slots, gamma)
+            self._build_blocks(items, augmented, order, gamma)
             return
-        self.items = bank.new_zeros(padded_size, self.row)  # the only full copy of the bank the search keeps
-        self.items[slots, :dim] = items
-        self.item_norms = self.items.square().sum(1)
-        starts = self.cell_starts.tolist()
+        #: bank row of each position of the cell-sorted bank
+        self.positions = order
+        #: position of each cell's first item in the sorted bank
+        self.cell_starts = torch.tensor(bounds[:-1], device=bank.device)
+        self.items = items  # the only full copy of the bank the search keeps
+        self.item_norms = items.square().sum(1)
         #: per cell: (items transposed, squared norms as a row), views into the sorted bank; the
         #: products are taken as queries @ items.T: on CPU that orientation runs up to twice as fast
-        self._exact_cells = [
-            (self.items[a : a + n, :dim].T, self.item_norms[None, a : a + n]) for a, n in zip(starts, counts.tolist())
-        ]
+        self._exact_cells = [(items[a:b].T, self.item_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         if self.head_dims:
-            padded = bank.new_zeros(padded_size, augmented.shape[1])
-            padded[slots] = augmented
-            padded_norms = padded.square().sum(1)
+            augmented_norms = augmented.square().sum(1)
             self._augmented_cells = [
-                (padded[a : a + n].T, padded_norms[None, a : a + n]) for a, n in zip(starts, counts.tolist())
+                (augmented[a:b].T, augmented_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
             ]
 
-    def _build_blocks(self, rotated: torch.Tensor, augmented: torch.Tensor, slots: torch.Tensor, gamma: float) -> None:
-        """The compiled scan's tables: the rotated bank as ``[chunk, block, coordinate, LANES]``
-        panels of LANES coordinates of LANES items (NaN in padding lanes, so they never pass a
-        comparison), each item's norm past 1, 2, ... chunks as ``[chunk - 1, block, LANES]``, and
-        per block the centre and radius of its items in the augmented space."""
+    def _build_blocks(self, rotated: torch.Tensor, augmented: torch.Tensor, order: torch.Tensor, gamma: float) -> None:
+        """The compiled scan's tables, with every cell padded to whole blocks of LANES items and
+        rows to a multiple of LANES coordinates: the rotated bank as ``[chunk, block, coordinate,
+        LANES]`` panels of LANES coordinates of LANES items (NaN in padding lanes, so they never
+        pass a comparison), each item's norm past 1, 2, ... chunks as ``[chunk - 1, block,
+        LANES]``, and per block the centre and radius of its items in the augmented space.
+        ``rotated`` and ``augmented`` are cell-sorted; ``order`` gives their bank rows."""
+        size, dim = rotated.shape
+        counts = self.cell_sizes
+        starts = counts.cumsum(0) - counts
+        within = torch.cat([_block_order(augmented[a : a + n]) + a for a, n in zip(starts.tolist(), counts.tolist())])
+        rank = torch.empty_like(within)  # each row's place in its cell's block order (rows are not moved)
+        rank[within] = torch.arange(size, device=rotated.device)
+        self.cell_blocks = (counts + LANES - 1) // LANES
+        first_block = self.cell_blocks.cumsum(0) - self.cell_blocks
         blocks = int(self.cell_blocks.sum())
+        # the slot of each row: its cell's first slot plus its place within the cell
+        cell = torch.repeat_interleave(torch.arange(counts.numel(), device=rotated.device), counts)
+        slots = first_block[cell] * LANES + rank - starts[cell]
+        self.row = -(-dim // LANES) * LANES
         chunks = self.row // LANES
+        #: bank row of each slot of the cell-sorted, block-padded bank; -1 in padding slots
+        self.positions = torch.full((blocks * LANES,), -1, dtype=torch.long, device=rotated.device)
+        self.positions[slots] = order
+        #: slot of each cell's first item
+        self.cell_starts = first_block * LANES
         block, lane = slots // LANES, slots % LANES
         padding = torch.ones(blocks * LANES, dtype=torch.bool, device=rotated.device)
         padding[slots] = False
@@ -260,7 +260,7 @@ class PrunedExactSearch:
         self._centre_norms = padded_centres.square().sum(1)
         self._block_radii = augmented.new_full((panels * LANES,), math.nan)
         self._block_radii[:blocks] = radii
-        self._cell_first = (self.cell_starts // LANES).contiguous()
+        self._cell_first = first_block.contiguous()
 
     @property
     def cells(self) -> int:
@@ -293,7 +293,7 @@ class PrunedExactSearch:
         differences."""
         queries = queries.float() - self.mean
         count = queries.shape[0]
-        k = min(int(k), int(self.cell_sizes.sum()))
+        k = min(int(k), self.size)
         device = queries.device
         if count == 0:
             return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
@@ -327,7 +327,7 @@ class PrunedExactSearch:
             values, positions = self._scan(cells, rows, queries, norms, k)
             best, best_positions = _merge(best, best_positions, rows, values, positions)
             scanned += int(self.cell_sizes[cells].sum())
-        self.scanned_fraction = scanned / (count * int(self.cell_sizes.sum()))
+        self.scanned_fraction = scanned / (count * self.size)
         return best, self.positions[best_positions]
 
     def _native_search(
@@ -351,7 +351,7 @@ class PrunedExactSearch:
             positions.data_ptr(),
             count, k, torch.get_num_threads(),
         )
-        self.scanned_fraction = begun / (count * int(self.cell_sizes.sum()))
+        self.scanned_fraction = begun / (count * self.size)
         return distances, self.positions[positions]
 
     def _cell_lower_bounds(self, to_centroids: torch.Tensor, nearest_cells: torch.Tensor, tolerance: torch.Tensor) -> torch.Tensor:
