@@ -47,22 +47,21 @@ typedef float vfloat_unaligned __attribute__((vector_size(LANES * 4), aligned(4)
 
 const vint LANE_BITS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
-// Sum of the lanes (a shuffle tree: ~8 instructions instead of 16 dependent scalar adds).
-#define FOLD(vector, type)                                                                      \
+// Bit i set where lane i of the comparison holds: the lanes' bits summed by a shuffle tree (~8
+// instructions instead of 16 dependent scalar adds); the AVX-512 kernel uses mask registers.
+#define LANE_MASK(comparison)                                                                   \
   ({                                                                                            \
-    type folded_ = (vector);                                                                    \
-    folded_ += __builtin_shufflevector(folded_, folded_, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, \
-                                       3, 4, 5, 6, 7);                                          \
-    folded_ += __builtin_shufflevector(folded_, folded_, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14,    \
-                                       15, 8, 9, 10, 11);                                       \
-    folded_ += __builtin_shufflevector(folded_, folded_, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9,  \
-                                       14, 15, 12, 13);                                         \
-    folded_ += __builtin_shufflevector(folded_, folded_, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10,  \
-                                       13, 12, 15, 14);                                         \
-    folded_[0];                                                                                 \
+    vint bits_ = (comparison) & LANE_BITS;                                                      \
+    bits_ += __builtin_shufflevector(bits_, bits_, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, \
+                                     5, 6, 7);                                                  \
+    bits_ += __builtin_shufflevector(bits_, bits_, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, \
+                                     10, 11);                                                   \
+    bits_ += __builtin_shufflevector(bits_, bits_, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, \
+                                     12, 13);                                                   \
+    bits_ += __builtin_shufflevector(bits_, bits_, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, \
+                                     15, 14);                                                   \
+    (unsigned)bits_[0];                                                                         \
   })
-// Bit i set where lane i of the comparison holds.
-#define LANE_MASK(comparison) ((unsigned)FOLD((comparison) & LANE_BITS, vint))
 
 struct Bank {
   const float *panels;        // [row / LANES, blocks, LANES, LANES] centred, rotated items, zero-padded
