@@ -212,8 +212,14 @@ def test_compiled_scan_reports_its_instruction_set():
 
 @needs_native
 def test_compiled_scan_checks_its_arguments():
-    with pytest.raises(ValueError, match="multiple of 16"):
-        pruned.native_scan.scan(*([0] * 7), 10, 1, 1, 1, 1, *([0] * 8), 1, 1, 1)
+    def scan(row=16, head_dims=4, cells=2, bisectors=2, k=1, threads=1):
+        # 9 bank pointers, 6 bank sizes, 5 query pointers, count, k, threads (_scan.cpp); the
+        # sizes are checked before any pointer is read
+        return pruned.native_scan.scan(*([0] * 9), row, head_dims, cells, bisectors, 1, 1, *([0] * 5), 1, k, threads)
+
+    for bad in ({"row": 10}, {"head_dims": 16}, {"head_dims": -1}, {"bisectors": 3}, {"bisectors": 0}, {"k": 0}, {"threads": 0}):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            scan(**bad)
     with pytest.raises(TypeError):
         pruned.native_scan.scan(1, 2, 3)
 

@@ -5,8 +5,10 @@
 // at a time through the cells its bounds cannot exclude and, inside a cell, through blocks of
 // LANES items, so nothing is materialised and every bound is applied as soon as it can be:
 //
-//   1. cell: skipped when its lower bound (from Python: ball and bisector bounds, squared) is
-//      above the k-th distance found so far plus the rounding tolerance (the limit);
+//   1. cell: skipped when its lower bound is above the k-th distance found so far plus the
+//      rounding tolerance (the limit). The bounds (ball, and bisectors of the query's nearest
+//      centroids, pruned.py step 1) are taken here from the query's distances to the centroids,
+//      the one product left to torch besides the rotation;
 //   2. block: skipped when the ball around the block's centre in the augmented space (leading
 //      coordinates and the norm of the rest, see pruned.py) lies beyond the limit; items within
 //      a cell are ordered so that blocks are tight (pruned.py, _block_order);
@@ -31,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -68,21 +71,21 @@ struct Bank {
                               // to `row` coordinates, NaN in the lanes of padding slots: chunk c of
                               // block b holds coordinates [c LANES, (c + 1) LANES) of its items
   const float *suffix_norms;  // [row / LANES - 1, blocks, LANES] norm of each item past 1, 2, ... chunks
-  const float *centres;       // [ceil(blocks / LANES), head, LANES] block centres, LANES blocks per panel
+  const float *centres;       // [ceil(blocks / LANES), head_dims + 1, LANES] block centres in the
+                              // augmented space, LANES blocks per panel
   const float *centre_norms;  // [ceil(blocks / LANES) * LANES]
-  const float *radii;         // [ceil(blocks / LANES) * LANES] block radii (augmented space)
+  const float *block_radii;   // [ceil(blocks / LANES) * LANES] (augmented space)
   const int64_t *cell_first;  // [cells] first block of each cell
   const int64_t *cell_blocks; // [cells] number of blocks of each cell
-  int64_t row, head, cells, max_blocks, blocks;
+  const float *cell_radii;    // [cells]
+  const float *half_inverse_gaps;  // [cells, cells] 1 / (2 ||c_i - c_j||), inf on the diagonal
+  int64_t row, head_dims, cells, bisectors, max_blocks, blocks;
 };
 
 struct Queries {
-  const float *rows;       // [n, row] centred, rotated, zero-padded
-  const float *augmented;  // [n, head]
-  const float *augmented_norms;
-  const float *cell_lower;  // [n, cells] squared lower bounds
-  const float *tolerance;   // [n]
-  const int64_t *home;      // [n] nearest cell
+  const float *rows;          // [n, row] centred, rotated, zero-padded
+  const float *to_centroids;  // [n, cells] squared distances to the centroids (pruned.py, step 1)
+  const float *tolerance;     // [n]
   int64_t count, k;
   float *distances;    // [n, k] out
   int64_t *positions;  // [n, k] out: padded positions, -1 where fewer than k items exist
@@ -122,26 +125,30 @@ T *pointer(unsigned long long address) {
   return reinterpret_cast<T *>(static_cast<uintptr_t>(address));
 }
 
-// scan(bank pointers..., query pointers..., sizes..., threads) -> distances begun (LANES per block visited).
-// Pointers are data_ptr() of the contiguous tensors pruned.py makes, of the dtypes above.
+// scan(bank pointers..., bank sizes..., query pointers..., count, k, threads) -> distances begun
+// (LANES per block visited). Pointers are data_ptr() of the contiguous tensors pruned.py makes,
+// of the dtypes above, in the order of the structs' fields.
 PyObject *scan(PyObject *, PyObject *args) {
-  unsigned long long b[7], q[8];
-  long long row, head, cells, max_blocks, blocks, count, k;
+  unsigned long long b[9], q[5];
+  long long row, head_dims, cells, bisectors, max_blocks, blocks, count, k;
   int threads;
-  if (!PyArg_ParseTuple(args, "KKKKKKKLLLLLKKKKKKKKLLi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
-                        &row, &head, &cells, &max_blocks, &blocks, &q[0], &q[1], &q[2], &q[3], &q[4], &q[5],
-                        &q[6], &q[7], &count, &k, &threads))
+  if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLLLKKKKKLLi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
+                        &b[7], &b[8], &row, &head_dims, &cells, &bisectors, &max_blocks, &blocks, &q[0],
+                        &q[1], &q[2], &q[3], &q[4], &count, &k, &threads))
     return nullptr;
-  if (row % LANES || head < 1 || k < 1 || threads < 1) {
-    PyErr_SetString(PyExc_ValueError, "scan: row must be a multiple of 16, head, k and threads positive");
+  if (row % LANES || head_dims < 0 || head_dims >= row || cells < 1 || bisectors < 1 || bisectors > cells ||
+      k < 1 || threads < 1) {
+    PyErr_SetString(PyExc_ValueError,
+                    "scan: row must be a multiple of 16 above head_dims >= 0; cells, bisectors (at most "
+                    "cells), k and threads positive");
     return nullptr;
   }
-  const Bank bank{pointer<const float>(b[0]), pointer<const float>(b[1]), pointer<const float>(b[2]),
-                  pointer<const float>(b[3]), pointer<const float>(b[4]), pointer<const int64_t>(b[5]),
-                  pointer<const int64_t>(b[6]), row, head, cells, max_blocks, blocks};
+  const Bank bank{pointer<const float>(b[0]),   pointer<const float>(b[1]),   pointer<const float>(b[2]),
+                  pointer<const float>(b[3]),   pointer<const float>(b[4]),   pointer<const int64_t>(b[5]),
+                  pointer<const int64_t>(b[6]), pointer<const float>(b[7]),   pointer<const float>(b[8]),
+                  row, head_dims, cells, bisectors, max_blocks, blocks};
   const Queries queries{pointer<const float>(q[0]), pointer<const float>(q[1]), pointer<const float>(q[2]),
-                        pointer<const float>(q[3]), pointer<const float>(q[4]), pointer<const int64_t>(q[5]),
-                        count, k, pointer<float>(q[6]), pointer<int64_t>(q[7])};
+                        count, k, pointer<float>(q[3]), pointer<int64_t>(q[4])};
   const auto kernel = runs_avx512() ? scan_range_avx512 : scan_range_portable;
   int64_t begun = 0;
   Py_BEGIN_ALLOW_THREADS

@@ -26,9 +26,9 @@ Search, per block of queries (all steps are matrix products on contiguous slices
 4. pairs whose cheap bound is still below ``u`` get exact distances, and the k nearest are
    kept.
 
-On the CPU the scan (steps 2-4) runs, when the optional compiled module
-``vad_patchcore._scan`` is built, as one fused loop per query (``_scan.cpp``), with no
-intermediate matrices: cell by cell; then block by block of ``LANES`` items, a block being
+On the CPU the scan (steps 2-4, and the bounds of step 1 from the query-centroid distances)
+runs, when the optional compiled module ``vad_patchcore._scan`` is built, as one fused loop per
+query (``_scan.cpp``), with no intermediate matrices: cell by cell; then block by block of ``LANES`` items, a block being
 skipped when a ball around its centre in the augmented space lies beyond the k-th distance found
 so far (items are ordered within each cell so that blocks are tight); then, for a kept block,
 the ``LANES`` distances accumulate in difference form over the bank's principal axes (the bank
@@ -261,6 +261,7 @@ class PrunedExactSearch:
         self._block_radii = augmented.new_full((panels * LANES,), math.nan)
         self._block_radii[:blocks] = radii
         self._cell_first = first_block.contiguous()
+        self._half_inverse_gaps = (2.0 * self.centroid_gaps).reciprocal()  # inf on the diagonal
 
     @property
     def cells(self) -> int:
@@ -301,10 +302,10 @@ class PrunedExactSearch:
         tolerance = self.tolerance_scale * (norms + self.squared_radius)
         to_centroids = torch.addmm(self.centroid_norms[None], queries, self.centroids.T, alpha=-2.0)
         to_centroids.add_(norms[:, None]).clamp_min_(0.0)
+        if self.native:  # the compiled scan takes its cell bounds from to_centroids itself
+            return self._native_search(queries, tolerance, to_centroids, k)
         nearest_cells = to_centroids.topk(min(BISECTOR_CENTROIDS, self.cells), dim=1, largest=False).indices
         lower = self._cell_lower_bounds(to_centroids, nearest_cells, tolerance)
-        if self.native:
-            return self._native_search(queries, tolerance, lower.square_(), nearest_cells[:, 0], k)
 
         home = nearest_cells[:, 0]
         order = torch.argsort(home)
@@ -331,24 +332,23 @@ class PrunedExactSearch:
         return best, self.positions[best_positions]
 
     def _native_search(
-        self, queries: torch.Tensor, tolerance: torch.Tensor, lower: torch.Tensor, home: torch.Tensor, k: int
+        self, queries: torch.Tensor, tolerance: torch.Tensor, to_centroids: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-4 by the compiled scan (``_scan.cpp``) on the rotated queries."""
+        """Steps 1 (but the product with the centroids) to 4 by the compiled scan (``_scan.cpp``),
+        on the rotated queries."""
         count, dim = queries.shape
         rows = queries.new_zeros(count, self.row)
         torch.mm(queries, self.rotation, out=rows[:, :dim])
-        augmented = _rotated_augmented(rows[:, :dim], self.head_dims)
-        augmented_norms = augmented.square().sum(1)
-        lower, home = lower.contiguous(), home.contiguous()
         distances = queries.new_empty(count, k)
         positions = torch.empty(count, k, dtype=torch.long)
+        to_centroids, tolerance = to_centroids.contiguous(), tolerance.contiguous()
         begun = native_scan.scan(
             self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
             self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self._cell_first.data_ptr(),
-            self.cell_blocks.data_ptr(), self.row, augmented.shape[1], self.cells, int(self.cell_blocks.max()),
-            self._panels.shape[1], rows.data_ptr(), augmented.data_ptr(), augmented_norms.data_ptr(),
-            lower.data_ptr(), tolerance.contiguous().data_ptr(), home.data_ptr(), distances.data_ptr(),
-            positions.data_ptr(),
+            self.cell_blocks.data_ptr(), self.radii.data_ptr(), self._half_inverse_gaps.data_ptr(),
+            self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
+            int(self.cell_blocks.max()), self._panels.shape[1],
+            rows.data_ptr(), to_centroids.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
             count, k, torch.get_num_threads(),
         )
         self.scanned_fraction = begun / (count * self.size)
