@@ -15,8 +15,9 @@ setup(
             depends=["vad_patchcore/_scan_kernel.inc"],
             language="c++",
             # -ffp-contract=fast: fused multiply-adds (the error bounds of pruned.py hold for any
-            # summation order and for fused products); OpenMP shares torch's libgomp thread pool
-            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=fast", "-fopenmp"],
+            # summation order and for fused products); -fno-math-errno: sqrt in vectorised loops
+            # (errno is never read); OpenMP shares torch's libgomp thread pool
+            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

@@ -50,21 +50,19 @@ typedef float vfloat_unaligned __attribute__((vector_size(LANES * 4), aligned(4)
 
 const vint LANE_BITS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
-// Bit i set where lane i of the comparison holds: the lanes' bits summed by a shuffle tree (~8
-// instructions instead of 16 dependent scalar adds); the AVX-512 kernel uses mask registers.
-#define LANE_MASK(comparison)                                                                   \
-  ({                                                                                            \
-    vint bits_ = (comparison) & LANE_BITS;                                                      \
-    bits_ += __builtin_shufflevector(bits_, bits_, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, \
-                                     5, 6, 7);                                                  \
-    bits_ += __builtin_shufflevector(bits_, bits_, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, \
-                                     10, 11);                                                   \
-    bits_ += __builtin_shufflevector(bits_, bits_, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, \
-                                     12, 13);                                                   \
-    bits_ += __builtin_shufflevector(bits_, bits_, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, \
-                                     15, 14);                                                   \
-    (unsigned)bits_[0];                                                                         \
-  })
+// The sum of a vector's lanes by a shuffle tree (4 shuffles and adds instead of 15 dependent adds).
+template <typename Vector>
+auto lane_sum(Vector v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+// Bit i set where lane i of the comparison holds: the lanes' bits summed by lane_sum; the
+// AVX-512 kernel uses mask registers.
+#define LANE_MASK(comparison) ((unsigned)lane_sum((comparison) & LANE_BITS))
 
 struct Bank {
   const float *panels;        // [row / LANES, blocks, LANES, LANES] centred, rotated items, zero-padded
