@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vad.errors import VadError
 from vad.features import PatchFeatures
@@ -103,6 +104,19 @@ def test_patch_features_default_layers_and_shapes(lite0):
     assert tuple(grid.shape) == (2, 40 + 112, 28, 28) == (2, source.out_channels, *source.grid_size((224, 224)))
     projected = PatchFeatures(lite0, target_dim=64)(torch.randn(1, 3, 64, 64))
     assert tuple(projected.shape) == (1, 64, 8, 8)
+
+
+def test_patch_features_are_the_channels_first_computation_laid_out_channels_last(lite0):
+    source = PatchFeatures(lite0)
+    images = torch.randn(2, 3, 96, 96)
+    grid = source(images)
+    maps = lite0.forward_features(images, source.layers)
+    pooled = [F.avg_pool2d(maps[layer].contiguous(), 3, stride=1, padding=1) for layer in source.layers]
+    expected = torch.cat([pooled[0], F.interpolate(pooled[1], size=pooled[0].shape[-2:], mode="bilinear", align_corners=False)], 1)
+    assert torch.equal(grid, expected)
+    # the patch rows detectors take are a view, not a copy
+    rows = grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+    assert rows.data_ptr() == grid.data_ptr()
 
 
 def test_resnet_truncated_forward_matches_full_forward(timm):
