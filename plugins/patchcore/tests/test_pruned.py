@@ -212,12 +212,15 @@ def test_compiled_scan_reports_its_instruction_set():
 
 @needs_native
 def test_compiled_scan_checks_its_arguments():
-    def scan(row=16, head_dims=4, cells=2, bisectors=2, k=1, threads=1):
-        # 9 bank pointers, 6 bank sizes, 5 query pointers, count, k, threads (_scan.cpp); the
+    def scan(row=16, head_dims=4, cells=2, bisectors=2, dim=12, k=1, threads=1):
+        # 10 bank pointers, 7 bank sizes, 5 query pointers, count, k, threads (_scan.cpp); the
         # sizes are checked before any pointer is read
-        return pruned.native_scan.scan(*([0] * 9), row, head_dims, cells, bisectors, 1, 1, *([0] * 5), 1, k, threads)
+        return pruned.native_scan.scan(*([0] * 10), row, head_dims, cells, bisectors, 1, 1, dim, *([0] * 5), 1, k, threads)
 
-    for bad in ({"row": 10}, {"head_dims": 16}, {"head_dims": -1}, {"bisectors": 3}, {"bisectors": 0}, {"k": 0}, {"threads": 0}):
+    for bad in (
+        {"row": 10}, {"head_dims": 16}, {"head_dims": -1}, {"dim": 0}, {"dim": 17},
+        {"bisectors": 3}, {"bisectors": 0}, {"k": 0}, {"threads": 0},
+    ):
         with pytest.raises(ValueError, match="multiple of 16"):
             scan(**bad)
     with pytest.raises(TypeError):

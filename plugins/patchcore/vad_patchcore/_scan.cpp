@@ -7,8 +7,8 @@
 //
 //   1. cell: skipped when its lower bound is above the k-th distance found so far plus the
 //      rounding tolerance (the limit). The bounds (ball, and bisectors of the query's nearest
-//      centroids, pruned.py step 1) are taken here from the query's distances to the centroids,
-//      the one product left to torch besides the rotation;
+//      centroids, pruned.py step 1) are computed here too, from the query's distances to the
+//      centroids: only the rotation of the queries is left to torch;
 //   2. block: skipped when the ball around the block's centre in the augmented space (leading
 //      coordinates and the norm of the rest, see pruned.py) lies beyond the limit; items within
 //      a cell are ordered so that blocks are tight (pruned.py, _block_order);
@@ -77,12 +77,13 @@ struct Bank {
   const int64_t *cell_blocks; // [cells] number of blocks of each cell
   const float *cell_radii;    // [cells]
   const float *half_inverse_gaps;  // [cells, cells] 1 / (2 ||c_i - c_j||), inf on the diagonal
-  int64_t row, head_dims, cells, bisectors, max_blocks, blocks;
+  const float *centroid_panels;    // [ceil(cells / LANES), dim, LANES] centroids (centred, not rotated)
+  int64_t row, head_dims, cells, bisectors, max_blocks, blocks, dim;
 };
 
 struct Queries {
   const float *rows;          // [n, row] centred, rotated, zero-padded
-  const float *to_centroids;  // [n, cells] squared distances to the centroids (pruned.py, step 1)
+  const float *centred;       // [n, dim] centred, not rotated (for the distances to the centroids)
   const float *tolerance;     // [n]
   int64_t count, k;
   float *distances;    // [n, k] out
@@ -127,24 +128,24 @@ T *pointer(unsigned long long address) {
 // (LANES per block visited). Pointers are data_ptr() of the contiguous tensors pruned.py makes,
 // of the dtypes above, in the order of the structs' fields.
 PyObject *scan(PyObject *, PyObject *args) {
-  unsigned long long b[9], q[5];
-  long long row, head_dims, cells, bisectors, max_blocks, blocks, count, k;
+  unsigned long long b[10], q[5];
+  long long row, head_dims, cells, bisectors, max_blocks, blocks, dim, count, k;
   int threads;
-  if (!PyArg_ParseTuple(args, "KKKKKKKKKLLLLLLKKKKKLLi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
-                        &b[7], &b[8], &row, &head_dims, &cells, &bisectors, &max_blocks, &blocks, &q[0],
-                        &q[1], &q[2], &q[3], &q[4], &count, &k, &threads))
+  if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLLLKKKKKLLi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
+                        &b[7], &b[8], &b[9], &row, &head_dims, &cells, &bisectors, &max_blocks, &blocks, &dim,
+                        &q[0], &q[1], &q[2], &q[3], &q[4], &count, &k, &threads))
     return nullptr;
-  if (row % LANES || head_dims < 0 || head_dims >= row || cells < 1 || bisectors < 1 || bisectors > cells ||
-      k < 1 || threads < 1) {
+  if (row % LANES || head_dims < 0 || head_dims >= row || dim < 1 || dim > row || cells < 1 || bisectors < 1 ||
+      bisectors > cells || k < 1 || threads < 1) {
     PyErr_SetString(PyExc_ValueError,
-                    "scan: row must be a multiple of 16 above head_dims >= 0; cells, bisectors (at most "
-                    "cells), k and threads positive");
+                    "scan: row must be a multiple of 16 above head_dims >= 0 and at least dim >= 1; cells, "
+                    "bisectors (at most cells), k and threads positive");
     return nullptr;
   }
   const Bank bank{pointer<const float>(b[0]),   pointer<const float>(b[1]),   pointer<const float>(b[2]),
                   pointer<const float>(b[3]),   pointer<const float>(b[4]),   pointer<const int64_t>(b[5]),
                   pointer<const int64_t>(b[6]), pointer<const float>(b[7]),   pointer<const float>(b[8]),
-                  row, head_dims, cells, bisectors, max_blocks, blocks};
+                  pointer<const float>(b[9]),   row, head_dims, cells, bisectors, max_blocks, blocks, dim};
   const Queries queries{pointer<const float>(q[0]), pointer<const float>(q[1]), pointer<const float>(q[2]),
                         count, k, pointer<float>(q[3]), pointer<int64_t>(q[4])};
   const auto kernel = runs_avx512() ? scan_range_avx512 : scan_range_portable;

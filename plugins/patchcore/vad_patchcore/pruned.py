@@ -262,6 +262,10 @@ class PrunedExactSearch:
         self._block_radii[:blocks] = radii
         self._cell_first = first_block.contiguous()
         self._half_inverse_gaps = (2.0 * self.centroid_gaps).reciprocal()  # inf on the diagonal
+        cell_panels = -(-self.cells // LANES)
+        padded = self.centroids.new_zeros(cell_panels * LANES, dim)
+        padded[: self.cells] = self.centroids
+        self._centroid_panels = padded.view(cell_panels, LANES, dim).transpose(1, 2).contiguous()
 
     @property
     def cells(self) -> int:
@@ -300,10 +304,10 @@ class PrunedExactSearch:
             return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
         norms = queries.square().sum(1)
         tolerance = self.tolerance_scale * (norms + self.squared_radius)
+        if self.native:  # the compiled scan computes step 1 itself
+            return self._native_search(queries, tolerance, k)
         to_centroids = torch.addmm(self.centroid_norms[None], queries, self.centroids.T, alpha=-2.0)
         to_centroids.add_(norms[:, None]).clamp_min_(0.0)
-        if self.native:  # the compiled scan takes its cell bounds from to_centroids itself
-            return self._native_search(queries, tolerance, to_centroids, k)
         nearest_cells = to_centroids.topk(min(BISECTOR_CENTROIDS, self.cells), dim=1, largest=False).indices
         lower = self._cell_lower_bounds(to_centroids, nearest_cells, tolerance)
 
@@ -331,24 +335,22 @@ class PrunedExactSearch:
         self.scanned_fraction = scanned / (count * self.size)
         return best, self.positions[best_positions]
 
-    def _native_search(
-        self, queries: torch.Tensor, tolerance: torch.Tensor, to_centroids: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 1 (but the product with the centroids) to 4 by the compiled scan (``_scan.cpp``),
-        on the rotated queries."""
+    def _native_search(self, queries: torch.Tensor, tolerance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1 to 4 by the compiled scan (``_scan.cpp``); torch only rotates the queries."""
         count, dim = queries.shape
         rows = queries.new_zeros(count, self.row)
         torch.mm(queries, self.rotation, out=rows[:, :dim])
         distances = queries.new_empty(count, k)
         positions = torch.empty(count, k, dtype=torch.long)
-        to_centroids, tolerance = to_centroids.contiguous(), tolerance.contiguous()
+        queries, tolerance = queries.contiguous(), tolerance.contiguous()
         begun = native_scan.scan(
             self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
             self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self._cell_first.data_ptr(),
             self.cell_blocks.data_ptr(), self.radii.data_ptr(), self._half_inverse_gaps.data_ptr(),
+            self._centroid_panels.data_ptr(),
             self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
-            int(self.cell_blocks.max()), self._panels.shape[1],
-            rows.data_ptr(), to_centroids.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
+            int(self.cell_blocks.max()), self._panels.shape[1], dim,
+            rows.data_ptr(), queries.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
             count, k, torch.get_num_threads(),
         )
         self.scanned_fraction = begun / (count * self.size)
