@@ -16,8 +16,9 @@ setup(
             language="c++",
             # -ffp-contract=fast: fused multiply-adds (the error bounds of pruned.py hold for any
             # summation order and for fused products); -fno-math-errno: sqrt in vectorised loops
-            # (errno is never read); OpenMP shares torch's libgomp thread pool
-            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],
+            # (errno is never read); -Wno-psabi: GCC's note that passing 64-byte vectors changed ABI
+            # in GCC 4.6 (they never cross a library boundary); OpenMP shares torch's libgomp pool
+            extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,
         )

@@ -2,7 +2,8 @@
 
 Every search test runs with both scans: ``native=False`` (torch) and ``native=True`` (the
 compiled ``vad_patchcore._scan``; skipped where it is not built, and a test below makes sure it is
-built wherever a C++ compiler exists).
+built wherever a C++ compiler exists), the compiled one with each of its kernels: the one
+``isa()`` picks and the portable one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ from vad_patchcore.knn import PRUNED_MIN_BANK, NearestNeighbours, resolve_backen
 from vad_patchcore.pruned import LANES, PrunedExactSearch, default_cells
 
 needs_native = pytest.mark.skipif(not pruned.native_available(), reason="vad_patchcore._scan is not built")
-SCANS = [pytest.param(False, id="torch-scan"), pytest.param(True, id="compiled-scan", marks=needs_native)]
+SCANS = [
+    pytest.param(False, id="torch-scan"),
+    pytest.param(True, id="compiled-scan", marks=needs_native),
+    pytest.param("portable", id="compiled-scan-portable-kernel", marks=needs_native),
+]
+
+
+def build(bank: torch.Tensor, native: bool | str, **options) -> PrunedExactSearch:
+    """The search of ``bank`` with the scan of a SCANS value."""
+    search = PrunedExactSearch(bank, native=bool(native), **options)
+    if native == "portable":
+        search.kernel = "portable"
+    return search
 
 
 def clustered(count: int, dim: int, centres: int, seed: int, spread: float = 0.3) -> torch.Tensor:
@@ -60,8 +73,8 @@ def test_pruned_finds_the_brute_force_neighbours(k, head_dims, native):
     bank = clustered(3000, 40, centres=25, seed=0)
     normal = clustered(200, 40, centres=25, seed=0) + 0.05 * torch.randn(200, 40, generator=generator)
     anomalous = 4 * torch.randn(100, 40, generator=generator)  # far from the bank
-    search = PrunedExactSearch(bank, head_dims=head_dims, seed=3, native=native)
-    assert search.native == native
+    search = build(bank, native, head_dims=head_dims, seed=3)
+    assert search.native == bool(native)
     assert_exact(search, torch.cat([normal, anomalous]), bank, k)
     assert 0 < search.scanned_fraction < 0.5  # exact, and most of the bank was never touched
 
@@ -71,7 +84,7 @@ def test_pruned_finds_exactly_the_brute_force_indices_without_near_ties(native):
     generator = torch.Generator().manual_seed(13)
     bank = torch.randn(4000, 12, generator=generator)
     queries = torch.randn(500, 12, generator=generator)
-    _, indices = PrunedExactSearch(bank, native=native).search(queries, 4)
+    _, indices = build(bank, native).search(queries, 4)
     assert torch.equal(indices, brute_force(queries, bank, 4).indices)
 
 
@@ -90,9 +103,9 @@ def test_pruned_with_cells_smaller_than_k_and_tiny_banks(native):
     generator = torch.Generator().manual_seed(5)
     bank = torch.randn(30, 6, generator=generator)
     queries = torch.randn(40, 6, generator=generator)
-    search = PrunedExactSearch(bank, cells=15, native=native)  # about two items per cell, k = 5 spans cells
+    search = build(bank, native, cells=15)  # about two items per cell, k = 5 spans cells
     assert_exact(search, queries, bank, 5)
-    single = PrunedExactSearch(bank[:1], native=native)
+    single = build(bank[:1], native)
     _, indices = single.search(queries, 3)  # k clipped to the bank
     assert indices.shape == (40, 1) and torch.all(indices == 0)
     empty = search.search(torch.zeros(0, 6), 2)
@@ -106,13 +119,13 @@ def test_pruned_is_exact_when_norms_dwarf_the_distances(native):
     # applies; the tolerance must keep the right cluster from being pruned
     bank = clustered(2000, 16, centres=10, seed=6, spread=1e-3) * 300
     queries = bank[::7] + 2e-4 * torch.randn(bank[::7].shape, generator=torch.Generator().manual_seed(7))
-    assert_exact(PrunedExactSearch(bank, native=native), queries, bank, 1, same_indices=0.0)
+    assert_exact(build(bank, native), queries, bank, 1, same_indices=0.0)
 
 
 @pytest.mark.parametrize("native", SCANS)
 def test_pruned_build_is_deterministic_and_drops_empty_cells(native):
     bank = clustered(2500, 20, centres=12, seed=8)
-    first, second = PrunedExactSearch(bank, seed=1, native=native), PrunedExactSearch(bank, seed=1, native=native)
+    first, second = build(bank, native, seed=1), build(bank, native, seed=1)
     assert torch.equal(first.positions, second.positions) and torch.equal(first.centroids, second.centroids)
     assert int(first.cell_sizes.min()) >= 1 and int(first.cell_sizes.sum()) == 2500
     stored = first.positions[first.positions >= 0]
@@ -212,10 +225,11 @@ def test_compiled_scan_reports_its_instruction_set():
 
 @needs_native
 def test_compiled_scan_checks_its_arguments():
-    def scan(row=16, head_dims=4, cells=2, bisectors=2, dim=12, k=1, threads=1):
-        # 10 bank pointers, 7 bank sizes, 5 query pointers, count, k, threads (_scan.cpp); the
-        # sizes are checked before any pointer is read
-        return pruned.native_scan.scan(*([0] * 10), row, head_dims, cells, bisectors, 1, 1, dim, *([0] * 5), 1, k, threads)
+    def scan(row=16, head_dims=4, cells=2, bisectors=2, dim=12, k=1, threads=1, kernel="portable"):
+        # 10 bank pointers, 7 bank sizes, 5 query pointers, count, k, threads, kernel (_scan.cpp);
+        # all are checked before any pointer is read
+        sizes = (row, head_dims, cells, bisectors, 1, 1, dim)
+        return pruned.native_scan.scan(*([0] * 10), *sizes, *([0] * 5), 1, k, threads, kernel)
 
     for bad in (
         {"row": 10}, {"head_dims": 16}, {"head_dims": -1}, {"dim": 0}, {"dim": 17},
@@ -223,6 +237,11 @@ def test_compiled_scan_checks_its_arguments():
     ):
         with pytest.raises(ValueError, match="multiple of 16"):
             scan(**bad)
+    with pytest.raises(ValueError, match='kernel must be "portable" or, where isa'):
+        scan(kernel="sse9")
+    if pruned.native_scan.isa() != "avx512":
+        with pytest.raises(ValueError, match="kernel must be"):
+            scan(kernel="avx512")
     with pytest.raises(TypeError):
         pruned.native_scan.scan(1, 2, 3)
 

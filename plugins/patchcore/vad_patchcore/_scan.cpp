@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace {
@@ -124,17 +125,25 @@ T *pointer(unsigned long long address) {
   return reinterpret_cast<T *>(static_cast<uintptr_t>(address));
 }
 
-// scan(bank pointers..., bank sizes..., query pointers..., count, k, threads) -> distances begun
-// (LANES per block visited). Pointers are data_ptr() of the contiguous tensors pruned.py makes,
-// of the dtypes above, in the order of the structs' fields.
+// scan(bank pointers..., bank sizes..., query pointers..., count, k, threads, kernel) -> distances
+// begun (LANES per block visited). Pointers are data_ptr() of the contiguous tensors pruned.py
+// makes, of the dtypes above, in the order of the structs' fields; kernel is "avx512" (where
+// isa() says so) or "portable".
 PyObject *scan(PyObject *, PyObject *args) {
   unsigned long long b[10], q[5];
   long long row, head_dims, cells, bisectors, max_blocks, blocks, dim, count, k;
   int threads;
-  if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLLLKKKKKLLi", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
+  const char *kernel_name;
+  if (!PyArg_ParseTuple(args, "KKKKKKKKKKLLLLLLLKKKKKLLis", &b[0], &b[1], &b[2], &b[3], &b[4], &b[5], &b[6],
                         &b[7], &b[8], &b[9], &row, &head_dims, &cells, &bisectors, &max_blocks, &blocks, &dim,
-                        &q[0], &q[1], &q[2], &q[3], &q[4], &count, &k, &threads))
+                        &q[0], &q[1], &q[2], &q[3], &q[4], &count, &k, &threads, &kernel_name))
     return nullptr;
+  const std::string requested(kernel_name);
+  if (requested != "portable" && !(requested == "avx512" && runs_avx512())) {
+    PyErr_SetString(PyExc_ValueError, ("scan: kernel must be \"portable\" or, where isa() says so, \"avx512\"; got \"" +
+                                       requested + "\"").c_str());
+    return nullptr;
+  }
   if (row % LANES || head_dims < 0 || head_dims >= row || dim < 1 || dim > row || cells < 1 || bisectors < 1 ||
       bisectors > cells || k < 1 || threads < 1) {
     PyErr_SetString(PyExc_ValueError,
@@ -148,7 +157,7 @@ PyObject *scan(PyObject *, PyObject *args) {
                   pointer<const float>(b[9]),   row, head_dims, cells, bisectors, max_blocks, blocks, dim};
   const Queries queries{pointer<const float>(q[0]), pointer<const float>(q[1]), pointer<const float>(q[2]),
                         count, k, pointer<float>(q[3]), pointer<int64_t>(q[4])};
-  const auto kernel = runs_avx512() ? scan_range_avx512 : scan_range_portable;
+  const auto kernel = requested == "avx512" ? scan_range_avx512 : scan_range_portable;
   int64_t begun = 0;
   Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(+ : begun)
@@ -160,10 +169,10 @@ PyObject *scan(PyObject *, PyObject *args) {
   return PyLong_FromLongLong(begun);
 }
 
-// isa() -> "avx512" or "portable": the kernel scan() runs on this CPU. pruned.py prefers the
-// compiled scan only with AVX-512: the portable kernel (16-lane vectors split into SSE registers)
-// took 0.89 s for the benchmark's 78,400 queries against 0.46 s, and the torch scan 1.00 s, on an
-// AVX-512 machine; on a CPU without AVX-512 it was not measured.
+// isa() -> "avx512" or "portable": the fastest kernel scan() can run on this CPU. pruned.py
+// prefers the compiled scan only with AVX-512: the portable kernel (16-lane vectors split into
+// SSE registers) took 0.81 s for the benchmark's 78,400 queries against 0.32 s, and the torch
+// scan 0.84 s, on an AVX-512 machine; on a CPU without AVX-512 it was not measured.
 PyObject *isa(PyObject *, PyObject *) { return PyUnicode_FromString(runs_avx512() ? "avx512" : "portable"); }
 
 PyMethodDef methods[] = {

@@ -137,6 +137,9 @@ class PrunedExactSearch:
                 "(reinstall vad-patchcore where a C++ compiler is available), or pass native=False"
             )
         self.native = bool(native)
+        #: the compiled scan's kernel: ``native_scan.isa()``; "portable" runs its portable code
+        #: on any CPU (the tests check it where AVX-512 is the default)
+        self.kernel = native_scan.isa() if self.native else None
         generator = torch.Generator().manual_seed(int(seed))
         self.mean = bank.double().mean(0).float()
         cells = min(cells or default_cells(size), size)
@@ -351,7 +354,7 @@ class PrunedExactSearch:
             self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
             int(self.cell_blocks.max()), self._panels.shape[1], dim,
             rows.data_ptr(), queries.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
-            count, k, torch.get_num_threads(),
+            count, k, torch.get_num_threads(), self.kernel,
         )
         self.scanned_fraction = begun / (count * self.size)
         return distances, self.positions[positions]
