@@ -51,14 +51,36 @@ typedef float vfloat_unaligned __attribute__((vector_size(LANES * 4), aligned(4)
 
 const vint LANE_BITS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
+// The helpers below are inlined into both kernels, so they are compiled for each instruction set.
+
 // The sum of a vector's lanes by a shuffle tree (4 shuffles and adds instead of 15 dependent adds).
 template <typename Vector>
-auto lane_sum(Vector v) {
+__attribute__((always_inline)) inline auto lane_sum(Vector v) {
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   return v[0];
+}
+
+// Adds (values[d] - columns[d LANES ...])^2 for d < count to four independent accumulators (one
+// multiply-add latency each: not a chain of `count` of them), columns being rows of LANES floats.
+__attribute__((always_inline)) inline void add_squared_differences(vfloat (&sums)[4], const float *values,
+                                                                   const float *columns, int64_t count) {
+  int64_t d = 0;
+  for (; d + 4 <= count; d += 4)
+    for (int u = 0; u < 4; ++u) {
+      const vfloat difference = values[d + u] - LOAD(columns + (d + u) * LANES);
+      sums[u] += difference * difference;
+    }
+  for (; d < count; ++d) {
+    const vfloat difference = values[d] - LOAD(columns + d * LANES);
+    sums[0] += difference * difference;
+  }
+}
+
+__attribute__((always_inline)) inline vfloat sum_of(const vfloat (&sums)[4]) {
+  return (sums[0] + sums[1]) + (sums[2] + sums[3]);
 }
 
 // Bit i set where lane i of the comparison holds: the lanes' bits summed by lane_sum; the
@@ -74,7 +96,7 @@ struct Bank {
                               // augmented space, LANES blocks per panel
   const float *centre_norms;  // [ceil(blocks / LANES) * LANES]
   const float *block_radii;   // [ceil(blocks / LANES) * LANES] (augmented space)
-  const int64_t *cell_first;  // [cells] first block of each cell
+  const int64_t *cell_starts; // [cells] first slot of each cell (a multiple of LANES)
   const int64_t *cell_blocks; // [cells] number of blocks of each cell
   const float *cell_radii;    // [cells]
   const float *half_inverse_gaps;  // [cells, cells] 1 / (2 ||c_i - c_j||), inf on the diagonal

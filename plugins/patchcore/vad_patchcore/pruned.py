@@ -263,7 +263,6 @@ class PrunedExactSearch:
         self._centre_norms = padded_centres.square().sum(1)
         self._block_radii = augmented.new_full((panels * LANES,), math.nan)
         self._block_radii[:blocks] = radii
-        self._cell_first = first_block.contiguous()
         self._half_inverse_gaps = (2.0 * self.centroid_gaps).reciprocal()  # inf on the diagonal
         cell_panels = -(-self.cells // LANES)
         padded = self.centroids.new_zeros(cell_panels * LANES, dim)
@@ -348,7 +347,7 @@ class PrunedExactSearch:
         queries, tolerance = queries.contiguous(), tolerance.contiguous()
         begun = native_scan.scan(
             self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
-            self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self._cell_first.data_ptr(),
+            self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self.cell_starts.data_ptr(),
             self.cell_blocks.data_ptr(), self.radii.data_ptr(), self._half_inverse_gaps.data_ptr(),
             self._centroid_panels.data_ptr(),
             self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
