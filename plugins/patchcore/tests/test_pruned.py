@@ -175,9 +175,8 @@ def test_native_scan_is_built_where_a_compiler_exists():
     assert pruned.native_available()
 
 
+@needs_native
 def test_compiled_and_torch_scans_find_the_same_neighbours_on_a_patchcore_like_bank():
-    if not pruned.native_available():
-        pytest.skip("vad_patchcore._scan is not built")
     # 152-dim clumpy features, a bank of 4,000, head_dims 24 as the defaults: every bound of both
     # scans is active (cells, blocks, the cheap head bound)
     bank = clustered(4000, 152, centres=40, seed=21, spread=0.5)
