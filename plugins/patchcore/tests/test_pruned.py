@@ -88,6 +88,24 @@ def test_pruned_finds_exactly_the_brute_force_indices_without_near_ties(native):
     assert torch.equal(indices, brute_force(queries, bank, 4).indices)
 
 
+@pytest.mark.parametrize("native", SCANS[1:])
+def test_each_query_gets_the_same_neighbours_whatever_it_is_searched_with(native):
+    # the compiled scan takes consecutive queries four at a time (the rest one by one), visiting
+    # the cells and blocks any of them needs: a query's result must not depend on its company
+    # (the torch scan's batched products round differently with the batch, so not for it)
+    bank = clustered(3000, 40, centres=25, seed=14)
+    generator = torch.Generator().manual_seed(15)
+    queries = torch.cat([clustered(150, 40, centres=25, seed=16), 3 * torch.randn(53, 40, generator=generator)])
+    search = build(bank, native)
+    # (indices: the distances may differ in the last bit, as torch rotates one query and a batch
+    # of them with different products)
+    together = search.search(queries, 3)[1]
+    assert torch.equal(together, torch.cat([search.search(query[None], 3)[1] for query in queries]))
+    order = torch.randperm(queries.shape[0], generator=generator)
+    assert torch.equal(search.search(queries[order], 3)[1], together[order])
+    assert_exact(search, queries, bank, 3)
+
+
 def test_pruned_through_nearest_neighbours_is_identical_to_the_torch_backend():
     generator = torch.Generator().manual_seed(2)
     bank = torch.randn(5000, 16, generator=generator)
@@ -147,6 +165,10 @@ def test_pruned_build_is_deterministic_and_drops_empty_cells(native):
     if native:  # padding lanes are NaN: they never pass a comparison
         padding = (first.positions < 0).nonzero()[:, 0]
         assert torch.all(first._panels[:, padding // LANES, :, padding % LANES].isnan())
+        assert torch.all(first._item_squares[padding].isnan())
+        slots = (first.positions >= 0).nonzero()[:, 0]  # the squared norms of the stored rows
+        stored = first._panels[:, slots // LANES, :, slots % LANES].reshape(slots.numel(), -1)
+        assert torch.allclose(first._item_squares[slots], stored.square().sum(1), rtol=1e-5)
     assert default_cells(15676) == 63 and default_cells(1) == 1
 
 
@@ -225,10 +247,10 @@ def test_compiled_scan_reports_its_instruction_set():
 @needs_native
 def test_compiled_scan_checks_its_arguments():
     def scan(row=16, head_dims=4, cells=2, bisectors=2, dim=12, k=1, threads=1, kernel="portable"):
-        # 10 bank pointers, 7 bank sizes, 5 query pointers, count, k, threads, kernel (_scan.cpp);
+        # 11 bank pointers, 7 bank sizes, 5 query pointers, count, k, threads, kernel (_scan.cpp);
         # all are checked before any pointer is read
         sizes = (row, head_dims, cells, bisectors, 1, 1, dim)
-        return pruned.native_scan.scan(*([0] * 10), *sizes, *([0] * 5), 1, k, threads, kernel)
+        return pruned.native_scan.scan(*([0] * 11), *sizes, *([0] * 5), 1, k, threads, kernel)
 
     for bad in (
         {"row": 10}, {"head_dims": 16}, {"head_dims": -1}, {"dim": 0}, {"dim": 17},

@@ -27,14 +27,15 @@ Search, per block of queries (all steps are matrix products on contiguous slices
    kept.
 
 On the CPU the scan (steps 2-4, and the bounds of step 1 from the query-centroid distances)
-runs, when the optional compiled module ``vad_patchcore._scan`` is built, as one fused loop per
-query (``_scan.cpp``), with no intermediate matrices: cell by cell; then block by block of ``LANES`` items, a block being
-skipped when a ball around its centre in the augmented space lies beyond the k-th distance found
-so far (items are ordered within each cell so that blocks are tight); then, for a kept block,
-the ``LANES`` distances accumulate in difference form over the bank's principal axes (the bank
-is stored rotated into them), and after every ``LANES`` coordinates the partial sum plus a bound
-on the rest drops the items that can no longer be nearer. Its tolerance also covers the rotation
-(:func:`_native_tolerance`), so both scans find the same neighbours.
+runs, when the optional compiled module ``vad_patchcore._scan`` is built, as one fused loop over
+groups of four consecutive queries (``_scan.cpp``), with no intermediate matrices: cell by cell;
+then block by block of ``LANES`` items, a block being skipped when a ball around its centre in
+the augmented space lies beyond every member's k-th distance found so far (items are ordered
+within each cell so that blocks are tight); then, for a kept block, the ``LANES`` distances
+accumulate in expanded form over the bank's principal axes (the bank is stored rotated into
+them, with the items' squared norms), and after every ``LANES`` coordinates the partial distance
+plus a bound on the rest drops the items that can no longer be nearer. Its tolerance also covers
+the rotation (:func:`_native_tolerance`), so both scans find the same neighbours.
 
 Nothing is approximate: a cell or pair is skipped only when a proven lower bound exceeds a
 distance already found. How much is skipped depends on the data (and the partition), never the
@@ -213,7 +214,8 @@ class PrunedExactSearch:
         rows to a multiple of LANES coordinates: the rotated bank as ``[chunk, block, coordinate,
         LANES]`` panels of LANES coordinates of LANES items (NaN in padding lanes, so they never
         pass a comparison), each item's norm past 1, 2, ... chunks as ``[chunk - 1, block,
-        LANES]``, and per block the centre and radius of its items in the augmented space.
+        LANES]`` and its squared norm as ``[block * LANES]`` (NaN in padding), and per block the
+        centre and radius of its items in the augmented space.
         ``rotated`` and ``augmented`` are cell-sorted; ``order`` gives their bank rows."""
         size, dim = rotated.shape
         counts = self.cell_sizes
@@ -251,6 +253,8 @@ class PrunedExactSearch:
             squares[:, chunk] = columns.square().sum(1)
         self._suffix_norms = rotated.new_full((chunks - 1, blocks, LANES), math.nan)
         self._suffix_norms.permute(1, 2, 0)[block, lane] = squares.flip(1).cumsum(1).flip(1)[:, 1:].sqrt()
+        self._item_squares = rotated.new_full((blocks * LANES,), math.nan)
+        self._item_squares[slots] = squares.sum(1)
         width = augmented.shape[1]
         members = torch.bincount(block, minlength=blocks)[:, None]
         centres = augmented.new_zeros(blocks, width).index_add_(0, block, augmented) / members
@@ -349,7 +353,7 @@ class PrunedExactSearch:
             self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
             self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self.cell_starts.data_ptr(),
             self.cell_blocks.data_ptr(), self.radii.data_ptr(), self._half_inverse_gaps.data_ptr(),
-            self._centroid_panels.data_ptr(),
+            self._centroid_panels.data_ptr(), self._item_squares.data_ptr(),
             self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
             int(self.cell_blocks.max()), self._panels.shape[1], dim,
             rows.data_ptr(), queries.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
@@ -417,7 +421,10 @@ def _native_tolerance(dim: int) -> float:
     A float32 product ``x @ P`` with orthonormal ``P`` is off by at most ``g sqrt(D) ||x||`` (in
     norm, ``g = (D + 3) 2^-24``), so a squared distance between rotated rows differs from the
     true one by at most ``e = 4 g sqrt(D) (||q||^2 + R^2)``. A bound or a distance found may be
-    off by ``e`` each, hence ``2 e`` on top of the torch scan's ``16 g (||q||^2 + R^2)``.
+    off by ``e`` each, hence ``2 e`` on top of the torch scan's ``16 g (||q||^2 + R^2)``. The
+    compiled scan's block distances are expanded-form sums like the torch scan's, and its
+    partial bounds ``||q||^2 + ||x||^2 - 2 (q_lead . x_lead + |q_rest| |x_rest|)`` add one product
+    of two norms, off by at most ``2 g ||q|| ||x|| <= g (||q||^2 + R^2)``: within the same part.
     """
     return (16.0 + 8.0 * math.sqrt(dim)) * (dim + 3) * UNIT_ROUNDOFF
 
