@@ -11,7 +11,7 @@ import torch
 from vad.contracts import State
 from vad.errors import VadError
 from vad_patchcore.coreset import approximate_greedy_coreset, project, random_projection
-from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size
+from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size, tile_order
 from vad_patchcore.knn import NearestNeighbours, faiss_available
 from vad_patchcore.scoring import reweighted_scores
 
@@ -147,6 +147,28 @@ def test_fit_predict_shapes_and_coreset_size():
     prediction = detector.predict(grids(1, seed=1)[0])
     assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 6, 6)
     assert torch.allclose(prediction.scores, prediction.maps.flatten(1).amax(1))
+
+
+@pytest.mark.parametrize("height, width", [(4, 6), (5, 3), (1, 1), (3, 1)])
+def test_tile_order_takes_the_patches_in_2x2_tiles(height, width):
+    order = tile_order(2, height, width)
+    assert sorted(order.tolist()) == list(range(2 * height * width))  # a permutation
+    rows, columns = (order % (height * width)) // width, order % width
+    tiles = (rows // 2) * width + columns // 2  # the tile of each patch, row-major over tiles
+    image = order // (height * width)
+    assert torch.all(image[1:] >= image[:-1]) and torch.all((tiles[1:] >= tiles[:-1]) | (image[1:] > image[:-1]))
+    if height % 2 == 0 and width % 2 == 0:  # every consecutive four is one whole tile
+        assert torch.all(tiles.view(-1, 4) == tiles.view(-1, 4)[:, :1])
+
+
+def test_predict_maps_are_each_patch_s_own_nearest_distance():
+    # predict searches the patches in tile order and puts the results back: each map cell must
+    # be the distance of that very patch
+    detector = PatchCore(coreset_ratio=0.5)
+    detector.fit(grids(3, seed=0))
+    test = grids(1, seed=5)[0]
+    squared, _ = NearestNeighbours(detector.memory_bank, "torch").search(test.permute(0, 2, 3, 1).reshape(-1, 12), 1)
+    assert torch.equal(detector.predict(test).maps, squared.sqrt().view(3, 6, 6))
 
 
 def test_streaming_chunks_bound_the_bank_and_equal_single_selection_when_small():

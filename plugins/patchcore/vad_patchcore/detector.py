@@ -73,6 +73,17 @@ PATCHCORE_STATE_VERSION = 1
 DISTANCES = ("euclidean", "squared")
 
 
+def tile_order(images: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The patch rows of ``images`` grids ``height x width`` (row-major, image after image) in
+    2x2 tiles: a permutation whose consecutive fours are the tiles, left to right, top to bottom
+    (tiles on an odd last row or column hold two patches, or one in the corner)."""
+    rows = torch.arange(height, device=device)[:, None]
+    columns = torch.arange(width, device=device)[None, :]
+    tile = (rows // 2) * ((width + 1) // 2) + columns // 2
+    within = torch.argsort((tile * 4 + (rows % 2) * 2 + columns % 2).reshape(-1))
+    return (torch.arange(images, device=device)[:, None] * (height * width) + within[None, :]).reshape(-1)
+
+
 class PatchCore(Detector):
     """PatchCore memory-bank detector over patch-feature grids ``[B, D, h, w]``.
 
@@ -316,7 +327,13 @@ class PatchCore(Detector):
         size, _, height, width = batch.shape
         index = self._search_index()
         start = time.perf_counter()
-        squared, nearest = index.search(patches, self.num_neighbors)
+        # searched in 2x2 tiles of neighbouring patches: the compiled pruned scan takes four
+        # consecutive queries together, and a tile's four share more of the bank's blocks than
+        # four patches of a row (~5% faster search on the benchmark); the result is the same
+        order = tile_order(size, height, width, patches.device)
+        tiled_squared, tiled_nearest = index.search(patches[order], self.num_neighbors)
+        squared, nearest = torch.empty_like(tiled_squared), torch.empty_like(tiled_nearest)
+        squared[order], nearest[order] = tiled_squared, tiled_nearest
         middle = time.perf_counter()
         distances = squared if self.distance == "squared" else squared.sqrt()
         patch_scores = distances.mean(1).view(size, height * width)
