@@ -502,8 +502,8 @@ def main() -> None:
               "of the greedy order (filled up with random patches to time the search against a full-size bank) and its "
               "scores are not comparable; --quick compares scores at full selection, "
               "and --baseline-budget 100000 runs the whole loop (tens of minutes).\n")
-    print(f"\nInference after the backbone (aggregation + kNN + postprocess): {after:.2f} s = "
-          f"{100 * after / ours['times']['predict_backbone']:.0f}% of the backbone's {ours['times']['predict_backbone']:.2f} s.")
+    print(f"\nInference after the backbone (aggregation + kNN + postprocess): {after:.3f} s = "
+          f"{100 * after / ours['times']['predict_backbone']:.1f}% of the backbone's {ours['times']['predict_backbone']:.3f} s.")
     print(f"Image AUROC: vad {ours['auroc']:.4f}, baseline {base['auroc']:.4f}{' (partial bank)' if base['truncated'] else ''}; Spearman rank correlation of "
           f"image scores {rho:.4f}; mean |relative score difference| "
           f"{float(np.mean(np.abs(np.array(ours['scores']) / np.array(base['scores']) - 1))):.4f}.")
