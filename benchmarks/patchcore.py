@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """PatchCore speed and memory: vad-patchcore against a straightforward implementation.
 
-    python benchmarks/patchcore.py            # full run (200 train / 100 test at 224 px), ~6-8 min
-    python benchmarks/patchcore.py --quick    # 40 train / 20 test, baseline run in full (~3 min)
+    python benchmarks/patchcore.py            # full run (200 train / 100 test at 224 px)
+    python benchmarks/patchcore.py --quick    # 40 train / 20 test, baseline run in full
 
 Both sides get the same images and the same patch features (the backbone, then
 ``vad.features.PatchFeatures``: stride-8 + stride-16 stages, 3x3 aggregation, bilinear
@@ -12,8 +12,7 @@ cost; random weights are fine for timing, and the synthetic anomalies remain det
 
 * **vad**: ``PatchCore()`` with its defaults (streaming fit, chunked approximate greedy coreset
   with a 128-dim projection, exact search by the cell-pruned ``pruned`` backend, which ``auto``
-  picks on the CPU for this bank; its compiled scan where built and AVX-512 runs) and
-  ``vad.postprocess``.
+  picks on the CPU for this bank) and ``vad.postprocess``.
 * **baseline**: embeddings accumulated in a list and stacked, the full greedy k-center loop
   over all patches without projection (one pass over ``[N, D]`` per selected item, as in the
   official/anomalib loops), brute-force torch distances, then bilinear upsampling and
@@ -30,8 +29,9 @@ backbone) to show how the fit peak grows with 200 vs 2,000 training images; the 
 only accumulates and stacks (its coreset loop at 2,000 images would take hours).
 Test images are synthetic textures, half with a pasted square defect: image AUROC of both sides
 shows that the speed-up comes at equal scores. The time spent making them is not counted.
-A last table times the search backends on all test patches at once against faiss's exact
-``IndexFlatL2``; ``--knn faiss`` runs the vad side with that index instead.
+A last table times every search backend (``vad_patchcore.knn``) on all test patches at once
+(median of 3 runs each, in one process), with its agreement with exact search and whether the
+image scores change; ``--knn NAME`` runs the vad side with another backend.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def make_backbone():
     try:
         import vad_timm  # noqa: F401
 
-        from vad.model import create_backbone
+        from vad.build import create_backbone
 
         return create_backbone("tf_efficientnet_lite0"), "tf_efficientnet_lite0 (vad-timm)"
     except Exception:  # noqa: BLE001 - any failure: fall back to the stand-in
@@ -349,44 +349,90 @@ def worker_images(config: dict[str, Any]) -> dict[str, Any]:
         "fit_rss_mb": fit_rss,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if config["side"] == "vad" and config.get("ivf"):
-        result["ivf"] = ivf_recall(detector, source, preprocessing, config)
+    if config["side"] == "vad" and config.get("search"):
+        result["search"] = search_table(detector, source, preprocessing, config)
     return result
 
 
-def ivf_recall(detector, source, preprocessing, config) -> dict[str, float]:
-    """Recall@1 and search time of faiss-ivfpq against the exact index on the test patches."""
+#: Probes timed for each IVF backend (one index per backend, its ``nprobe`` changed in between).
+IVF_PROBES = {"faiss-ivfflat": (1, 4, 8, 16), "faiss-ivfpq": (8, 32)}
+
+
+def tensor_bytes(search) -> int:
+    """Bytes of the distinct tensor storages a torch search holds (views counted once)."""
     import torch
 
-    from vad_patchcore.knn import NearestNeighbours
+    seen: dict[int, int] = {}
 
-    queries = []
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    for value in vars(search).values():
+        visit(value)
+    return sum(seen.values())
+
+
+def search_table(detector, source, preprocessing, config) -> dict[str, Any]:
+    """Every search backend on all test patches at once (k = 1): build time, median search time
+    of 3 runs, recall@1 and distance error against exact brute force, and the image scores
+    (largest patch distance) against the exact ones."""
+    import statistics
+
+    import torch
+
+    from vad_patchcore.knn import NearestNeighbours, faiss_available
+
+    grids = []
     for images, _ in test_batches(config["test"]):
         with torch.inference_mode():
-            grid = source(normalise(images, preprocessing))
-        queries.append(grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]))
-    queries = torch.cat(queries)
-    out = {}
-    exact = NearestNeighbours(detector.memory_bank, "faiss")
-    start = time.perf_counter()
-    d_exact, i_exact = exact.search(queries, 1)
-    out["exact_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    pruned = NearestNeighbours(detector.memory_bank, "pruned")
-    out["pruned_build_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    d_pruned, i_pruned = pruned.search(queries, 1)
-    out["pruned_s"] = time.perf_counter() - start
-    out["pruned_recall"] = float((i_pruned[:, 0] == i_exact[:, 0]).float().mean())
-    out["pruned_rel_err"] = float(((d_pruned.sqrt() - d_exact.sqrt()) / d_exact.sqrt().clamp_min(1e-6)).abs().mean())
-    for probe in (8, 32):
-        approx = NearestNeighbours(detector.memory_bank, "faiss-ivfpq", ivf_lists=256, pq_subquantizers=38, ivf_probe=probe)
+            grids.append(source(normalise(images, preprocessing)))
+    grid = torch.cat(grids)
+    images, dim = grid.shape[:2]
+    queries = grid.permute(0, 2, 3, 1).reshape(-1, dim)
+    bank = detector.memory_bank
+    exact_distances = exact_scores = exact_indices = None
+    rows = []
+
+    def measure(label: str, search, build_s: float) -> None:
+        nonlocal exact_distances, exact_scores, exact_indices
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            distances, indices = search.search(queries, 1)
+            times.append(time.perf_counter() - start)
+        scores = distances[:, 0].sqrt().view(images, -1).amax(1)
+        if exact_indices is None:  # the first row is brute force: the reference
+            exact_distances, exact_scores, exact_indices = distances[:, 0], scores, indices[:, 0]
+        rows.append({
+            "label": label,
+            "build_s": build_s,
+            "search_s": statistics.median(times),
+            "recall": float((indices[:, 0] == exact_indices).float().mean()),
+            "rel_err": float(((distances[:, 0] / exact_distances.clamp_min(1e-12)).sqrt() - 1).abs().mean()),
+            "changed_scores": int((scores != exact_scores).sum()),
+            "same_ranking": bool(torch.equal(scores.argsort(stable=True), exact_scores.argsort(stable=True))),
+        })
+
+    names = ["torch", "pruned"] + (["faiss", "faiss-ivfflat", "faiss-ivfpq"] if faiss_available() else [])
+    index_bytes = {}
+    for name in names:
         start = time.perf_counter()
-        d_approx, i_approx = approx.search(queries, 1)
-        out[f"probe{probe}_s"] = time.perf_counter() - start
-        out[f"probe{probe}_recall"] = float((i_approx[:, 0] == i_exact[:, 0]).float().mean())
-        out[f"probe{probe}_rel_err"] = float(((d_approx.sqrt() - d_exact.sqrt()) / d_exact.sqrt().clamp_min(1e-6)).abs().mean())
-    return out
+        search = NearestNeighbours(bank, name, seed=0)
+        build_s = time.perf_counter() - start
+        if name == "pruned":
+            index_bytes[name] = tensor_bytes(search.backend)
+        if name not in IVF_PROBES:
+            measure(search.description, search, build_s)
+            continue
+        for probe in IVF_PROBES[name]:
+            search.backend.index.nprobe = probe  # the same trained index, probing more lists
+            measure(search.description, search, build_s)
+    return {"rows": rows, "bank": list(bank.shape), "pruned_bytes": index_bytes.get("pruned", 0)}
 
 
 def worker_memory(config: dict[str, Any]) -> dict[str, Any]:
@@ -462,17 +508,23 @@ def main() -> None:
         result = worker_images(config) if config["kind"] == "images" else worker_memory(config)
         print(json.dumps(result))
         return
+    from vad_patchcore.knn import BACKENDS  # (after the worker branch: workers set up the heap first)
+
+    if args.knn not in BACKENDS:
+        parser.error(f"--knn must be one of {', '.join(BACKENDS)}")
 
     train, test, big = (40, 20, 400) if args.quick else (200, 100, 2000)
     common = {"threads": args.threads, "ratio": 0.1, "train": train, "test": test, "kind": "images"}
-    started = time.perf_counter()
-    ours = run_worker({**common, "side": "vad", "ivf": True, "knn": args.knn})
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    ours = run_worker({**common, "side": "vad", "search": True, "knn": args.knn})
     budget = args.baseline_budget if args.baseline_budget is not None else (None if args.quick else 120.0)
     base = run_worker({**common, "side": "baseline", "budget": budget})
     import numpy as np
     from scipy.stats import spearmanr
 
     print(f"## PatchCore: {train} train / {test} test images at {SIZE}x{SIZE}, {args.threads} threads, coreset 10%\n")
+    print(f"Host load average (1 min; other processes slow every timing down): {load:.2f} at the start, "
+          f"{os.getloadavg()[0]:.2f} after the fits and predicts.\n")
     print(f"Backbone: {ours['backbone']}; features {ours['dim']}-dim on a {SIZE // 8}x{SIZE // 8} grid; "
           f"bank vad {ours['bank']} / baseline {base['bank']} patches; search vad {ours['knn']} / baseline {base['knn']}.\n")
     rows = []
@@ -510,16 +562,19 @@ def main() -> None:
     print(f"Peak RSS (MB): vad {ours['peak_rss_mb']:.0f} (fit {ours['fit_rss_mb']:.0f}, after imports {ours['setup_rss_mb']:.0f}); "
           f"baseline {base['peak_rss_mb']:.0f} (fit {base['fit_rss_mb']:.0f}, after imports {base['setup_rss_mb']:.0f}).\n")
 
-    ivf = ours["ivf"]
-    print("### Search backends on all test patches at once (faiss-ivfpq: 256 lists, 38 sub-quantizers x 8 bits, "
-          "8x exact re-ranking)\n")
+    search = ours["search"]
+    (size, dim), queries = search["bank"], test * (SIZE // 8) ** 2
+    print(f"### Search backends: all {queries:,} test patches at once against the {size:,} x {dim} bank (k = 1; "
+          "median of 3 runs; exact reference: the first row)\n")
     print(table(
-        ["index", "search s", "agreement with IndexFlatL2 (recall@1)", "mean rel. distance error"],
-        [["faiss IndexFlatL2 (exact)", ivf["exact_s"], "1.0000", "0.00000"],
-         [f"pruned (exact; cells built in {ivf['pruned_build_s']:.2f} s)", ivf["pruned_s"],
-          f"{ivf['pruned_recall']:.4f}", f"{ivf['pruned_rel_err']:.5f}"]]
-        + [[f"IVF-PQ nprobe={p}", ivf[f"probe{p}_s"], f"{ivf[f'probe{p}_recall']:.4f}", f"{ivf[f'probe{p}_rel_err']:.5f}"] for p in (8, 32)],
+        ["backend", "build s", "search s", "recall@1", "mean rel. distance error", "images with another score",
+         "image ranking unchanged"],
+        [[row["label"], f"{row['build_s']:.2f}", f"{row['search_s']:.3f}", f"{row['recall']:.4f}", f"{row['rel_err']:.6f}",
+          f"{row['changed_scores']} / {test}", "yes" if row["same_ranking"] else "no"] for row in search["rows"]],
     ))
+    per_item = search["pruned_bytes"] / (4 * size)
+    print(f"\nThe pruned index holds {search['pruned_bytes'] / 2**20:.1f} MiB = 4 * M * (D + {per_item - dim:.2f}) bytes "
+          f"(M = {size:,}, D = {dim}; the README's formula: D + 29 plus the centroids' 4 * L * (L + D)).")
 
     grid = SIZE // 16  # a coarser grid keeps the 2,000-image fit to about a minute
     print(f"\n### Fit peak RSS against the number of training images (random {ours['dim']}-dim feature grids "

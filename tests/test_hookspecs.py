@@ -1,36 +1,24 @@
-"""The contract file is complete: every hookspec is documented and has a test."""
+"""The contract file is complete: every hookspec is documented and exercised by a real test."""
 
 import inspect
-from pathlib import Path
 
 from vad import hookspecs
+from vad.plugins import KINDS
 
 HOOKS = [name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("vad_")]
-TEST_SOURCES = "\n".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
 
 
-def test_the_contract_names_every_kind():
-    assert set(HOOKS) == {
-        "vad_register_backbones",
-        "vad_register_detectors",
-        "vad_register_datasets",
-        "vad_register_augmentations",
-        "vad_register_ensemblers",
-        "vad_register_metrics",
-        "vad_register_thresholds",
-        "vad_register_commands",
-    }
+def test_every_registration_hook_fills_a_kind_and_commands_are_the_only_other_hook():
+    # tests/test_plugins.py::test_register_hooks_fill_their_kind runs every hook in KINDS
+    # through a registry; test_commands_hook_adds_a_sub_command runs vad_register_commands.
+    # A new hookspec fails here until it is wired into KINDS (and so tested) or given its test.
+    assert set(HOOKS) == set(KINDS.values()) | {"vad_register_commands"}
 
 
 def test_every_hookspec_is_documented():
     for name in HOOKS:
         doc = inspect.getdoc(getattr(hookspecs, name))
         assert doc and len(doc) > 20, f"{name} has no docstring"
-
-
-def test_every_hookspec_has_a_test():
-    for name in HOOKS:
-        assert f"def test_hook_{name}" in TEST_SOURCES, f"no test_hook_{name} in tests/"
 
 
 def test_hookimpl_is_the_public_marker():

@@ -44,35 +44,7 @@ def test_register_hooks_fill_their_kind(kind):
     assert registry.info()[0].registers == {kind: ["thing", "lazy-thing"]}
 
 
-def test_hook_vad_register_backbones():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_backbones")).entries("backbones")
-
-
-def test_hook_vad_register_detectors():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_detectors")).entries("detectors")
-
-
-def test_hook_vad_register_datasets():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_datasets")).entries("datasets")
-
-
-def test_hook_vad_register_augmentations():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_augmentations")).entries("augmentations")
-
-
-def test_hook_vad_register_ensemblers():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_ensemblers")).entries("ensemblers")
-
-
-def test_hook_vad_register_metrics():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_metrics")).entries("metrics")
-
-
-def test_hook_vad_register_thresholds():
-    assert "thing" in _registry_with(_one_hook_plugin("vad_register_thresholds")).entries("thresholds")
-
-
-def test_hook_vad_register_commands(fake_distributions):
+def test_commands_hook_adds_a_sub_command(fake_distributions):
     result = run_vad("hello-good", pythonpath=fake_distributions)
     assert result.returncode == 0, result.stderr
     assert "hello from good" in result.stdout
@@ -164,3 +136,21 @@ def test_vad_run_with_a_clashing_name_is_a_clear_error(fake_distributions):
     assert result.returncode == 2
     assert "vad-good" in result.stderr and "vad-dup" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_first_party_plugins_import_only_the_stated_plugin_api():
+    import re
+    from pathlib import Path
+
+    import vad
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for p in (*root.glob("plugins/*/vad_*/**/*.py"), *root.glob("contrib/*/vad_*/**/*.py")) if "/build/" not in str(p)]
+    assert len(sources) > 20
+    outside = []
+    for path in sources:
+        text = path.read_text()
+        used = re.findall(r"^\s*(?:from|import) (vad\.\w+)", text, re.MULTILINE)
+        used += [f"vad.{name}" for name in re.findall(r"^\s*from vad import (\w+)", text, re.MULTILINE) if name not in vad.__all__]
+        outside += [(str(path.relative_to(root)), module) for module in used if module not in vad.PLUGIN_API]
+    assert not outside, f"plugins import vad internals: {outside}"

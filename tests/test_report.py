@@ -1,68 +1,41 @@
-"""The report's numerical and drawing parts: curves, overlay choice, strips, TIFF, HTML."""
+"""The report's drawing parts (overlay choice, colours, strips, plots, TIFF, HTML) and the
+curves it draws: whatever the run's metrics offer, without knowing any metric."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vad import hookimpl
 from vad.config import RunConfig
-from vad.contracts import Sample
+from vad.contracts import Curve, Metric, Sample
 from vad.model import Output
 from vad.report import (
+    CURVE_SIZE,
+    HISTOGRAM_SIZE,
     choose_overlays,
     color_range,
+    curves_png,
+    histogram_png,
     overlay_strip,
     png_bytes,
-    pro_curve,
     render_html,
-    roc_curve,
     tiff_bytes,
-    trapezoid_area,
 )
 
-
-def test_roc_area_equals_scikit_learn_with_ties():
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200)
-    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounding makes ties
-    fpr, tpr, _ = roc_curve(scores, labels)
-    assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
-    assert trapezoid_area(fpr, tpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contrib" / "plugin-template"))
+import vad_template  # noqa: E402  (the template's detector, imported from its folder)
 
 
-def test_trapezoid_area_interpolates_at_the_limit():
-    x, y = np.array([0.0, 0.5, 1.0]), np.array([0.0, 1.0, 1.0])
-    assert trapezoid_area(x, y) == pytest.approx(0.75)
-    assert trapezoid_area(x, y, limit=0.3) == pytest.approx(0.5 * 0.3 * 0.6)
+def decode(png: bytes) -> np.ndarray:
+    from PIL import Image
 
-
-def test_pro_curve_perfect_map_reaches_full_overlap_at_zero_fpr():
-    truth = np.zeros((10, 10), bool)
-    truth[2:4, 2:4] = True
-    second = np.zeros((10, 10), bool)
-    second[7:10, 6:9] = True
-    anomaly_map = (truth | second).astype(np.float32)
-    fpr, pro = pro_curve([anomaly_map, np.zeros((10, 10), np.float32)], [[truth, second], []])
-    # the first step covers both regions fully before any false positive
-    assert fpr[1] == 0 and pro[1] == pytest.approx(1.0)
-    assert trapezoid_area(fpr, pro, 0.3) / 0.3 == pytest.approx(1.0)
-
-
-def test_pro_curve_weights_regions_equally():
-    small = np.zeros((10, 10), bool)
-    small[0, 0] = True
-    big = np.zeros((10, 10), bool)
-    big[5:10, 5:10] = True
-    anomaly_map = np.zeros((10, 10), np.float32)
-    anomaly_map[0, 0] = 2.0  # only the small region is found first
-    fpr, pro = pro_curve([anomaly_map], [[small, big]])
-    assert pro[1] == pytest.approx(0.5)  # one of two regions, whatever their areas
+    return np.asarray(Image.open(io.BytesIO(png)))
 
 
 def _output(label: int, score: float) -> Output:
@@ -87,9 +60,18 @@ def test_color_range_puts_the_threshold_in_the_middle():
     assert color_range(5.0, 10.0, 3.0) == (5.0, 10.0)  # threshold below every value: span the maps
 
 
-def test_overlay_strip_has_four_panels_and_encodes_as_png():
-    from PIL import Image
+def test_heat_map_colours_are_matplotlibs_jet():
+    from vad.report import _colormap
 
+    colormaps = pytest.importorskip("matplotlib").colormaps
+
+    values = np.random.default_rng(0).normal(1.0, 1.5, (64, 64)).astype(np.float32)
+    values.flat[:4] = [-0.5, 2.5, 1.0, 2.4999998]  # both ends, the middle, just below the top
+    expected = (colormaps["jet"](np.clip((values + 0.5) / 3.0, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+    assert np.array_equal(_colormap(values, -0.5, 2.5), expected)
+
+
+def test_overlay_strip_has_four_panels_and_encodes_as_png():
     image = np.full((50, 80, 3), 120, np.uint8)
     anomaly_map = np.zeros((50, 80), np.float32)
     anomaly_map[10:20, 10:20] = 5.0
@@ -97,8 +79,7 @@ def test_overlay_strip_has_four_panels_and_encodes_as_png():
     strip = overlay_strip(image, anomaly_map, truth, 2.0, (0.0, 4.0), caption="c", height=64)
     assert strip.dtype == np.uint8 and strip.shape[0] == 64 + 18 + 18
     assert strip.shape[1] == 4 * round(80 * 64 / 50) + 3 * 4
-    decoded = np.asarray(Image.open(io.BytesIO(png_bytes(strip))))
-    assert decoded.shape == strip.shape
+    assert np.array_equal(decode(png_bytes(strip)), strip)
     without_truth = overlay_strip(image, anomaly_map, None, None, (0.0, 4.0), show_truth=False, height=64)
     assert without_truth.shape[1] == 3 * round(80 * 64 / 50) + 2 * 4
 
@@ -120,3 +101,72 @@ def test_html_lists_warnings_and_escapes_names(tmp_path: Path):
     assert "RANDOMLY INITIALISED" in page and "au_spro skipped: no LOCO regions" in page
     assert "bad.png" in page and "no image threshold" in page
     assert "c&lt;1&gt;" in page and "c<1>" not in page
+
+
+def test_plots_have_their_size_and_survive_degenerate_data():
+    roc = Curve("roc", np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 0.5, 1.0, 1.0]), "FPR", "TPR", "AUROC 0.8750")
+    limited = Curve("pro", np.r_[0.0, np.sort(np.random.default_rng(0).random(10_000)) * 0.31], np.linspace(0, 1, 10_001), "FPR", "PRO", "a", x_limit=0.3)
+    one_point = Curve("dot", np.array([0.5]), np.array([0.5]), "x", "y")
+    with_nan = Curve("nan", np.array([0.0, np.nan, 1.0]), np.array([1.0, 2.0, np.inf]), "x", "y", "label")
+    for curves in ([roc], [limited, roc], [one_point], [with_nan]):
+        image = decode(curves_png(curves, "c: title"))
+        assert image.shape == (CURVE_SIZE[1], CURVE_SIZE[0], 3) and image.std() > 10
+    scores = np.array([1.0, 1.0, 2.0, 5.0])
+    assert decode(histogram_png(scores, np.array([0, 0, 1, 1]), 1.5, "c: scores")).shape == (HISTOGRAM_SIZE[1], HISTOGRAM_SIZE[0], 3)
+    assert decode(histogram_png(np.ones(3), np.zeros(3), None, "c: one value")).shape[0] == HISTOGRAM_SIZE[1]
+
+
+def _curve_metric_class():
+    class CurveMetric(Metric):
+        """Offers two curves of one name (one plot) and a third with a name unfit for a file."""
+
+        name = "curve-offering-metric"
+
+        def compute(self, data):
+            return 0.5
+
+        def curves(self, data):
+            x = np.linspace(0.0, 1.0, 11)
+            return [
+                Curve("wiggle", x, x**2, "x", "y", "squares", x_limit=0.5),
+                Curve("other/curve 1", x, 1 - x, "x", "y", "falling"),
+                Curve("wiggle", x, np.sqrt(x), "x", "y", "roots"),
+            ]
+
+    return CurveMetric
+
+
+class CurvePlugin:
+    """Registers the metric above."""
+
+    @hookimpl
+    def vad_register_metrics(self, register):
+        register(_curve_metric_class())
+
+
+def test_report_draws_the_curves_a_custom_metric_offers(vad_fakes, register_plugin, tmp_path):
+    from vad.pipeline import run
+
+    with register_plugin(vad_template, name="template-under-test"), register_plugin(CurvePlugin(), name="curve-plugin") as registry:
+        config = RunConfig(
+            dataset="tiny", backbones=["fake-backbone"], detectors=["feature-distance"], threshold="max", device="cpu",
+            categories=["tiny-a"], metrics=["curve-offering-metric"], output=str(tmp_path / "run"),
+        )
+        folder, results = run(config, registry)
+    assert results[0].timings["report_s"] > 0
+    index = json.loads((folder / "tiny-a" / "report" / "index.json").read_text())
+    assert index["plots"] == {"wiggle": "report/wiggle.png", "other/curve 1": "report/other_curve_1.png", "histogram": "report/histogram.png"}
+    for file in index["plots"].values():
+        assert decode((folder / "tiny-a" / file).read_bytes()).shape[0] == CURVE_SIZE[1]
+    page = (folder / "report.html").read_text()
+    assert page.index('src="tiny-a/report/wiggle.png"') < page.index('src="tiny-a/report/other_curve_1.png"') < page.index('src="tiny-a/report/histogram.png"')
+
+
+def test_report_knows_no_metric(vad_fakes, register_plugin):
+    import vad.report
+
+    source = Path(vad.report.__file__).read_text()
+    with register_plugin(CurvePlugin(), name="curve-plugin") as registry:
+        names = set(registry.entries("metrics"))
+    assert "curve-offering-metric" in names
+    assert not [name for name in names if name in source]

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from vad import artifacts
+from vad.config import DEFAULTS
 from vad.errors import VadError
 from vad.results import csv_table, markdown_table
 
 AXES = ("detectors", "ensembles", "backbones", "categories")
-#: Metric columns first in this order when present; others follow alphabetically.
-PREFERRED = ["image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"]
 TIMINGS = ["fit_s", "predict_ms_per_image"]
 
 
@@ -84,7 +83,7 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
         raise VadError(f"grid file {path} has unknown keys {unknown}; axes are {list(AXES)}, other keys are run options ({', '.join(sorted(FIELDS))})")
     detectors = [d if isinstance(d, list) else str(d).split("+") for d in _as_list(data.pop("detectors", None))]
     if not detectors:
-        raise VadError(f"grid file {path} names no detector: add e.g. 'detectors: [patchcore]'")
+        raise VadError(f"grid file {path} names no detector: add e.g. 'detectors: [{DEFAULTS['detector']}]'")
     ensembles = _as_list(data.pop("ensembles", None)) or [None]
     backbones = [b if isinstance(b, list) else [str(b)] for b in _as_list(data.pop("backbones", None))] or [[]]
     categories = [str(c) for c in _as_list(data.pop("categories", None))]
@@ -99,8 +98,8 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
 
 
 def _dataset_categories(base: dict[str, Any]) -> list[str]:
+    from vad.build import create_dataset
     from vad.config import RunConfig
-    from vad.pipeline import create_dataset
     from vad.plugins import get_registry
 
     registry = get_registry()
@@ -153,15 +152,21 @@ def _columns(results: list[CellResult]) -> list[str]:
     present: list[str] = []
     for r in results:
         present.extend(k for k in r.metrics if k not in present)
-    metrics = [c for c in PREFERRED if c in present] + sorted(c for c in present if c not in PREFERRED and c not in TIMINGS)
+    metrics = [c for c in DEFAULTS['table_metrics'] if c in present] + sorted(c for c in present if c not in DEFAULTS['table_metrics'] and c not in TIMINGS)
     return metrics + [c for c in TIMINGS if c in present]
 
 
 def _resolved_backbones(cell: Cell) -> list[str]:
-    """The backbones a cell really uses (the defaults when the grid names none)."""
+    """The backbones a cell really uses (the defaults when the grid names none; as given when
+    its ensembler is not installed)."""
+    from vad.build import backbone_specs
     from vad.config import RunConfig
+    from vad.plugins import get_registry
 
-    return RunConfig(ensemble=cell.ensemble, backbones=cell.backbones).resolved_backbones()
+    try:
+        return backbone_specs(RunConfig(ensemble=cell.ensemble, backbones=cell.backbones), get_registry())
+    except VadError:
+        return cell.backbones
 
 
 def table_rows(results: list[CellResult]) -> tuple[list[str], list[dict[str, Any]]]:

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from vad import __version__, results_cli
+from vad.config import DEFAULTS
 from vad.errors import VadError
 from vad.plugins import KINDS, get_registry
 
@@ -54,10 +55,10 @@ def main_options(
 @app.command("run")
 def run_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of run options; command-line options override it."),
-    detector: Optional[list[str]] = typer.Option(None, "--detector", "-d", help="Detector name; repeat for a score-level ensemble."),
-    ensemble: Optional[str] = typer.Option(None, "--ensemble", "-e", help="Ensembler: pca-global, pca-individual, concat (features) or score-mean, score-max, rank-mean, weighted."),
-    backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Backbone name or family:model (timm:convnext_tiny), or detector:NAME for a detector's learned features (detector:draem); repeat for ensembles."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set plugin (default: demo)."),
+    detector: Optional[list[str]] = typer.Option(None, "--detector", "-d", help=f"Detector name (default {DEFAULTS['detector']}; see `vad list detectors`); repeat for a score-level ensemble."),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", "-e", help="Ensembler: a feature-level one fuses backbones' features, a score-level one fuses detectors' scores (see `vad list ensemblers`)."),
+    backbone: Optional[list[str]] = typer.Option(None, "--backbone", "-b", help="Backbone name or family:model, or detector:NAME for a detector's learned features; repeat for ensembles (see `vad list backbones`)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=f"Data set plugin (default {DEFAULTS['dataset']})."),
     root: Optional[str] = typer.Option(None, "--root", help="Data set root folder in its official layout."),
     category: Optional[list[str]] = typer.Option(None, "--category", "-c", help="Category to run; repeat; default all."),
     layers: Optional[list[str]] = typer.Option(None, "--layer", help="Backbone layer (name or index); repeat. Default: the stride-8 and stride-16 stages."),
@@ -65,7 +66,7 @@ def run_command(
     target_dim: Optional[int] = typer.Option(None, "--target-dim", help="Project patch features to this many channels."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local backbone weights file (.safetensors or .pth)."),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Random backbone weights (said loudly in the report)."),
-    threshold: Optional[str] = typer.Option(None, "--threshold", help="Threshold rule fitted on validation data (default k-sigma)."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help=f"Threshold rule fitted on validation data (default {DEFAULTS['threshold']}; see `vad list thresholds`)."),
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="Metric to compute; repeat; default all installed."),
     validation_fraction: Optional[float] = typer.Option(None, "--validation-fraction", help="Share of normal training images held out for thresholds (default 0.2)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default 8)."),
@@ -76,11 +77,21 @@ def run_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and list them, instead of stopping."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also write raw anomaly maps as float32 TIFF (MVTec evaluation layout)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the plots, overlays and report.html."),
-    set_option: Optional[list[str]] = typer.Option(None, "--set", help="Plugin option NAME.KEY=VALUE, e.g. patchcore.coreset_ratio=0.01; repeat."),
+    set_option: Optional[list[str]] = typer.Option(None, "--set", help=f"Plugin option NAME.KEY=VALUE, e.g. {DEFAULTS['detector']}.seed=1; repeat (`vad list KIND --details` lists every option)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run in this run folder, with its saved configuration (only --device may change)."),
 ) -> None:
     """Fit and evaluate detectors on one or more categories; writes a run folder."""
     from vad.config import load_config, parse_set
-    from vad.pipeline import run
+
+    if resume is not None:
+        given = [name for name, value in locals().items() if name not in ("resume", "device", "load_config", "parse_set") and value not in (None, False, [])]
+        if given:
+            raise VadError(f"--resume takes the configuration saved in {resume}; do not pass other options ({', '.join('--' + g.replace('_', '-') for g in sorted(given))})")
+        saved = resume / "config.yaml"
+        if not saved.is_file():
+            raise VadError(f"--resume {resume}: no config.yaml there; give the folder of an earlier `vad run`")
+        _run_and_print(load_config(str(saved), {"device": device, "output": str(resume)}), resume=True)
+        return
 
     overrides = {
         "detectors": detector or None,
@@ -107,9 +118,19 @@ def run_command(
         "report": False if no_report else None,
         "options": parse_set(set_option or []) or None,
     }
-    run_config = load_config(str(config) if config else None, overrides)
-    folder, results = run(run_config)
+    _run_and_print(load_config(str(config) if config else None, overrides))
+
+
+def _run_and_print(config, resume: bool = False) -> None:
+    """Run, print the results table; Ctrl-C says what is left and how to resume (exit 130)."""
+    from vad.pipeline import RunInterrupted, run
     from vad.results import table_with_mean, to_markdown
+
+    try:
+        folder, results = run(config, resume=resume)
+    except RunInterrupted as interrupted:
+        typer.secho(str(interrupted), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from interrupted
 
     columns, rows = table_with_mean({r.category: r.metrics for r in results})
     typer.echo(to_markdown(columns, rows))
@@ -139,7 +160,7 @@ def plugins_command(as_json: bool = typer.Option(False, "--json", help="Print JS
 @app.command("list")
 def list_command(
     kind: str = typer.Argument(..., help=f"One of: {', '.join(KINDS)}."),
-    details: bool = typer.Option(False, "--details", help="More facts (backbones: preprocessing, layers, weights)."),
+    details: bool = typer.Option(False, "--details", help="Every option (type, default, what it allows, description) and more facts (backbones: preprocessing, layers, weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List what the installed plugins register of one kind."""
@@ -162,23 +183,30 @@ def list_command(
         typer.echo(f"no {kind} installed")
     for row in rows:
         typer.echo(f"{row['name']:<28} {row['summary']}  [{row['plugin']}]")
+        for option in row.get("options", []):
+            typer.echo(f"    --set {row['name']}.{option['name']}=…  default {json.dumps(option['default'])}; {option['allowed']}")
+            typer.echo(f"        {option['description']}")
         for key, value in row.items():
-            if key not in ("name", "summary", "plugin"):
+            if key not in ("name", "summary", "plugin", "options"):
                 typer.echo(f"    {key}: {json.dumps(value, default=str)}")
 
 
 def _details(kind: str, name: str, entry) -> dict:
+    from vad.options import describe_options
+
     cls = entry.load()
+    facts: dict = {"options": describe_options(cls.Options)}
+    if kind == "detectors":
+        facts.update(input=cls.input, produces_maps=cls.produces_maps)
+    if kind == "ensemblers":
+        from vad.contracts import ScoreEnsembler
+
+        facts["level"] = "score" if issubclass(cls, ScoreEnsembler) else "feature"
     if kind != "backbones":
-        from vad.contracts import Detector
-
-        facts = {}
-        if isinstance(cls, type) and issubclass(cls, Detector):
-            facts = {"input": cls.input, "produces_maps": cls.produces_maps}
         return facts
-    from vad.model import create_backbone
+    from vad.build import create_backbone
 
-    facts = {"weights_offline": cls.weights_source(name)}
+    facts["weights_offline"] = cls.weights_source(name)
     try:
         # built without weights only to read its layers and preprocessing: its "weights" fact
         # would describe that throw-away instance, so it is left out

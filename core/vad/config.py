@@ -13,20 +13,36 @@ from pathlib import Path
 from typing import Any
 
 from vad.errors import VadError
+from vad.options import Options, option
 
-#: Feature-level fusion without explicit backbones uses these members (weights ship offline).
-DEFAULT_ENSEMBLE_BACKBONES = ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
-DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+#: What a run uses when the user names nothing, and how tables are ordered: the only plugin
+#: names the core holds (the first-party plugins'; the backbones' weights ship offline). A
+#: feature-level ensemble without explicit backbones fuses ``ensemble_backbones``.
+DEFAULTS: dict[str, Any] = {
+    "dataset": "demo",
+    "detector": "patchcore",
+    "backbone": "tf_efficientnet_lite0",
+    "ensemble_backbones": ("tf_efficientnet_lite0", "tf_efficientnet_lite2"),
+    "threshold": "k-sigma",
+    # metric columns that lead the `vad bench` table, in this order (the others follow by name)
+    "table_metrics": ("image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"),
+}
+
+
+class ReportOptions(Options):
+    """Options of the run report (``--set report.KEY=VALUE``)."""
+
+    max_overlays: int = option(32, "Overlay strips per category: every defective image, then the highest-scoring good ones (0: all).", ge=0)
 
 
 @dataclass
 class RunConfig:
     """Everything ``vad run`` needs; written resolved to the run folder as ``config.yaml``."""
 
-    dataset: str = "demo"
+    dataset: str = DEFAULTS["dataset"]
     root: str | None = None
     categories: list[str] = field(default_factory=list)
-    detectors: list[str] = field(default_factory=lambda: ["patchcore"])
+    detectors: list[str] = field(default_factory=lambda: [DEFAULTS["detector"]])
     backbones: list[str] = field(default_factory=list)
     ensemble: str | None = None
     layers: list[str] | None = None
@@ -35,7 +51,7 @@ class RunConfig:
     target_dim: int | None = None
     weights: str | None = None
     pretrained: bool = True
-    threshold: str = "k-sigma"
+    threshold: str = DEFAULTS["threshold"]
     metrics: list[str] | None = None
     validation_fraction: float = 0.2
     sigma: float = 4.0
@@ -47,16 +63,10 @@ class RunConfig:
     skip_bad: bool = False
     save_maps: bool = False
     report: bool = True
+    #: Trained detectors write a resumable checkpoint at the end of an epoch this often (0:
+    #: every epoch); ``vad run --resume RUN_FOLDER`` continues from it.
+    checkpoint_minutes: float = 5.0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def resolved_backbones(self) -> list[str]:
-        """The backbones used: explicit ones, or the offline defaults."""
-        if self.backbones:
-            return list(self.backbones)
-        return list(DEFAULT_ENSEMBLE_BACKBONES) if self._feature_ensemble_hint() else [DEFAULT_BACKBONE]
-
-    def _feature_ensemble_hint(self) -> bool:
-        return self.ensemble is not None and not self.ensemble.startswith(("score-", "rank-", "weighted"))
 
     def options_for(self, name: str | None) -> dict[str, Any]:
         """The ``options`` given for a registered name."""
@@ -77,10 +87,10 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
     options: dict[str, dict[str, Any]] = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
-        name, dot, option = key.rpartition(".")
-        if not sep or not dot or not name or not option:
-            raise VadError(f"--set expects NAME.KEY=VALUE (e.g. patchcore.coreset_ratio=0.01), got {assignment!r}")
-        options.setdefault(name, {})[option] = yaml.safe_load(raw) if raw else None
+        name, dot, option_name = key.rpartition(".")
+        if not sep or not dot or not name or not option_name:
+            raise VadError(f"--set expects NAME.KEY=VALUE (e.g. {DEFAULTS['detector']}.seed=1), got {assignment!r}")
+        options.setdefault(name, {})[option_name] = yaml.safe_load(raw) if raw else None
     return options
 
 
@@ -131,4 +141,6 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         raise VadError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
     if config.batch_size < 1:
         raise VadError(f"batch_size must be at least 1, got {config.batch_size}")
+    if not config.checkpoint_minutes >= 0:
+        raise VadError(f"checkpoint_minutes must be >= 0, got {config.checkpoint_minutes}")
     return config

@@ -14,8 +14,12 @@ Conventions every implementation follows:
 * Higher scores mean more anomalous.
 * Fitted state is a :class:`State`: JSON-safe ``meta`` plus named tensors. vad writes it as
   ``model.json`` + ``*.safetensors`` (never pickle) with atomic renames; see :mod:`vad.artifacts`.
-* Constructor keyword arguments are the hyper-parameters: ``hparams`` returns them JSON-safe
-  so ``cls(**obj.hparams)`` followed by ``load_state`` rebuilds a fitted object.
+* Every registered class declares its hyper-parameters once, in a nested ``Options`` class
+  (:mod:`vad.options`); the constructor takes exactly those as keyword arguments, validates
+  them, and keeps them in ``self.options``. ``hparams`` returns them JSON-safe, so
+  ``cls(**obj.hparams)`` followed by ``load_state`` rebuilds a fitted object.
+* ``tiny_options`` are the options :mod:`vad.testing`'s conformance kit uses on its tiny data
+  set (one epoch, small widths): every registered class is run through the kit with them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from vad.options import Configurable, Options, option
+
 if TYPE_CHECKING:  # heavy imports only for type checkers
+    from pathlib import Path
+
     import numpy as np
     import torch
 
@@ -164,23 +172,14 @@ class FeatureInfo:
 # ----------------------------------------------------------------- fitted components
 
 
-class Component(abc.ABC):
-    """Base of everything a model folder stores: hyper-parameters, device, fitted state.
+class Component(Configurable, abc.ABC):
+    """Base of everything a model folder stores: declared options, device, fitted state.
 
-    Subclasses set ``name`` (the registered name) and keep their constructor's keyword
-    arguments in ``self._hparams`` (or override :attr:`hparams`).
+    Subclasses set ``name`` (the registered name) and nest their ``Options`` declaration.
     """
 
-    name: ClassVar[str] = ""
     #: True when ``fit`` must run before ``predict`` / ``__call__``.
     requires_fit: ClassVar[bool] = True
-
-    _hparams: dict[str, Any]
-
-    @property
-    def hparams(self) -> dict[str, Any]:
-        """JSON-safe constructor keyword arguments."""
-        return dict(getattr(self, "_hparams", {}))
 
     @property
     def device(self) -> torch.device:
@@ -209,10 +208,24 @@ class Backbone(Component):
 
     Constructed as ``cls(model_name, **options)``; ``preprocessing`` states what its input must
     look like (from the network's pretrained config) and ``feature_info`` what it returns.
+    Every backbone accepts ``pretrained`` and ``weights`` (``--no-pretrained``, ``--weights``).
     """
 
+    role = "backbone"
     requires_fit = False
     preprocessing: Preprocessing
+
+    class Options(Options):
+        pretrained: bool = option(True, "Load pretrained weights; false: random initialisation (said loudly in the report).")
+        weights: str | None = option(None, "A local weights file (.safetensors or .pth) used instead of the packaged or hub weights.")
+
+    #: The model the conformance kit builds for this class's own entry when that entry is a
+    #: family (``--backbone timm:MODEL``) rather than a model; None: the class has no family entry.
+    tiny_model: ClassVar[str | None] = None
+
+    def __init__(self, model_name: str, **options: Any) -> None:
+        self.model_name = model_name
+        super().__init__(**options)
 
     @abc.abstractmethod
     def feature_info(self) -> list[FeatureInfo]:
@@ -255,6 +268,7 @@ class FeatureSource(Component):
     called with the training images before any ``__call__``.
     """
 
+    role = "feature source"
     requires_fit = False
     preprocessing: Preprocessing
 
@@ -284,13 +298,24 @@ class Detector(Component):
     skips pixel metrics and says so in the report.
     """
 
+    role = "detector"
     input: ClassVar[Literal["features", "images"]] = "features"
     produces_maps: ClassVar[bool] = True
-    #: How many times ``fit`` iterates its batches (epochs); above 1, vad caches the inputs in
-    #: memory within a budget instead of recomputing backbone features every pass.
-    training_passes: ClassVar[int] = 1
+    #: How many times ``fit`` iterates its batches (epochs); above 1, vad caches the inputs
+    #: (images or features) in memory within a budget instead of decoding images and
+    #: recomputing backbone features every pass.
+    training_passes: int = 1
     #: For ``input == "images"``: how images must be prepared.
     preprocessing: Preprocessing | None = None
+    #: The image AUROC this detector reaches at least on :mod:`vad.testing`'s tiny data set
+    #: with ``tiny_options``; the conformance kit checks it. None: no claim (e.g. a method that
+    #: needs more training than a test can afford).
+    tiny_image_auroc: ClassVar[float | None] = 0.9
+
+    @property
+    @abc.abstractmethod
+    def fitted(self) -> bool:
+        """True once ``fit`` or ``load_state`` ran."""
 
     @abc.abstractmethod
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
@@ -300,8 +325,8 @@ class Detector(Component):
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Scores ``[B]`` and maps ``[B, h, w]`` (or None) for one batch."""
 
-    def feature_source(self) -> FeatureSource | None:
-        """A FeatureSource built on this fitted detector's internals, if it offers one."""
+    def feature_source(self, **options: Any) -> DetectorFeatures | None:
+        """A :class:`DetectorFeatures` over this detector's internals, if it offers one."""
         return None
 
     def export_module(self) -> torch.nn.Module | None:
@@ -310,18 +335,91 @@ class Detector(Component):
         return None
 
 
-class Dataset(abc.ABC):
+class DetectorFeatures(FeatureSource):
+    """A detector's learned features as a FeatureSource (``--backbone detector:NAME``): seed
+    000's heterogeneous fusion of different trained methods.
+
+    Built by :meth:`Detector.feature_source` with the source's own options (e.g. which layers);
+    vad saves it as the detector's name and options plus these options, and rebuilds it as
+    ``cls(**detector_options).feature_source(**options)`` followed by ``load_state``. Fitting
+    the source trains the detector when it is not fitted yet; its state is the detector's.
+    """
+
+    kind: ClassVar[str] = "detector-features"
+
+    def __init__(self, detector: Detector, **options: Any) -> None:
+        super().__init__(**options)
+        self.detector = detector
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The detector's options and this source's."""
+        return {"detector": self.detector.hparams, **self.options.to_dict()}
+
+    def config(self) -> dict[str, Any]:
+        """``{"kind": "detector-features", "detector": NAME, "hparams": ...}``."""
+        return {"kind": self.kind, "detector": self.detector.name, "hparams": self.hparams}
+
+    @property
+    def requires_fit(self) -> bool:  # type: ignore[override]
+        """True until the detector is fitted."""
+        return not self.detector.fitted
+
+    @property
+    def preprocessing(self) -> Preprocessing:  # type: ignore[override]
+        """The detector's preprocessing."""
+        assert self.detector.preprocessing is not None, "a detector's features read images"
+        return self.detector.preprocessing
+
+    @property
+    def device(self) -> torch.device:
+        """The detector's device."""
+        return self.detector.device
+
+    def to(self, device: torch.device | str) -> DetectorFeatures:
+        """Move the detector."""
+        self.detector.to(device)
+        return self
+
+    def fit(self, images: Iterable[torch.Tensor]) -> None:
+        """Train the detector on normal images unless it is fitted."""
+        if not self.detector.fitted:
+            self.detector.fit(images)
+
+    def state(self) -> State:
+        """The detector's state."""
+        return self.detector.state()
+
+    def load_state(self, state: State) -> None:
+        """Restore the detector's state."""
+        self.detector.load_state(state)
+
+
+class Dataset(Configurable, abc.ABC):
     """A data set in its official on-disk layout under ``root``.
 
     ``load`` returns a category's :class:`DataSplits`; samples decode lazily. Missing or
-    malformed layouts raise :class:`vad.errors.VadError` naming what was expected.
+    malformed layouts raise :class:`vad.errors.VadError` naming what was expected. Every data
+    set takes the run's ``validation_fraction``, ``seed`` and ``skip_bad``.
     """
 
-    name: ClassVar[str] = ""
+    role = "data set"
+
+    class Options(Options):
+        validation_fraction: float = option(0.2, "Share of normal training images held out for thresholds and calibration.", ge=0, lt=1)
+        seed: int = option(0, "Seed of the validation split.")
+        skip_bad: bool = option(False, "Skip unreadable files and list them, instead of stopping.")
 
     def __init__(self, root: str | None = None, **options: Any) -> None:
         self.root = root
-        self.options = options
+        super().__init__(**options)
+
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """Write a tiny example of this data set's on-disk layout under ``folder`` (a few small
+        images, masks where the layout has them) and return the ``root`` to pass; None when the
+        data set needs no root. The conformance kit checks the data set on it."""
+        raise NotImplementedError(f"data set {cls.name!r} does not implement tiny_layout(), so vad.testing cannot check it")
 
     @abc.abstractmethod
     def categories(self) -> list[str]:
@@ -332,14 +430,14 @@ class Dataset(abc.ABC):
         """Samples of ``category`` split into train / validation / test."""
 
 
-class Augmentation(abc.ABC):
+class Augmentation(Configurable, abc.ABC):
     """An image or feature transform, or a synthetic-anomaly generator.
 
     ``target`` is ``"image"`` (``[B, 3, H, W]`` in [0, 1]) or ``"feature"`` (``[B, C, h, w]``).
     Generators return the anomaly mask ``[B, 1, H, W]`` in [0, 1]; plain transforms return None.
     """
 
-    name: ClassVar[str] = ""
+    role = "augmentation"
     target: ClassVar[Literal["image", "feature"]] = "image"
 
     @abc.abstractmethod
@@ -350,21 +448,21 @@ class Augmentation(abc.ABC):
 class FeatureEnsembler(FeatureSource):
     """A FeatureSource fusing the grids of several member sources (``cls(members, **options)``)."""
 
-    kind: ClassVar[str] = "feature"
+    role = "ensembler"
+
+    def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
+        super().__init__(**options)
+        self.members = list(members)
 
 
-class ScoreEnsembler(abc.ABC):
+class ScoreEnsembler(Configurable, abc.ABC):
     """Fuses the predictions of several fitted detectors.
 
     ``calibrate`` sees each member's predictions on held-out *training normals* (never test
     data); ``combine`` fuses one batch of member predictions into one Prediction.
     """
 
-    name: ClassVar[str] = ""
-    kind: ClassVar[str] = "score"
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options
+    role = "ensembler"
 
     @abc.abstractmethod
     def calibrate(self, member_predictions: Sequence[Prediction]) -> None:
@@ -382,18 +480,18 @@ class ScoreEnsembler(abc.ABC):
         """Restore calibration statistics."""
 
 
-class Threshold(abc.ABC):
+class Threshold(Configurable, abc.ABC):
     """Chooses the decision threshold on validation scores.
 
     ``needs_anomalous`` is True when the rule needs anomalous validation samples (F1-optimal);
     vad refuses such a rule on normal-only validation data instead of degenerating.
     """
 
-    name: ClassVar[str] = ""
+    role = "threshold"
     needs_anomalous: ClassVar[bool] = False
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options
+    #: False for rules that ignore the validation scores (a fixed value): vad then fits them
+    #: without validation images.
+    needs_validation: ClassVar[bool] = True
 
     @abc.abstractmethod
     def fit(self, scores: np.ndarray, labels: np.ndarray) -> float:
@@ -413,18 +511,32 @@ class EvaluationData:
     pixel_threshold: float | None = None
 
 
-class Metric(abc.ABC):
+@dataclass
+class Curve:
+    """A curve behind a metric, for the report to draw: the metric's own points, not a re-computation.
+
+    ``x`` ascends; ``x_limit`` is the integration limit to mark (None: the whole curve);
+    ``label`` names the area shown in the legend (e.g. ``"AUROC 0.9731"``).
+    """
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    x_label: str
+    y_label: str
+    label: str = ""
+    x_limit: float | None = None
+
+
+class Metric(Configurable, abc.ABC):
     """A number (or a few named numbers) computed from :class:`EvaluationData`.
 
     ``level`` is ``"image"`` or ``"pixel"``; pixel metrics are skipped for detectors without
     maps or data without masks. ``applicable`` may refuse other cases with a reason.
     """
 
-    name: ClassVar[str] = ""
+    role = "metric"
     level: ClassVar[Literal["image", "pixel"]] = "image"
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options
 
     def applicable(self, data: EvaluationData) -> str | None:
         """None if the metric can be computed, else the reason it cannot."""
@@ -434,3 +546,7 @@ class Metric(abc.ABC):
     def compute(self, data: EvaluationData) -> float | dict[str, float]:
         """The value, or a dict of full metric names to values for metrics with parts
         (``{"au_spro": …, "au_spro_structural": …, "au_spro_logical": …}``)."""
+
+    def curves(self, data: EvaluationData) -> list[Curve]:
+        """The curves this metric integrates (ROC, PRO, ...), drawn by the report; none by default."""
+        return []

@@ -73,7 +73,7 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
         raise VadError(
             f"this model fuses {len(model.members)} detectors with a score-level ensemble "
             f"({model.ensembler_name}); ONNX export covers single-detector models (feature-level "
-            "ensembles such as pca-global are fine): export each member's model separately"
+            "ensembles are fine): export each member's model separately"
         )
     member = model.members[0]
     head = member.detector.export_module()

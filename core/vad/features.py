@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from vad.contracts import Backbone, FeatureSource
 from vad.errors import VadError
+from vad.options import option
 
 
 def channel_pool(features: torch.Tensor, dim: int) -> torch.Tensor:
@@ -57,40 +58,36 @@ class PatchFeatures(FeatureSource):
     name = "patch-features"
     requires_fit = False
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        layers: Sequence[str] | None = None,
-        aggregation: int = 3,
-        layer_dim: int | None = None,
-        target_dim: int | None = None,
-    ) -> None:
-        if aggregation < 1 or aggregation % 2 == 0:
-            raise VadError(f"aggregation must be an odd size >= 1, got {aggregation}")
+    class Options(FeatureSource.Options):
+        layers: list[str] | None = option(None, "Backbone layers (names or positions); default: the stride-8 and stride-16 stages.")
+        aggregation: int = option(3, "Local neighbourhood aggregation size k x k (1: off; PatchCore: 3).", ge=1, rule=(lambda v: v % 2 == 1, "odd"))
+        layer_dim: int | None = option(None, "Per-layer channel reduction by adaptive average pooling (official pretrain_embed_dimension).", ge=1)
+        target_dim: int | None = option(None, "Projection of the concatenation by adaptive average pooling (official target_embed_dimension).", ge=1)
+
+    def __init__(self, backbone: Backbone, **options: Any) -> None:
+        super().__init__(**options)
         self.backbone = backbone
-        self.layers = [backbone.resolve_layer(layer) for layer in layers] if layers else default_layers(backbone)
+        requested = self.options.layers
+        layers = [backbone.resolve_layer(layer) for layer in requested] if requested else default_layers(backbone)
         known = {f.name: f for f in backbone.feature_info()}
-        missing = [layer for layer in self.layers if layer not in known]
+        missing = [layer for layer in layers if layer not in known]
         if missing:
             raise VadError(
                 f"backbone {backbone.name!r} has no layer {missing[0]!r}; it offers "
                 f"{', '.join(f'{n} (stride {f.stride})' for n, f in known.items())}"
             )
-        self.aggregation = aggregation
-        self.layer_dim = layer_dim
-        self.target_dim = target_dim
-        self.stride = known[self.layers[0]].stride
-        self._deepest_stride = max(known[layer].stride for layer in self.layers)
-        channels = sum(layer_dim or known[layer].channels for layer in self.layers)
-        self._out_channels = target_dim or channels
+        self.options = self.options.replace(layers=layers)  # saved resolved: the same maps after reload
+        self.stride = known[layers[0]].stride
+        self._deepest_stride = max(known[layer].stride for layer in layers)
+        channels = sum(self.options.layer_dim or known[layer].channels for layer in layers)
+        self._out_channels = self.options.target_dim or channels
         self.preprocessing = backbone.preprocessing
-        self._hparams = {
-            "backbone": {"spec": getattr(backbone, "spec", backbone.name), "hparams": backbone.hparams},
-            "layers": self.layers,
-            "aggregation": aggregation,
-            "layer_dim": layer_dim,
-            "target_dim": target_dim,
-        }
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The options and the backbone (its spec and options) they apply to."""
+        backbone = {"spec": self.backbone.spec or self.backbone.name, "hparams": self.backbone.hparams}
+        return {"backbone": backbone, **self.options.to_dict()}
 
     @property
     def out_channels(self) -> int:
@@ -112,23 +109,24 @@ class PatchFeatures(FeatureSource):
         if min(images.shape[-2:]) < self._deepest_stride:
             raise VadError(
                 f"images of {tuple(images.shape[-2:])} px are smaller than the stride "
-                f"{self._deepest_stride} of layer set {self.layers}; use images of at least "
+                f"{self._deepest_stride} of layer set {self.options.layers}; use images of at least "
                 f"{self._deepest_stride} px (or shallower layers)"
             )
-        maps = self.backbone.forward_features(images, self.layers)
-        grid = maps[self.layers[0]].shape[-2:]
+        maps = self.backbone.forward_features(images, self.options.layers)
+        grid = maps[self.options.layers[0]].shape[-2:]
         aligned = []
-        for layer in self.layers:
-            # channels-last: the CPU pooling and interpolation kernels run ~5x faster on it (same
+        for layer in self.options.layers:
+            # channels-last: the CPU pooling and interpolation kernels are much faster on it (same
             # numbers), and the fused grid is then already [B, h, w, C] in memory, as detectors
             # flatten it to patch rows
             features = maps[layer].contiguous(memory_format=torch.channels_last)
-            if self.aggregation > 1:
-                features = F.avg_pool2d(features, self.aggregation, stride=1, padding=self.aggregation // 2)
-            if self.layer_dim:
-                features = channel_pool(features, self.layer_dim)
+            aggregation = self.options.aggregation
+            if aggregation > 1:
+                features = F.avg_pool2d(features, aggregation, stride=1, padding=aggregation // 2)
+            if self.options.layer_dim:
+                features = channel_pool(features, self.options.layer_dim)
             if features.shape[-2:] != grid:
                 features = F.interpolate(features, size=grid, mode="bilinear", align_corners=False)
             aligned.append(features)
         fused = torch.cat(aligned, dim=1)
-        return channel_pool(fused, self.target_dim) if self.target_dim else fused
+        return channel_pool(fused, self.options.target_dim) if self.options.target_dim else fused

@@ -3,10 +3,9 @@
 glibc serves each allocation above its mmap threshold (128 KiB at start, adapting up to 32 MiB)
 with a fresh ``mmap`` and unmaps it on ``free``; the top of the heap is trimmed back likewise.
 A network's activation tensors are of that size, so every forward pass maps new pages and takes
-a page fault on the first touch of each. Measured on this project's 2-core machines,
-``tf_efficientnet_lite0`` at 224 px, batch 8: 35 ms per image with glibc's defaults, 16 ms with
-the freed memory kept (``benchmarks/patchcore.py`` runs its workers this way for the same
-reason).
+a page fault on the first touch of each: that about doubles a CPU backbone's time (see
+``VAD_KEEP_HEAP`` in the README; ``benchmarks/patchcore.py`` runs its workers this way for the
+same reason).
 
 The price: memory that was freed stays in the process, so its resident size stays near its
 peak until it exits. That suits a command-line run, whose peak is what counts; a long-lived
@@ -56,5 +55,5 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     # M_MMAP_MAX = 0 rather than a huge M_MMAP_THRESHOLD: mallopt(3) documents a 32 MiB upper
     # limit for the threshold on 64-bit systems, and at 32 MiB the largest activations are
-    # still mapped per call (22.6 ms/image in the measurement above); M_MMAP_MAX has no limit
+    # still mapped per call; M_MMAP_MAX has no limit
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))

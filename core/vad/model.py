@@ -9,36 +9,23 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-import vad
 from vad import artifacts
-from vad.contracts import (
-    Backbone,
-    Detector,
-    FeatureSource,
-    Prediction,
-    Preprocessing,
-    Sample,
-    ScoreEnsembler,
-    State,
-    Threshold,
-)
+from vad.contracts import Detector, FeatureSource, Prediction, Preprocessing, Sample, ScoreEnsembler, Threshold
 from vad.errors import VadError
 from vad.images import BadImageError
-from vad.plugins import Registry, get_registry
+from vad.plugins import Registry
 from vad.postprocess import postprocess_maps
 from vad.preprocess import to_batch
 from vad.progress import track, warn
+from vad.training import CachedBatches, member_session
 
-#: Inputs cached between training passes of multi-pass detectors, at most this many bytes.
-FEATURE_CACHE_BYTES = 1 << 30
 #: Validation pixels used to fit a pixel threshold, at most (sampled with the run's seed).
 MAX_THRESHOLD_PIXELS = 2_000_000
 
@@ -66,57 +53,6 @@ def resolve_device(device: str) -> torch.device:
     elif resolved.type != "cpu":
         raise VadError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     return resolved
-
-
-# --------------------------------------------------------------------------- building
-
-
-def create_backbone(spec: str, registry: Registry | None = None, **options: Any) -> Backbone:
-    """``--backbone SPEC``: a registered name (``cls(SPEC)``) or ``family:model`` (``cls(model)``)."""
-    registry = registry or get_registry()
-    table = registry.entries("backbones")
-    if spec in table or ":" not in spec:
-        cls, model_name = registry.load_class("backbones", spec), spec
-    else:
-        family, _, model_name = spec.partition(":")
-        cls = registry.load_class("backbones", family)
-    backbone = cls(model_name, **options)
-    backbone.spec = spec
-    return backbone
-
-
-def build_feature_source(config: dict[str, Any], registry: Registry | None = None) -> FeatureSource:
-    """Rebuild a FeatureSource from its ``config()`` (patch features or a feature ensemble)."""
-    from vad.features import PatchFeatures
-
-    registry = registry or get_registry()
-    kind, hparams = config["kind"], dict(config["hparams"])
-    if kind == PatchFeatures.name:
-        backbone_config = hparams.pop("backbone")
-        backbone = create_backbone(backbone_config["spec"], registry, **backbone_config["hparams"])
-        return PatchFeatures(backbone, **hparams)
-    if kind == "detector-features":  # a trained detector's internals (DRAEM's encoder, ...)
-        detector = registry.load_class("detectors", config["detector"])(**hparams.pop("detector"))
-        return detector.feature_source(**hparams)
-    members = [build_feature_source(member, registry) for member in hparams.pop("members")]
-    return registry.load_class("ensemblers", kind)(members, **hparams)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
-
-
-def _provenance(registry: Registry, kind: str, name: str) -> dict[str, Any]:
-    entry = registry.entries(kind).get(name)
-    if entry is None:
-        return {"plugin": None, "distribution": None, "version": None}
-    return {"plugin": entry.plugin.name, "distribution": entry.plugin.distribution, "version": entry.plugin.version}
 
 
 # --------------------------------------------------------------------------- data flow
@@ -174,30 +110,27 @@ class ImageBatches:
 
 
 class SourceBatches:
-    """Re-iterable feature grids of image batches; cached in memory for multi-pass detectors."""
+    """Re-iterable feature grids of image batches (one backbone pass per iteration)."""
 
-    def __init__(self, images: Iterable[torch.Tensor], source: FeatureSource, cache: bool) -> None:
-        self.images, self.source, self.cache = images, source, cache
-        self._cached: list[torch.Tensor] | None = None
+    def __init__(self, images: Iterable[torch.Tensor], source: FeatureSource) -> None:
+        self.images, self.source = images, source
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._cached is not None:
-            yield from self._cached
-            return
-        collected: list[torch.Tensor] | None = [] if self.cache else None
-        used = 0
         for batch in self.images:
             with torch.inference_mode():
                 features = self.source(batch)
-            features = features.clone()  # usable outside inference mode (training heads)
-            if collected is not None:
-                used += features.numel() * features.element_size()
-                collected = collected + [features] if used <= FEATURE_CACHE_BYTES else None
-            yield features
-        self._cached = collected
+            yield features.clone()  # usable outside inference mode (training heads)
+
+
+def _thresholds_where(keep: Callable[[type], bool]) -> str:
+    """The registered threshold rules whose class ``keep`` accepts, for messages."""
+    from vad.plugins import get_registry
+
+    entries = get_registry().entries("thresholds")
+    return ", ".join(name for name, entry in sorted(entries.items()) if keep(entry.load())) or "none installed"
 
 
 # --------------------------------------------------------------------------- the model
@@ -260,7 +193,7 @@ class AnomalyModel:
         if not self.members:
             raise VadError("a model needs at least one detector")
         if len(self.members) > 1 and self.ensembler is None:
-            raise VadError("several detectors need a score-level ensemble (--ensemble score-mean, ...)")
+            raise VadError("several detectors need a score-level ensemble (--ensemble NAME; `vad list ensemblers --details` says each one's level)")
 
     @property
     def produces_maps(self) -> bool:
@@ -283,16 +216,15 @@ class AnomalyModel:
         if not train:
             raise VadError("the training set is empty: a detector needs normal training images")
         start = time.perf_counter()
-        for member in self.members:
+        for index, member in enumerate(self.members):
             seed_everything(self.seed)
             images = ImageBatches(train, member.preprocessing, self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad)
-            if member.source is not None:
-                if member.source.requires_fit:
-                    member.source.fit(images)
-                passes = getattr(member.detector, "training_passes", 1)
-                member.detector.fit(SourceBatches(images, member.source, cache=passes > 1))
-            else:
-                member.detector.fit(images)
+            with member_session(f"member{index}"):
+                if member.source is not None and member.source.requires_fit:
+                    with member_session("source"):
+                        member.source.fit(images)
+                inputs: Iterable[torch.Tensor] = images if member.source is None else SourceBatches(images, member.source)
+                member.detector.fit(CachedBatches(inputs) if member.detector.training_passes > 1 else inputs)
             self.skipped.extend(images.skipped)
         self.timings["fit_seconds"] = time.perf_counter() - start
         self._fit_thresholds(validation)
@@ -306,16 +238,20 @@ class AnomalyModel:
         if self.threshold is None:
             return
         if not validation:
-            raise VadError(
-                "no validation images to fit the threshold on: raise --validation-fraction above 0, "
-                "or use --threshold manual --set manual.value=…"
-            )
+            if self.threshold.needs_validation:
+                raise VadError(
+                    "no validation images to fit the threshold on: raise --validation-fraction above 0, or use a "
+                    f"threshold that needs none ({_thresholds_where(lambda cls: not cls.needs_validation)})"
+                )
+            empty = np.zeros(0)
+            self.image_threshold = self.pixel_threshold = float(self.threshold.fit(empty, empty.astype(np.int64)))
+            return
         labels = np.array([s.label for s in validation])
         if self.threshold.needs_anomalous and not labels.any():
             raise VadError(
                 f"threshold {self.threshold_name!r} needs anomalous validation images, but the validation "
                 "split holds only normal images; use a threshold that fits normal-only data "
-                "(max, quantile, k-sigma) or manual"
+                f"({_thresholds_where(lambda cls: not cls.needs_anomalous)})"
             )
         scores, pixel_values, pixel_labels = [], [], []
         rng = np.random.default_rng(self.seed)
@@ -377,88 +313,17 @@ class AnomalyModel:
 
     # ------------------------------------------------------------------ save / load
 
-    def save(self, folder: str | Path, registry: Registry | None = None, extra: dict[str, Any] | None = None) -> Path:
+    def save(self, folder: str | Path, registry: Registry | None = None) -> Path:
         """Write the model folder atomically (``model.json`` + ``tensors.safetensors``)."""
-        registry = registry or get_registry()
-        tensors: dict[str, torch.Tensor] = {}
-        members_json = []
-        for index, member in enumerate(self.members):
-            detector_state = member.detector.state()
-            tensors.update(artifacts.prefixed(f"member{index}/detector", detector_state.tensors))
-            entry: dict[str, Any] = {
-                "detector": {
-                    "name": member.detector_name,
-                    **_provenance(registry, "detectors", member.detector_name),
-                    "hparams": _json_safe(member.detector.hparams),
-                    "meta": _json_safe(detector_state.meta),
-                },
-                "preprocessing": member.preprocessing.to_dict(),
-            }
-            if member.source is not None:
-                source_state = member.source.state()
-                tensors.update(artifacts.prefixed(f"member{index}/source", source_state.tensors))
-                entry["source"] = {**_json_safe(member.source.config()), "meta": _json_safe(source_state.meta)}
-            members_json.append(entry)
-        document: dict[str, Any] = {
-            "vad_version": vad.__version__,
-            "members": members_json,
-            "postprocess": {"sigma": self.sigma},
-            "threshold": {
-                "name": self.threshold_name,
-                "options": _json_safe(self.threshold.options) if self.threshold is not None else {},
-                "image": self.image_threshold,
-                "pixel": self.pixel_threshold,
-            },
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-        }
-        if self.ensembler is not None:
-            state = self.ensembler.state()
-            tensors.update(artifacts.prefixed("ensembler", state.tensors))
-            document["ensembler"] = {
-                "name": self.ensembler_name,
-                **_provenance(registry, "ensemblers", self.ensembler_name or ""),
-                "options": _json_safe(self.ensembler.options),
-                "meta": _json_safe(state.meta),
-            }
-        if extra:
-            document.update(_json_safe(extra))
+        from vad.build import model_document
+
+        document, tensors = model_document(self, registry)
         return artifacts.write_model_folder(folder, document, tensors)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu", registry: Registry | None = None) -> AnomalyModel:
         """Rebuild a saved model (plugins must be installed); nothing is refitted."""
-        registry = registry or get_registry()
+        from vad.build import model_from_document
+
         document, tensors = artifacts.read_model_folder(folder)
-        members = []
-        for index, entry in enumerate(document["members"]):
-            info = entry["detector"]
-            detector = registry.load_class("detectors", info["name"])(**info["hparams"])
-            detector.load_state(State(info.get("meta", {}), artifacts.unprefixed(f"member{index}/detector", tensors)))
-            source = None
-            if "source" in entry:
-                source = build_feature_source(entry["source"], registry)
-                source.load_state(State(entry["source"].get("meta", {}), artifacts.unprefixed(f"member{index}/source", tensors)))
-            members.append(Member(info["name"], detector, source))
-        ensembler = None
-        ensembler_info = document.get("ensembler")
-        if ensembler_info:
-            ensembler = registry.load_class("ensemblers", ensembler_info["name"])(**ensembler_info["options"])
-            ensembler.load_state(State(ensembler_info.get("meta", {}), artifacts.unprefixed("ensembler", tensors)))
-        threshold_info = document.get("threshold", {})
-        threshold = None
-        if threshold_info.get("name"):
-            threshold = registry.load_class("thresholds", threshold_info["name"])(**threshold_info.get("options", {}))
-        model = cls(
-            members,
-            ensembler=ensembler,
-            ensembler_name=ensembler_info["name"] if ensembler_info else None,
-            threshold=threshold,
-            threshold_name=threshold_info.get("name"),
-            sigma=document.get("postprocess", {}).get("sigma", 4.0),
-            batch_size=document.get("batch_size", 8),
-            seed=document.get("seed", 0),
-            image_threshold=threshold_info.get("image"),
-            pixel_threshold=threshold_info.get("pixel"),
-        )
-        return model.to(torch.device(device))
+        return model_from_document(document, tensors, registry).to(torch.device(device))

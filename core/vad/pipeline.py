@@ -8,8 +8,9 @@ and per category ``<category>/model/`` (the fitted model folder) and ``<category
 from __future__ import annotations
 
 import csv
-import inspect
+import dataclasses
 import io
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,101 +21,14 @@ import numpy as np
 
 from vad import artifacts
 from vad.config import RunConfig
-from vad.contracts import DataSplits, Dataset, EvaluationData, FeatureSource, ScoreEnsembler
+from vad.build import backbone_specs, build_model, check_options, create_dataset
+from vad.contracts import DataSplits, Dataset, EvaluationData, Metric
 from vad.errors import VadError
-from vad.model import AnomalyModel, Member, Output, create_backbone, resolve_device, seed_everything
+from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
 from vad.results import table_with_mean, write_results_table
-
-
-def _with_seed(cls: type, options: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Pass the run's seed to constructors that take one, unless the user set it."""
-    if "seed" not in options and "seed" in inspect.signature(cls).parameters:
-        return {**options, "seed": seed}
-    return options
-
-
-#: ``--backbone detector:NAME`` makes a detector's learned features a member (``detector:draem``).
-DETECTOR_SOURCE_PREFIX = "detector:"
-
-
-def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
-    """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
-    cls = registry.load_class("detectors", name)
-    source = cls(**_with_seed(cls, config.options_for(name), config.seed)).feature_source()
-    if source is None:
-        raise VadError(f"detector {name!r} offers no feature source, so --backbone detector:{name} cannot use it")
-    return source
-
-
-def build_sources(config: RunConfig, registry: Registry) -> list[FeatureSource]:
-    """One patch-feature source per backbone (``detector:NAME``: that detector's features)."""
-    from vad.features import PatchFeatures
-
-    specs = config.resolved_backbones()
-    if config.weights and len(specs) > 1:
-        raise VadError("--weights names one file, but several backbones were chosen; give each its weights with --set BACKBONE.weights=PATH")
-    sources = []
-    for spec in specs:
-        if spec.startswith(DETECTOR_SOURCE_PREFIX):
-            sources.append(build_detector_source(spec[len(DETECTOR_SOURCE_PREFIX) :], config, registry))
-            continue
-        options = {"pretrained": config.pretrained, **config.options_for(spec)}
-        if config.weights:
-            options["weights"] = config.weights
-        backbone = create_backbone(spec, registry, **options)
-        sources.append(PatchFeatures(backbone, config.layers, config.aggregation, config.layer_dim, config.target_dim))
-    if not config.pretrained:
-        warn("backbones are RANDOMLY INITIALISED (--no-pretrained): scores are not meaningful for comparison")
-    return sources
-
-
-def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyModel:
-    """Compose the plugins named in ``config`` into an unfitted :class:`AnomalyModel`."""
-    registry = registry or get_registry()
-    registry.check()
-    detector_classes = {name: registry.load_class("detectors", name) for name in config.detectors}
-    ensembler_cls = registry.load_class("ensemblers", config.ensemble) if config.ensemble else None
-    score_level = ensembler_cls is not None and issubclass(ensembler_cls, ScoreEnsembler)
-    needs_features = any(cls.input == "features" for cls in detector_classes.values())
-    sources = build_sources(config, registry) if needs_features else []
-
-    if ensembler_cls is not None and not score_level:
-        sources = [ensembler_cls(sources, **config.options_for(config.ensemble))]
-    if not score_level and (len(config.detectors) > 1 or len(sources) > 1):
-        raise VadError(
-            "several detectors or backbones need an ensemble: --ensemble pca-global / pca-individual / "
-            "concat fuse backbones' features; --ensemble score-mean (score-max, rank-mean, weighted) fuses scores"
-        )
-
-    members = []
-    for name, cls in detector_classes.items():
-        for source in sources if cls.input == "features" else [None]:
-            detector = cls(**_with_seed(cls, config.options_for(name), config.seed))
-            members.append(Member(name, detector, source))
-    ensembler = ensembler_cls(**config.options_for(config.ensemble)) if score_level else None
-    if score_level and len(members) < 2:
-        raise VadError(f"--ensemble {config.ensemble} fuses several members; give two or more --detector or --backbone")
-    threshold_cls = registry.load_class("thresholds", config.threshold)
-    return AnomalyModel(
-        members,
-        ensembler=ensembler,
-        ensembler_name=config.ensemble if score_level else None,
-        threshold=threshold_cls(**config.options_for(config.threshold)),
-        threshold_name=config.threshold,
-        sigma=config.sigma,
-        batch_size=config.batch_size,
-        skip_bad=config.skip_bad,
-        seed=config.seed,
-    )
-
-
-def create_dataset(config: RunConfig, registry: Registry) -> Dataset:
-    """The dataset plugin with the run's root, validation fraction, seed and skip-bad policy."""
-    cls = registry.load_class("datasets", config.dataset)
-    options = {"validation_fraction": config.validation_fraction, "seed": config.seed, "skip_bad": config.skip_bad}
-    return cls(root=config.root, **{**options, **config.options_for(config.dataset)})
+from vad.training import session
 
 
 @dataclass
@@ -128,11 +42,15 @@ class CategoryResult:
     thresholds: dict[str, float | None] = field(default_factory=dict)
 
 
-def compute_metrics(data: EvaluationData, config: RunConfig, registry: Registry, produces_maps: bool) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Every registered (or chosen) metric that applies; the others with the reason they do not."""
+def compute_metrics(
+    data: EvaluationData, config: RunConfig, registry: Registry, produces_maps: bool
+) -> tuple[dict[str, float | None], dict[str, str], list[Metric]]:
+    """Every registered (or chosen) metric that applies; the others with the reason they do not;
+    and the metric objects that were computed (the report draws their curves)."""
     names = config.metrics or sorted(registry.entries("metrics"))
     values: dict[str, float | None] = {}
     skipped: dict[str, str] = {}
+    computed: list[Metric] = []
     for name in names:
         cls = registry.load_class("metrics", name)
         if cls.level == "pixel" and not produces_maps:
@@ -147,10 +65,11 @@ def compute_metrics(data: EvaluationData, config: RunConfig, registry: Registry,
             skipped[name] = reason
             continue
         value = metric.compute(data)
+        computed.append(metric)
         for key, number in (value.items() if isinstance(value, dict) else [(name, value)]):
             # NaN is not JSON and not a result: report it as missing
             values[key] = None if number is None or not np.isfinite(number) else float(number)
-    return values, skipped
+    return values, skipped, computed
 
 
 def evaluation_data(outputs: list[Output], model: AnomalyModel) -> EvaluationData:
@@ -218,14 +137,17 @@ def run_category(
     timings["predict_s"] = time.perf_counter() - start
     timings["predict_ms_per_image"] = 1000 * timings["predict_s"] / max(1, len(outputs))
     data = evaluation_data(outputs, model)
-    values, skipped = compute_metrics(data, config, registry, model.produces_maps)
+    values, skipped, computed = compute_metrics(data, config, registry, model.produces_maps)
     artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs))
     if model.skipped:
         warn(f"[{splits.category}] skipped {len(model.skipped)} unreadable image(s): " + ", ".join(s.path for s in model.skipped))
     if config.report:
         from vad.report import write_category_report
 
-        write_category_report(category_folder, data, outputs, model, config)
+        start = time.perf_counter()
+        curves = [curve for metric in computed for curve in metric.curves(data)]
+        write_category_report(category_folder, data, outputs, model, config, curves)
+        timings["report_s"] = time.perf_counter() - start
     return CategoryResult(
         splits.category,
         values,
@@ -235,12 +157,22 @@ def run_category(
     )
 
 
-def run(config: RunConfig, registry: Registry | None = None) -> tuple[Path, list[CategoryResult]]:
-    """Run every chosen category; returns the run folder and the results."""
+#: Per category, where trained detectors keep their resumable checkpoints until the model is saved.
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def run(config: RunConfig, registry: Registry | None = None, resume: bool = False) -> tuple[Path, list[CategoryResult]]:
+    """Run every chosen category; returns the run folder and the results.
+
+    With ``resume`` (``config.output`` an earlier run's folder): categories whose model was
+    saved are evaluated with it, an interrupted training continues from its last checkpoint,
+    and the remaining categories run as usual.
+    """
     import yaml
 
     registry = registry or get_registry()
     registry.check()
+    check_options(config, registry)
     dataset = create_dataset(config, registry)
     categories = config.categories or dataset.categories()
     if not categories:
@@ -250,17 +182,51 @@ def run(config: RunConfig, registry: Registry | None = None) -> tuple[Path, list
     resolve_device(config.device)
     seed_everything(config.seed)
     first_model = None if config.model else build_model(config, registry)
+    if first_model is not None and any(member.source is not None for member in first_model.members):
+        config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
     folder = Path(config.output) if config.output else default_output(config)
     folder.mkdir(parents=True, exist_ok=True)
     config.output = str(folder)
     artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     info(f"run folder: {folder}")
+    try:
+        results = _run_categories(config, dataset, categories, folder, registry, first_model, resume)
+    except KeyboardInterrupt as interrupt:
+        raise RunInterrupted(folder) from interrupt
+    return _finish(config, dataset, folder, results)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: what was written is whole (models are saved only when complete)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        super().__init__(
+            f"interrupted: no half-written model is left in {folder} (a category's model is saved only once "
+            f"it is complete); continue with `vad run --resume {folder}`"
+        )
+
+
+def _run_categories(config: RunConfig, dataset: Dataset, categories: list[str], folder: Path, registry: Registry, first_model: AnomalyModel | None, resume: bool) -> list[CategoryResult]:
     results = []
     for category in categories:
         splits = dataset.load(category)
         info(f"[{category}] {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test images")
-        results.append(run_category(config, splits, folder, registry, first_model))
+        saved = folder / category / "model"
+        if resume and not config.model and (saved / artifacts.MODEL_JSON).is_file():
+            info(f"[{category}] --resume: the model was saved before, evaluating it")
+            results.append(run_category(dataclasses.replace(config, model=str(saved)), splits, folder, registry))
+        else:
+            checkpoints = folder / category / CHECKPOINTS_DIR
+            with session(checkpoints, resume=resume, every_minutes=config.checkpoint_minutes):
+                results.append(run_category(config, splits, folder, registry, first_model))
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
         first_model = None
+    return results
+
+
+def _finish(config: RunConfig, dataset: Dataset, folder: Path, results: list[CategoryResult]) -> tuple[Path, list[CategoryResult]]:
+    """The run's tables, ``metrics.json`` and report."""
     per_category = {r.category: {**r.metrics, **{k: v for k, v in r.timings.items() if k != "predict_s"}} for r in results}
     write_results_table(folder, per_category)
     columns, rows = table_with_mean(per_category)

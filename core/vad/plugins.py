@@ -259,6 +259,20 @@ def reset_registry() -> None:
     _registry = None
 
 
+def plugin_registering(kind: str, *targets: Any) -> Any:
+    """A plugin object whose registration hook of ``kind`` registers ``targets`` (classes or
+    import paths): how tests and scripts register a component without writing a plugin module."""
+    if kind not in KINDS:
+        raise UnknownNameError("kind", kind, KINDS)
+
+    def register_all(register: Callable[..., None]) -> None:
+        for target in targets:
+            register(target)
+
+    register_all.__name__ = KINDS[kind]
+    return type("RegisteringPlugin", (), {KINDS[kind]: staticmethod(hookspecs.hookimpl(register_all))})()
+
+
 @contextmanager
 def registered(plugin: Any, name: str = "test-plugin") -> Iterator[Registry]:
     """Register ``plugin`` in the process-wide registry for the duration of the block.

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -54,8 +54,12 @@ def warn(message: str) -> None:
     Console(stderr=True, highlight=False).print(f"[bold yellow]warning:[/] {message}")
 
 
-def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar (rich), nothing (quiet) or a closing JSON record (json)."""
+def track(iterable: Iterable[T], description: str, total: int | None = None, status: Callable[[], str] | None = None) -> Iterator[T]:
+    """Iterate with a progress bar (rich), nothing (quiet) or JSON records (json).
+
+    ``status`` returns a short text shown after each item (e.g. the epoch's loss); in JSON mode
+    it is written with each item as a ``step`` record.
+    """
     mode = log_mode()
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
@@ -67,6 +71,8 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
         for item in iterable:
             count += 1
             yield item
+            if status is not None:
+                print(json.dumps({"event": "step", "task": description, "item": count, "status": status()}), file=sys.stderr, flush=True)
         print(
             json.dumps({"event": "done", "task": description, "items": count, "seconds": round(time.perf_counter() - start, 3)}),
             file=sys.stderr,
@@ -76,9 +82,9 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.console import Console
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=total, status="")
         for item in iterable:
             yield item
-            bar.advance(task)
+            bar.update(task, advance=1, status=status() if status is not None else "")

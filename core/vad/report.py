@@ -5,14 +5,15 @@ Per category (``<run>/<category>/report/``):
 * ``overlays/<n>-<defect>-<stem>.png``: one strip per chosen test image, panels
   original | ground truth | anomaly map over the image | predicted mask at the pixel threshold.
   Which images: every defective image and the highest-scoring good ones (the likely false
-  alarms), at most ``MAX_OVERLAYS`` in all (``--set report.max_overlays=N``; 0 = all); a
+  alarms), at most ``max_overlays`` in all (``--set report.max_overlays=N``, see
+  :class:`vad.config.ReportOptions`; 0 = all); a
   category with more defective images than that shows the lowest-scoring defective ones
   first (the likely misses) and then the rest in order of score, up to the cap.
-* ``roc.png`` (image level), ``pro.png`` (per-region overlap vs pixel FPR, integration limit
-  0.3 marked), ``histogram.png`` (scores of good vs defective test images, threshold marked).
-  The curves are drawn from the run's outputs with NumPy; the official numbers are those in
-  ``metrics.json``. For speed the PRO curve is drawn from maps subsampled to at most
-  ``PRO_PIXELS`` pixels in all (the area printed in its legend is therefore approximate).
+* ``<curve>.png``: one plot per curve name that the run's metrics offer
+  (:meth:`vad.contracts.Metric.curves`; e.g. ``roc.png`` and ``pro.png`` from vad-metrics), the
+  metric's own points with its label in the legend and its integration limit dashed. The
+  report knows no metric: it draws whatever :class:`vad.contracts.Curve` it is given.
+* ``histogram.png``: scores of good vs defective test images, threshold marked.
 * ``index.json``: what was drawn, read by :func:`write_run_report`.
 
 With ``--save-maps``: ``<run>/anomaly_maps/<category>/test/<defect>/<image stem>.tiff``, float32
@@ -27,8 +28,14 @@ Colours of anomaly maps: the threshold sits at the middle of the colour scale, s
 means "above the pixel threshold" and a good image stays blue-green. The scale runs from the
 category's typical map minimum (median of per-image minima) to ``2 * threshold - minimum``;
 without a pixel threshold it spans the category's maps (minimum to 99th percentile of the
-per-image maxima). Plots use matplotlib's object API with its Agg canvas (no pyplot, so the
-caller's backend is left alone). Every write is atomic (:mod:`vad.artifacts`).
+per-image maxima).
+
+Speed: everything is drawn with NumPy and PIL (the heat-map colours are matplotlib's "jet"
+from a lookup table, the plots PIL line drawings; importing matplotlib alone would cost more
+than all of the plots), each plot once per category. The independent jobs (plots, each
+overlay strip from decoding its image to its PNG file, each TIFF map) run on a thread pool
+with one thread per core: PIL, zlib and file writes release the GIL. Every write is atomic
+(:mod:`vad.artifacts`). ``benchmarks/report.py`` times the report within a run.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
+import os
 import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,108 +57,15 @@ from vad import artifacts
 
 if TYPE_CHECKING:
     from vad.config import RunConfig
-    from vad.contracts import EvaluationData, Sample
+    from vad.contracts import Curve, EvaluationData
     from vad.model import AnomalyModel, Output
 
-#: Overlay strips per category unless ``--set report.max_overlays=N`` (0 = every test image).
-MAX_OVERLAYS = 32
-#: Pixels (all images together) used to draw the PRO curve.
-PRO_PIXELS = 4_000_000
 #: Height of each overlay panel in pixels.
 PANEL_HEIGHT = 192
-#: Integration limit of AU-PRO (false positive rate).
-PRO_FPR_LIMIT = 0.3
 REPORT_DIR = "report"
 INDEX_JSON = "index.json"
-
-
-# --------------------------------------------------------------------------- curves
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False and true positive rates at every distinct score (descending), and the thresholds.
-
-    Starts at (0, 0); ties are one step, as in scikit-learn. Needs both classes.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tps = np.cumsum(labels)[last_of_tie]
-    fps = (last_of_tie + 1) - tps
-    positives, negatives = max(labels.sum(), 1), max((~labels).sum(), 1)
-    fpr = np.r_[0.0, fps / negatives]
-    tpr = np.r_[0.0, tps / positives]
-    return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
-
-
-def trapezoid_area(x: np.ndarray, y: np.ndarray, limit: float | None = None) -> float:
-    """Area under ``y(x)`` (x ascending) up to ``limit``, interpolating the last segment."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if limit is not None:
-        inside = x <= limit
-        if not inside.all():
-            cut = int(np.argmin(inside))
-            if cut > 0:
-                x0, x1, y0, y1 = x[cut - 1], x[cut], y[cut - 1], y[cut]
-                y_at = y0 if x1 == x0 else y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-                x, y = np.r_[x[:cut], limit], np.r_[y[:cut], y_at]
-            else:
-                return 0.0
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
-
-
-def pro_curve(maps: list[np.ndarray], regions: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel FPR and mean per-region overlap for every threshold (exact, by sorting pixels).
-
-    ``regions[i]`` holds the bool masks of image ``i``'s defects (empty for good images); a
-    pixel outside every region of its image is a negative. Each region adds ``1 / area`` per
-    detected pixel, so the cumulative sum divided by the number of regions is the mean overlap.
-    """
-    values, negative, weight = [], [], []
-    count = 0
-    for anomaly_map, masks in zip(maps, regions):
-        inside = np.zeros(anomaly_map.shape, bool)
-        pixel_weight = np.zeros(anomaly_map.shape, np.float64)
-        for mask in masks:
-            area = mask.sum()
-            if area == 0:
-                continue
-            pixel_weight[mask] += 1.0 / area
-            inside |= mask
-            count += 1
-        values.append(anomaly_map.ravel())
-        negative.append(~inside.ravel())
-        weight.append(pixel_weight.ravel())
-    if count == 0:
-        raise ValueError("no defect regions: the PRO curve needs anomalous pixels")
-    values_all = np.concatenate(values)
-    order = np.argsort(-values_all, kind="mergesort")
-    negative_all = np.concatenate(negative)[order]
-    weight_all = np.concatenate(weight)[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(values_all[order])), values_all.size - 1]
-    fpr = np.cumsum(negative_all)[last_of_tie] / max(1, negative_all.sum())
-    pro = np.cumsum(weight_all)[last_of_tie] / count
-    return np.r_[0.0, fpr], np.r_[0.0, pro]
-
-
-def _regions_of(sample: Sample, mask: np.ndarray | None) -> list[np.ndarray]:
-    """Defect regions: LOCO annotations when given, else connected components of the mask."""
-    if sample.regions:
-        return [region.load_mask() for region in sample.regions]
-    if mask is None or not mask.any():
-        return []
-    try:
-        from scipy import ndimage
-    except ImportError:  # without scipy the whole mask counts as one region (curve only)
-        return [mask]
-    labelled, number = ndimage.label(mask, structure=np.ones((3, 3), int))
-    return [labelled == index for index in range(1, number + 1)]
-
-
-def _subsample(array: np.ndarray, step: int) -> np.ndarray:
-    return array[::step, ::step] if step > 1 else array
+#: The score histogram's plot name (file ``histogram.png``, key in ``index.json``).
+HISTOGRAM = "histogram"
 
 
 # --------------------------------------------------------------------------- images
@@ -161,16 +79,21 @@ def color_range(maps_min: float, maps_max: float, threshold: float | None) -> tu
     return float(maps_min), float(high)
 
 
+#: matplotlib's "jet" colour map: (positions, values) of the piecewise-linear red, green, blue.
+_JET_SEGMENTS = (
+    ((0.0, 0.35, 0.66, 0.89, 1.0), (0.0, 0.0, 1.0, 1.0, 0.5)),
+    ((0.0, 0.125, 0.375, 0.64, 0.91, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)),
+    ((0.0, 0.11, 0.34, 0.65, 1.0), (0.5, 1.0, 1.0, 0.0, 0.0)),
+)
+#: Its 256 colours as matplotlib tabulates them, RGB uint8.
+JET = (np.stack([np.interp(np.linspace(0.0, 1.0, 256), x, y) for x, y in _JET_SEGMENTS], axis=1) * 255).astype(np.uint8)
+
+
 def _colormap(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    try:
-        from matplotlib import colormaps
-    except ImportError as error:
-        from vad.errors import VadError
-
-        raise VadError("the heat-map overlays use matplotlib's colour maps: pip install matplotlib (or pass --no-report)") from error
-
+    """RGB uint8 colours of ``values`` on the jet scale from ``low`` to ``high`` (the same
+    colours as ``matplotlib.colormaps["jet"]``, without importing matplotlib)."""
     normalised = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
-    return (colormaps["jet"](normalised)[..., :3] * 255).astype(np.uint8)
+    return JET[np.minimum((normalised * len(JET)).astype(np.intp), len(JET) - 1)]
 
 
 def _resize(image: np.ndarray, height: int, nearest: bool = False) -> np.ndarray:
@@ -268,11 +191,12 @@ def overlay_strip(
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """PNG encoding of an RGB uint8 array."""
+    """PNG encoding of an RGB uint8 array at zlib's fastest level: at PIL's default level the
+    encoding of the overlays took most of the report's time, for files only about a fifth smaller."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -314,67 +238,244 @@ def choose_overlays(outputs: list[Output], limit: int) -> list[int]:
 
 # --------------------------------------------------------------------------- plots
 
+#: Plots are drawn this many times larger and then reduced: anti-aliased lines and text.
+SUPERSAMPLE = 2
+#: Plot sizes in pixels (width, height).
+CURVE_SIZE, HISTOGRAM_SIZE = (420, 400), (550, 400)
+#: matplotlib's "tab10" colours, given to the curves of one plot in turn.
+CURVE_COLORS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207))
+GOOD_COLOR, DEFECTIVE_COLOR, LIMIT_COLOR, BLACK = (44, 160, 44), (214, 39, 40), (128, 128, 128), (0, 0, 0)
+#: Opacity of histogram bars (good and defective bars overlap).
+BAR_ALPHA = 0.6
 
-def _figure_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
 
+def _font(size: int):
+    """PIL's built-in font (Aileron) at ``size`` output pixels; its one bitmap size on Pillow
+    older than 10.1 or without FreeType."""
+    from PIL import ImageFont
 
-def _figure(width: float, height: float):
-    """A matplotlib Figure and its axes, without pyplot: no global backend switch, no GUI."""
     try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        from vad.errors import VadError
-
-        raise VadError("the run report draws its plots with matplotlib: pip install matplotlib (or pass --no-report)") from error
-    figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
+        return ImageFont.load_default(size * SUPERSAMPLE)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
 
 
-def roc_png(scores: np.ndarray, labels: np.ndarray, category: str) -> bytes:
-    """Image-level ROC curve with its area."""
-    fpr, tpr, _ = roc_curve(scores, labels)
-    figure, axis = _figure(4.2, 4)
-    axis.plot(fpr, tpr, lw=2, label=f"AUROC {trapezoid_area(fpr, tpr):.4f}")
-    axis.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{category}: image ROC", xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right")
-    return _figure_png(figure)
+def _span(values: np.ndarray, padding: float = 0.03) -> tuple[float, float]:
+    """The range of the finite ``values``, widened by ``padding`` of its width on each side."""
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    margin = (high - low) * padding
+    return low - margin, high + margin
 
 
-def pro_png(fpr: np.ndarray, pro: np.ndarray, category: str) -> bytes:
-    """PRO curve with the FPR <= 0.3 integration limit and the normalised area."""
-    area = trapezoid_area(fpr, pro, PRO_FPR_LIMIT) / PRO_FPR_LIMIT
-    figure, axis = _figure(4.2, 4)
-    axis.plot(fpr, pro, lw=2, label=f"AU-PRO(0.3) ~ {area:.4f}")
-    axis.axvline(PRO_FPR_LIMIT, ls="--", c="grey", lw=1)
-    axis.set(xlabel="pixel false positive rate", ylabel="per-region overlap", title=f"{category}: PRO curve", xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right")
-    return _figure_png(figure)
+def _ticks(low: float, high: float, count: int = 5, integers: bool = False) -> list[tuple[float, str]]:
+    """Round values inside ``[low, high]`` (1, 2 or 5 times a power of ten apart, as close to
+    ``count`` of them as that allows; whole numbers only with ``integers``) and their labels."""
+    power = 10.0 ** math.floor(math.log10((high - low) / count))
+    step = min((m * power for m in (1, 2, 5, 10)), key=lambda step: abs((high - low) / step - count))
+    if integers:
+        step = max(1.0, round(step))
+    decimals = max(0, -math.floor(math.log10(step)))
+    return [(k * step, f"{k * step:.{decimals}f}") for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
 
 
-def histogram_png(scores: np.ndarray, labels: np.ndarray, threshold: float | None, category: str) -> bytes:
+def _along(points: np.ndarray, spacing: float) -> np.ndarray:
+    """Points every ``spacing`` pixels along a polyline: what it covers, for placing the legend."""
+    if len(points) < 2:
+        return points
+    distance = np.r_[0.0, np.cumsum(np.hypot(*np.diff(points, axis=0).T))]
+    steps = np.arange(0.0, distance[-1] + spacing, spacing)
+    return np.column_stack([np.interp(steps, distance, points[:, 0]), np.interp(steps, distance, points[:, 1])])
+
+
+class _Plot:
+    """One set of axes on a PIL canvas drawn ``SUPERSAMPLE`` times larger than the PNG (every
+    coordinate here is a canvas pixel); :meth:`png` adds the frame and the legend and reduces it."""
+
+    def __init__(self, size: tuple[int, int], x_range: tuple[float, float], y_range: tuple[float, float], title: str, x_label: str, y_label: str, integer_y: bool = False) -> None:
+        from PIL import Image, ImageDraw
+
+        scale = SUPERSAMPLE
+        self.canvas = Image.new("RGBA", (size[0] * scale, size[1] * scale), (255, 255, 255, 255))
+        self.draw = ImageDraw.Draw(self.canvas)
+        self.font, self.title_font = _font(11), _font(13)
+        self.line_height = self._size("Ag", self.font)[1]
+        self.x_range, self.y_range = x_range, y_range
+        x_ticks, y_ticks = _ticks(*x_range), _ticks(*y_range, integers=integer_y)
+        tick = 4 * scale
+        widest = max((self._size(label, self.font)[0] for _, label in y_ticks), default=0)
+        left = 4 * scale + self.line_height + 8 * scale + widest + tick + 3 * scale
+        self.box = (left, 30 * scale, self.canvas.width - 16 * scale, self.canvas.height - 2 * self.line_height - 18 * scale)
+        self.legend: list[tuple[str, tuple[int, ...], str]] = []
+        self.covered: list[np.ndarray] = []  # canvas points the data covers
+        self._axes(title, x_label, y_label, x_ticks, y_ticks, tick)
+
+    def x_pixels(self, x) -> np.ndarray:
+        left, _, right, _ = self.box
+        low, high = self.x_range
+        return left + (np.asarray(x, np.float64) - low) * (right - left) / (high - low)
+
+    def y_pixels(self, y) -> np.ndarray:
+        _, top, _, bottom = self.box
+        low, high = self.y_range
+        return bottom - (np.asarray(y, np.float64) - low) * (bottom - top) / (high - low)
+
+    def _size(self, text: str, font) -> tuple[int, int]:
+        left, top, right, bottom = self.draw.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    def _text(self, x: float, y: float, text: str, font, align_x: float = 0.5, align_y: float = 0.5) -> None:
+        """``text`` placed so that ``(x, y)`` lies at fractions ``(align_x, align_y)`` of its box."""
+        left, top, right, bottom = self.draw.textbbox((0, 0), text, font=font)
+        self.draw.text((x - left - align_x * (right - left), y - top - align_y * (bottom - top)), text, fill=BLACK, font=font)
+
+    def _axes(self, title: str, x_label: str, y_label: str, x_ticks, y_ticks, tick: int) -> None:
+        from PIL import Image, ImageDraw
+
+        scale = SUPERSAMPLE
+        left, top, right, bottom = self.box
+        grid = (232, 232, 232)
+        for value, label in x_ticks:
+            x = float(self.x_pixels(value))
+            self.draw.line([(x, top), (x, bottom)], fill=grid, width=scale)
+            self.draw.line([(x, bottom), (x, bottom + tick)], fill=BLACK, width=scale)
+            self._text(x, bottom + tick + 3 * scale, label, self.font, 0.5, 0.0)
+        for value, label in y_ticks:
+            y = float(self.y_pixels(value))
+            self.draw.line([(left, y), (right, y)], fill=grid, width=scale)
+            self.draw.line([(left - tick, y), (left, y)], fill=BLACK, width=scale)
+            self._text(left - tick - 3 * scale, y, label, self.font, 1.0, 0.5)
+        self._text((left + right) / 2, 15 * scale, title, self.title_font)
+        self._text((left + right) / 2, self.canvas.height - 6 * scale, x_label, self.font, 0.5, 1.0)
+        width, height = self._size(y_label, self.font)
+        text_left, text_top, _, _ = self.draw.textbbox((0, 0), y_label, font=self.font)
+        turned = Image.new("RGBA", (width + 2, height + 2), (255, 255, 255, 0))
+        ImageDraw.Draw(turned).text((-text_left, -text_top), y_label, fill=BLACK, font=self.font)
+        turned = turned.rotate(90, expand=True)
+        self.canvas.alpha_composite(turned, (4 * scale, max(0, int((top + bottom - turned.height) / 2))))
+
+    def line(self, x, y, color: tuple[int, int, int], label: str = "") -> None:
+        """A polyline through the finite points (consecutive points on one canvas pixel merged)."""
+        x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
+        finite = np.isfinite(x) & np.isfinite(y)
+        points = np.rint(np.column_stack([self.x_pixels(x[finite]), self.y_pixels(y[finite])])).astype(np.int64)
+        if not len(points):
+            return
+        points = points[np.r_[True, np.any(points[1:] != points[:-1], axis=1)]]
+        width = 2 * SUPERSAMPLE
+        if len(points) == 1:
+            (px, py), = points
+            self.draw.ellipse([px - width, py - width, px + width, py + width], fill=color)
+        else:
+            self.draw.line(points.ravel().tolist(), fill=color, width=width, joint="curve")
+        self.covered.append(_along(points.astype(np.float64), 6 * SUPERSAMPLE))
+        if label:
+            self.legend.append(("line", color, label))
+
+    def dashed_vline(self, x: float, color: tuple[int, int, int], label: str = "") -> None:
+        """A dashed vertical line across the axes at ``x``."""
+        _, top, _, bottom = self.box
+        position = float(self.x_pixels(x))
+        dash, gap = 6 * SUPERSAMPLE, 4 * SUPERSAMPLE
+        for start in range(int(top), int(bottom), dash + gap):
+            self.draw.line([(position, start), (position, min(start + dash, bottom))], fill=color, width=3)
+        self.covered.append(_along(np.array([[position, top], [position, bottom]], np.float64), 6 * SUPERSAMPLE))
+        if label:
+            self.legend.append(("dashed", color, label))
+
+    def bars(self, edges: np.ndarray, counts: np.ndarray, color: tuple[int, int, int], label: str) -> None:
+        """Histogram bars, ``BAR_ALPHA`` opaque over what is drawn already."""
+        from PIL import Image, ImageDraw
+
+        layer = Image.new("RGBA", self.canvas.size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        x, tops, base = self.x_pixels(edges), self.y_pixels(counts), float(self.y_pixels(0.0))
+        for x0, x1, top, count in zip(x[:-1], x[1:], tops, counts):
+            if count > 0:
+                draw.rectangle([x0, top, x1, base], fill=(*color, round(255 * BAR_ALPHA)))
+                self.covered.append(_along(np.array([[(x0 + x1) / 2, top], [(x0 + x1) / 2, base]]), 6 * SUPERSAMPLE))
+        self.canvas.alpha_composite(layer)
+        self.legend.append(("patch", tuple(round(c * BAR_ALPHA + 255 * (1 - BAR_ALPHA)) for c in color), label))
+
+    def _draw_legend(self) -> None:
+        """The legend in the corner of the axes that covers the fewest data points."""
+        scale = SUPERSAMPLE
+        pad, sample, gap, spacing = 6 * scale, 22 * scale, 6 * scale, 5 * scale
+        width = 2 * pad + sample + gap + max(self._size(label, self.font)[0] for _, _, label in self.legend)
+        height = 2 * pad + len(self.legend) * (self.line_height + spacing) - spacing
+        left, top, right, bottom = self.box
+        inset = 8 * scale
+        corners = [(right - inset - width, bottom - inset - height), (right - inset - width, top + inset), (left + inset, top + inset), (left + inset, bottom - inset - height)]
+        points = np.concatenate(self.covered) if self.covered else np.zeros((0, 2))
+
+        def covered(corner: tuple[float, float]) -> int:
+            x, y = corner
+            return int(np.count_nonzero((points[:, 0] >= x) & (points[:, 0] <= x + width) & (points[:, 1] >= y) & (points[:, 1] <= y + height)))
+
+        x, y = min(corners, key=covered)
+        self.draw.rounded_rectangle([x, y, x + width, y + height], radius=3 * scale, fill=(255, 255, 255), outline=(204, 204, 204), width=scale)
+        for row, (kind, color, label) in enumerate(self.legend):
+            middle = y + pad + row * (self.line_height + spacing) + self.line_height / 2
+            start = x + pad
+            if kind == "patch":
+                self.draw.rectangle([start, middle - 4 * scale, start + sample, middle + 4 * scale], fill=color)
+            elif kind == "dashed":
+                for offset in (0, 14 * scale):
+                    self.draw.line([(start + offset, middle), (start + offset + 8 * scale, middle)], fill=color, width=3)
+            else:
+                self.draw.line([(start, middle), (start + sample, middle)], fill=color, width=2 * scale)
+            self._text(start + sample + gap, middle, label, self.font, 0.0, 0.5)
+
+    def png(self) -> bytes:
+        """The finished plot (frame, legend) at its output size, PNG-encoded."""
+        self.draw.rectangle(self.box, outline=BLACK, width=SUPERSAMPLE)
+        if self.legend:
+            self._draw_legend()
+        return png_bytes(np.asarray(self.canvas.convert("RGB").reduce(SUPERSAMPLE)))
+
+
+def curves_png(curves: Sequence[Curve], title: str) -> bytes:
+    """Curves on one set of axes (labels and axis titles from the curves; the first curve's
+    axis titles), each with its label in the legend, their integration limits dashed."""
+    limits = sorted({curve.x_limit for curve in curves if curve.x_limit is not None})
+    xs = np.concatenate([np.asarray(curve.x, np.float64).ravel() for curve in curves] + [np.asarray(limits, np.float64)])
+    ys = np.concatenate([np.asarray(curve.y, np.float64).ravel() for curve in curves])
+    plot = _Plot(CURVE_SIZE, _span(xs), _span(ys), title, curves[0].x_label, curves[0].y_label)
+    for limit in limits:
+        plot.dashed_vline(limit, LIMIT_COLOR)
+    for number, curve in enumerate(curves):
+        plot.line(curve.x, curve.y, CURVE_COLORS[number % len(CURVE_COLORS)], curve.label)
+    return plot.png()
+
+
+def histogram_png(scores: np.ndarray, labels: np.ndarray, threshold: float | None, title: str) -> bytes:
     """Score histograms of good vs defective test images with the image threshold."""
+    scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels).astype(bool)
-    finite = scores[np.isfinite(scores)]
-    edges = np.histogram_bin_edges(np.r_[finite, [threshold] if threshold is not None else []], bins=30)
-    figure, axis = _figure(5.5, 4)
-    axis.hist(scores[~labels], bins=edges, alpha=0.6, color="tab:green", label=f"good ({(~labels).sum()})")
-    axis.hist(scores[labels], bins=edges, alpha=0.6, color="tab:red", label=f"defective ({labels.sum()})")
+    finite = np.isfinite(scores)
+    edges = np.histogram_bin_edges(np.r_[scores[finite], [threshold] if threshold is not None else []], bins=30)
+    good = np.histogram(scores[finite & ~labels], edges)[0]
+    defective = np.histogram(scores[finite & labels], edges)[0]
+    highest = max(int(good.max()), int(defective.max()), 1)
+    plot = _Plot(HISTOGRAM_SIZE, _span(edges, 0.02), (0.0, highest * 1.05), title, "anomaly score", "test images", integer_y=True)
+    plot.bars(edges, good, GOOD_COLOR, f"good ({int((~labels).sum())})")
+    plot.bars(edges, defective, DEFECTIVE_COLOR, f"defective ({int(labels.sum())})")
     if threshold is not None:
-        axis.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
-    axis.set(xlabel="anomaly score", ylabel="test images", title=f"{category}: scores")
-    axis.legend()
-    return _figure_png(figure)
+        plot.dashed_vline(threshold, BLACK, f"threshold {threshold:.4g}")
+    return plot.png()
+
+
+def curves_by_name(curves: Sequence[Curve]) -> dict[str, list[Curve]]:
+    """The curves grouped by name (one plot each), in the order the names first come."""
+    groups: dict[str, list[Curve]] = {}
+    for curve in curves:
+        groups.setdefault(curve.name, []).append(curve)
+    return groups
 
 
 # --------------------------------------------------------------------------- per category
-
-
-def _report_options(config: RunConfig) -> dict[str, Any]:
-    return config.options_for("report")
 
 
 def map_value_range(maps: list[np.ndarray], threshold: float | None) -> tuple[float, float]:
@@ -384,30 +485,54 @@ def map_value_range(maps: list[np.ndarray], threshold: float | None) -> tuple[fl
     return color_range(float(np.median(minima)), float(np.percentile(maxima, 99)), threshold)
 
 
-def write_maps(run_folder: Path, category: str, outputs: list[Output]) -> list[str]:
-    """Raw maps as float32 TIFF in the official evaluation layout; returns relative paths."""
-    written, used = [], set()
+def map_files(category: str, outputs: list[Output]) -> list[tuple[str, np.ndarray]]:
+    """Relative paths of the raw maps in the official evaluation layout, with the maps."""
+    files, used = [], set()
     for output in outputs:
         if output.map is None:
             continue
         defect = _safe_name(output.sample.defect_type or ("good" if not output.sample.label else "defect"))
-        stem = _stem(output.sample.path)
-        relative = f"anomaly_maps/{category}/test/{defect}/{stem}.tiff"
+        relative = f"anomaly_maps/{category}/test/{defect}/{_stem(output.sample.path)}.tiff"
         if relative in used:  # two sources with one stem (e.g. LOCO views): keep both
             relative = f"anomaly_maps/{category}/test/{defect}/{_safe_name(output.sample.path)}.tiff"
         used.add(relative)
-        artifacts.atomic_write_bytes(run_folder / relative, tiff_bytes(output.map))
-        written.append(relative)
-    return written
+        files.append((relative, output.map))
+    return files
 
 
-def write_category_report(folder: Path, data: EvaluationData, outputs: list[Output], model: AnomalyModel, config: RunConfig) -> None:
-    """Overlays, ROC / PRO curves, score histogram, raw TIFF maps (``--save-maps``), ``index.json``."""
+def _worker_count() -> int:
+    """One thread per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_drawing(path: Path, draw: Callable[..., bytes], *arguments: Any) -> None:
+    """Write ``draw(*arguments)`` to ``path`` (a thread-pool job: drawing, encoding, writing)."""
+    artifacts.atomic_write_bytes(path, draw(*arguments))
+
+
+def _write_overlay(
+    path: Path, output: Output, masks: Sequence[np.ndarray | None] | None, position: int, pixel_threshold: float | None, value_range: tuple[float, float], caption: str
+) -> None:
+    """One overlay strip, from decoding its image (once) to its PNG file; the ground truth is
+    ``masks[position]``, or the sample's own mask without ``masks``."""
+    image = output.sample.load_image()
+    truth = masks[position] if masks is not None else output.sample.load_mask()
+    if truth is None and not output.sample.label:  # a good image without a mask file: nothing to mark
+        truth = np.zeros(image.shape[:2], bool)
+    artifacts.atomic_write_bytes(path, png_bytes(overlay_strip(image, output.map, truth, pixel_threshold, value_range, caption)))
+
+
+def write_category_report(
+    folder: Path, data: EvaluationData, outputs: list[Output], model: AnomalyModel, config: RunConfig, curves: Sequence[Curve] = ()
+) -> None:
+    """Plots of the metrics' ``curves`` and of the scores, overlays, raw TIFF maps
+    (``--save-maps``) and ``index.json``; the files are drawn and written on a thread pool."""
     folder = Path(folder)
     category = folder.name
     report_folder = folder / REPORT_DIR
-    options = _report_options(config)
-    limit = int(options.get("max_overlays", MAX_OVERLAYS))
+    from vad.config import ReportOptions
+
+    limit = ReportOptions.parse(config.options_for("report"), owner="report").max_overlays
     index: dict[str, Any] = {
         "category": category,
         "images": len(outputs),
@@ -423,66 +548,57 @@ def write_category_report(folder: Path, data: EvaluationData, outputs: list[Outp
         index["notes"].append("no test image could be scored")
         artifacts.atomic_write_json(report_folder / INDEX_JSON, index)
         return
-    scores = np.array([o.score for o in outputs], np.float64)
-    labels = np.array([o.sample.label for o in outputs], np.int64)
-
-    plots: dict[str, str] = {}
-    if labels.min() != labels.max():
-        artifacts.atomic_write_bytes(report_folder / "roc.png", roc_png(scores, labels, category))
-        plots["roc"] = f"{REPORT_DIR}/roc.png"
-    else:
-        index["notes"].append("ROC curve left out: the test set holds one class only")
-    artifacts.atomic_write_bytes(report_folder / "histogram.png", histogram_png(scores, labels, model.image_threshold, category))
-    plots["histogram"] = f"{REPORT_DIR}/histogram.png"
-
+    if not curves:
+        index["notes"].append("no metric of this run offers a curve to draw")
     maps = [o.map for o in outputs] if model.produces_maps and all(o.map is not None for o in outputs) else None
-    masks = list(data.masks) if data.masks is not None else [o.sample.load_mask() for o in outputs]
-    if maps is not None:
-        total = sum(m.size for m in maps)
-        step = int(np.ceil(np.sqrt(total / PRO_PIXELS))) if total > PRO_PIXELS else 1
-        regions = [[_subsample(r, step) for r in _regions_of(o.sample, mask)] for o, mask in zip(outputs, masks)]
-        if any(regions):
-            fpr, pro = pro_curve([_subsample(m, step) for m in maps], regions)
-            artifacts.atomic_write_bytes(report_folder / "pro.png", pro_png(fpr, pro, category))
-            plots["pro"] = f"{REPORT_DIR}/pro.png"
-        else:
-            index["notes"].append("PRO curve left out: no pixel ground truth")
-    else:
+    if maps is None:
         index["notes"].append("the detector gives image scores only: no anomaly maps, overlays show the image alone")
-    index["plots"] = plots
-
     value_range = map_value_range(maps, model.pixel_threshold) if maps is not None else (0.0, 1.0)
     index["color_range"] = list(value_range)
-    for rank, position in enumerate(choose_overlays(outputs, limit)):
-        output = outputs[position]
-        sample = output.sample
-        decision = "n/a" if output.anomalous is None else ("ANOMALOUS" if output.anomalous else "good")
-        caption = f"{sample.defect_type}  score {output.score:.4g}  decision {decision}"
-        truth = masks[position]
-        if truth is None and not sample.label:  # a good image without a mask file: nothing to mark
-            truth = np.zeros(sample.load_image().shape[:2] if output.map is None else output.map.shape, bool)
-        strip = overlay_strip(sample.load_image(), output.map, truth, model.pixel_threshold, value_range, caption)
-        name = f"overlays/{rank:03d}-{_safe_name(sample.defect_type)}-{_safe_name(_stem(sample.path))}.png"
-        artifacts.atomic_write_bytes(report_folder / name, png_bytes(strip))
-        index["overlays"].append(
-            {
-                "file": f"{REPORT_DIR}/{name}",
-                "path": sample.path,
-                "defect_type": sample.defect_type,
-                "label": int(sample.label),
-                "score": float(output.score),
-                "anomalous": output.anomalous,
-            }
-        )
+
+    with ThreadPoolExecutor(max_workers=_worker_count(), thread_name_prefix="vad-report") as pool:
+        jobs: list[Future] = []
+        for name, group in curves_by_name(curves).items():
+            index["plots"][name] = f"{REPORT_DIR}/{_safe_name(name)}.png"
+            jobs.append(pool.submit(_write_drawing, folder / index["plots"][name], curves_png, group, f"{category}: {name}"))
+        index["plots"][HISTOGRAM] = f"{REPORT_DIR}/{HISTOGRAM}.png"
+        scores = np.array([o.score for o in outputs], np.float64)
+        labels = np.array([o.sample.label for o in outputs], np.int64)
+        jobs.append(pool.submit(_write_drawing, folder / index["plots"][HISTOGRAM], histogram_png, scores, labels, model.image_threshold, f"{category}: scores"))
+        for rank, position in enumerate(choose_overlays(outputs, limit)):
+            output = outputs[position]
+            sample = output.sample
+            decision = "n/a" if output.anomalous is None else ("ANOMALOUS" if output.anomalous else "good")
+            caption = f"{sample.defect_type}  score {output.score:.4g}  decision {decision}"
+            name = f"overlays/{rank:03d}-{_safe_name(sample.defect_type)}-{_safe_name(_stem(sample.path))}.png"
+            jobs.append(pool.submit(_write_overlay, report_folder / name, output, data.masks, position, model.pixel_threshold, value_range, caption))
+            index["overlays"].append(
+                {
+                    "file": f"{REPORT_DIR}/{name}",
+                    "path": sample.path,
+                    "defect_type": sample.defect_type,
+                    "label": int(sample.label),
+                    "score": float(output.score),
+                    "anomalous": output.anomalous,
+                }
+            )
+        if config.save_maps and maps is not None:
+            files = map_files(category, outputs)
+            index["anomaly_maps"] = [relative for relative, _ in files]
+            jobs += [pool.submit(_write_drawing, folder.parent / relative, tiff_bytes, anomaly_map) for relative, anomaly_map in files]
+        elif config.save_maps:
+            index["notes"].append("--save-maps: the detector gives no anomaly maps, no TIFF written")
+        try:
+            for job in jobs:
+                job.result()
+        except BaseException:  # the first failure (or an interrupt): drop the jobs not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if len(index["overlays"]) < len(outputs):
         index["notes"].append(
             f"overlays for {len(index['overlays'])} of {len(outputs)} test images: every defective image "
             f"and the highest-scoring good ones, at most {limit} (--set report.max_overlays=0 draws all)"
         )
-    if config.save_maps and maps is not None:
-        index["anomaly_maps"] = write_maps(folder.parent, category, outputs)
-    elif config.save_maps:
-        index["notes"].append("--save-maps: the detector gives no anomaly maps, no TIFF written")
     artifacts.atomic_write_json(report_folder / INDEX_JSON, index)
 
 
@@ -549,7 +665,7 @@ def render_html(folder: Path, config: RunConfig) -> str:
             for key, value in [
                 ("dataset", config.dataset),
                 ("detectors", ", ".join(config.detectors)),
-                ("backbones", ", ".join(config.resolved_backbones())),
+                ("backbones", ", ".join(config.backbones) or "none"),
                 ("ensemble", config.ensemble or "none"),
                 ("threshold", config.threshold),
                 ("seed", config.seed),
@@ -580,10 +696,8 @@ def render_html(folder: Path, config: RunConfig) -> str:
         for note in index.get("notes", []):
             parts.append(f'<p class="note">{html.escape(note)}</p>')
         parts.append('<div class="plots">')
-        for key in ("roc", "pro", "histogram"):
-            if key in index.get("plots", {}):
-                source = html.escape(f"{category}/{index['plots'][key]}")
-                parts.append(f'<img src="{source}" alt="{html.escape(category)} {key}">')
+        for key, file in index.get("plots", {}).items():
+            parts.append(f'<img src="{html.escape(f"{category}/{file}")}" alt="{html.escape(f"{category} {key}")}">')
         parts.append("</div>")
         if index.get("overlays"):
             parts.append("<h3>Heat maps</h3><p class=\"note\">image | ground truth | anomaly map | predicted mask at the pixel threshold</p>")

@@ -1,7 +1,7 @@
 """``vad predict``, ``vad export`` and ``vad bench``: using and comparing fitted models.
 
 ``add_commands(app)`` attaches the three commands to the ``vad`` Typer app. Heavy imports
-(torch, onnx, matplotlib) happen inside the commands, so ``vad --help`` stays fast.
+(torch, onnx) happen inside the commands, so ``vad --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -1,5 +1,16 @@
 """pytest plugin for vad and for plugin authors (entry point ``pytest11``: active once vad is installed).
 
+The conformance kit (:mod:`vad.conformance`) checks a component's whole contract in one call::
+
+    from vad.testing import check_detector
+
+    def test_my_detector_keeps_the_contract():
+        check_detector(MyDetector)
+
+(also ``check_feature_source``, ``check_backbone``, ``check_metric``, ``check_threshold``,
+``check_ensembler``, ``check_dataset``, ``check_augmentation``; vad's own test suite runs the
+kit over every installed plugin's registered entries).
+
 Fixtures:
 
 * ``tiny_dataset`` -- a :class:`DataSplits` of 64 px synthetic images: 8 train, 4 validation
@@ -27,6 +38,20 @@ from typing import Any
 
 import pytest
 
+from vad.conformance import (  # noqa: F401  (the kit, for plugin authors' tests)
+    ConformanceError,
+    check_augmentation,
+    check_backbone,
+    check_dataset,
+    check_detector,
+    check_ensembler,
+    check_entry,
+    check_feature_source,
+    check_metric,
+    check_options,
+    check_threshold,
+    registered_entries,
+)
 from vad.hookspecs import hookimpl
 
 
@@ -77,6 +102,7 @@ def _fake_backbone_class():
     from torch import nn
 
     from vad.contracts import Backbone, FeatureInfo, Preprocessing
+    from vad.options import option
 
     class RandomConvBackbone(Backbone):
         """Deterministic random-convolution backbone for tests: stages of stride 4, 8, 16, 32."""
@@ -84,10 +110,14 @@ def _fake_backbone_class():
         name = "fake-backbone"
         _channels = (8, 16, 32, 64)
 
-        def __init__(self, model_name: str = "fake-backbone", *, seed: int = 0, size: int = 64, pretrained: bool = True, weights: str | None = None) -> None:
-            self.model_name = model_name
-            self._hparams = {"seed": seed, "size": size, "pretrained": pretrained, "weights": weights}
-            generator = torch.Generator().manual_seed(seed)
+        class Options(Backbone.Options):
+            seed: int = option(0, "Seed of the random convolution weights.")
+            size: int = option(64, "Input side in pixels.", ge=32)
+
+        def __init__(self, model_name: str = "fake-backbone", **options: Any) -> None:
+            super().__init__(model_name, **options)
+            size = self.options.size
+            generator = torch.Generator().manual_seed(self.options.seed)
             stages, in_channels = [], 3
             for index, channels in enumerate(self._channels):
                 stride = 4 if index == 0 else 2

@@ -22,6 +22,8 @@ def _classes():
     import torch
 
     from vad.contracts import Detector, Metric, Prediction, State, Threshold
+    from vad.errors import VadError
+    from vad.options import option
 
     class DistanceHead(torch.nn.Module):
         """Traceable head: distance map to the mean feature, score = map maximum."""
@@ -40,25 +42,37 @@ def _classes():
         name = "report-distance"
         input = "features"
 
-        def __init__(self, exportable: bool = True) -> None:
-            self._hparams = {"exportable": exportable}
-            self.exportable = exportable
+        class Options(Detector.Options):
+            exportable: bool = option(True, "Offer an ONNX export module.")
+
+        def __init__(self, **options) -> None:
+            super().__init__(**options)
             self.mean = None
+
+        @property
+        def fitted(self):
+            return self.mean is not None
 
         def fit(self, batches):
             total, count = None, 0
             for batch in batches:
                 total = batch.float().sum(0) if total is None else total + batch.float().sum(0)
                 count += batch.shape[0]
+            if total is None:
+                raise VadError("report-distance needs normal training images")
             self.mean = total / count
 
         def predict(self, batch):
+            if self.mean is None:
+                raise VadError("report-distance is not fitted: call fit() before predict()")
+            if batch.ndim != 4 or batch.shape[1:] != self.mean.shape:
+                raise VadError(f"report-distance takes feature grids [B, *{tuple(self.mean.shape)}], got {tuple(batch.shape)}")
             with torch.inference_mode():
                 scores, maps = DistanceHead(self.mean.to(batch.device))(batch.float())
             return Prediction(scores, maps)
 
         def export_module(self):
-            return DistanceHead(self.mean) if self.exportable else None
+            return DistanceHead(self.mean) if self.options.exportable else None
 
         def state(self):
             return State({}, {"mean": self.mean})
@@ -80,10 +94,12 @@ def _classes():
         name = "report-image-auroc"
 
         def compute(self, data):
-            from vad.report import roc_curve, trapezoid_area
+            from scipy.stats import rankdata
 
-            fpr, tpr, _ = roc_curve(data.scores, data.labels)
-            return {"image_auroc": trapezoid_area(fpr, tpr)}
+            labels = np.asarray(data.labels).astype(bool)
+            ranks = rankdata(data.scores)
+            positives, negatives = labels.sum(), (~labels).sum()
+            return {"image_auroc": float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))}
 
     return ReportDistance, ReportMax, ReportImageAuroc
 

@@ -13,6 +13,7 @@ import torch
 
 from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
+from vad.options import option
 
 
 class FeatureDistance(Detector):
@@ -21,14 +22,20 @@ class FeatureDistance(Detector):
     name = "feature-distance"
     input = "features"
 
-    def __init__(self, normalize: bool = False) -> None:
-        self._hparams = {"normalize": normalize}
-        self.normalize = normalize
+    class Options(Detector.Options):
+        normalize: bool = option(False, "L2-normalise each patch feature first (compares directions, not magnitudes).")
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
         self.mean: torch.Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean is not None
 
     def _prepare(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
-        return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
+        return torch.nn.functional.normalize(features, dim=1) if self.options.normalize else features
 
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
         total, count = None, 0

@@ -15,6 +15,7 @@ from sklearn.svm import OneClassSVM
 
 from vad.contracts import State
 from vad.errors import VadError
+from vad.options import OptionError
 from vad_sklearn.detectors import (
     SKLEARN_STATE_VERSION,
     EllipticDetector,
@@ -112,37 +113,6 @@ def test_shifted_images_score_higher_and_no_maps(name, data):
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
-def test_save_load_roundtrip_gives_equal_scores(name, data):
-    train, test = data
-    detector = CLASSES[name](pca=0.95, seed=3)
-    detector.fit(train)
-    state = detector.state()
-    assert state.meta["sklearn_state_version"] == SKLEARN_STATE_VERSION
-    assert all(t.device.type == "cpu" and t.dtype in (torch.float64, torch.int64) for t in state.tensors.values())
-    restored = CLASSES[name](**detector.hparams)
-    restored.load_state(State(dict(state.meta), dict(state.tensors)))
-    for batch in test:
-        assert torch.equal(detector.predict(batch).scores, restored.predict(batch).scores)
-
-
-def test_model_folder_roundtrip_and_image_only(tmp_path, vad_fakes, fake_backbone, tiny_dataset):
-    from vad.features import PatchFeatures
-    from vad.model import AnomalyModel, Member
-
-    fake_backbone.spec = "fake-backbone"  # as vad.model.create_backbone sets it
-    source = PatchFeatures(fake_backbone, layers=["stage2", "stage3"])
-    model = AnomalyModel([Member("sklearn-lof", LOFDetector(n_neighbors=3), source)], batch_size=4)
-    assert not model.produces_maps
-    model.fit(tiny_dataset.train, [])
-    model.save(tmp_path / "model", registry=vad_fakes)
-    loaded = AnomalyModel.load(tmp_path / "model", registry=vad_fakes)
-    first = list(model.predict(tiny_dataset.test))
-    second = list(loaded.predict(tiny_dataset.test))
-    assert [o.score for o in first] == [o.score for o in second]
-    assert all(o.map is None for o in first)
-
-
-@pytest.mark.parametrize("name", sorted(CLASSES))
 def test_device_placement_cpu(name, data):
     train, test = data
     detector = CLASSES[name]().to("cpu")
@@ -202,22 +172,69 @@ def test_elliptic_with_more_dimensions_than_images_suggests_pca():
 
 
 @pytest.mark.parametrize(
-    "cls, kwargs, message",
+    "cls, kwargs, allowed",
     [
-        (KNNDetector, {"n_neighbors": 0}, "n_neighbors"),
-        (KNNDetector, {"pca": 1.5}, "pca"),
-        (KNNDetector, {"pca": True}, "pca"),
-        (OneClassSVMDetector, {"kernel": "cubic"}, "kernel"),
-        (OneClassSVMDetector, {"nu": 0}, "nu"),
-        (OneClassSVMDetector, {"gamma": "big"}, "gamma"),
-        (IsolationForestDetector, {"max_features": 2.0}, "max_features"),
-        (IsolationForestDetector, {"max_samples": "all"}, "max_samples"),
-        (EllipticDetector, {"support_fraction": 0}, "support_fraction"),
+        (KNNDetector, {"n_neighbors": 0}, "an integer, >= 1"),
+        (KNNDetector, {"pca": 1.5}, "a variance fraction in (0, 1) such as 0.95 or an integer count of components >= 1"),
+        (KNNDetector, {"pca": True}, "a variance fraction in (0, 1)"),
+        (KNNDetector, {"pca": 0}, "an integer count of components >= 1"),
+        (OneClassSVMDetector, {"kernel": "cubic"}, "one of 'rbf', 'linear', 'poly', 'sigmoid'"),
+        (OneClassSVMDetector, {"nu": 0}, "a number, > 0 and <= 1"),
+        (OneClassSVMDetector, {"gamma": "big"}, "one of 'scale', 'auto' or a number, > 0"),
+        (OneClassSVMDetector, {"gamma": -1.0}, "> 0"),
+        (OneClassSVMDetector, {"degree": 0}, ">= 1"),
+        (IsolationForestDetector, {"max_features": 2.0}, "a number, > 0 and <= 1"),
+        (IsolationForestDetector, {"max_samples": "all"}, "one of 'auto' or an integer or a number, an integer count >= 1 or a fraction in (0, 1]"),
+        (IsolationForestDetector, {"max_samples": 1.5}, "a fraction in (0, 1]"),
+        (IsolationForestDetector, {"n_estimators": 0}, ">= 1"),
+        (EllipticDetector, {"support_fraction": 0}, "a number or null, > 0 and <= 1"),
     ],
 )
-def test_bad_hyper_parameters(cls, kwargs, message):
-    with pytest.raises(VadError, match=message):
+def test_bad_hyper_parameters_name_the_option_the_value_and_what_is_allowed(cls, kwargs, allowed):
+    (key, value), = kwargs.items()
+    with pytest.raises(OptionError) as caught:
         cls(**kwargs)
+    message = str(caught.value)
+    assert message.startswith(f"detector {cls.name!r}: option {key}={value!r} is not allowed; {key} must be ")
+    assert allowed in message
+
+
+def test_unknown_options_are_refused_with_a_suggestion():
+    with pytest.raises(VadError, match=r"detector 'sklearn-knn' has no option 'n_neighbours' \(did you mean 'n_neighbors'\?\)"):
+        KNNDetector(n_neighbours=3)
+    with pytest.raises(VadError, match="has no option 'kernel'"):
+        IsolationForestDetector(kernel="rbf")
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, expected",
+    [
+        (KNNDetector, {"pca": 3.0}, 3),
+        (KNNDetector, {"pca": "0.95"}, 0.95),
+        (KNNDetector, {"pca": "4"}, 4),
+        (OneClassSVMDetector, {"gamma": "0.5"}, 0.5),
+        (OneClassSVMDetector, {"gamma": "auto"}, "auto"),
+        (IsolationForestDetector, {"max_samples": "64"}, 64),
+        (IsolationForestDetector, {"max_samples": 0.5}, 0.5),
+        (EllipticDetector, {"support_fraction": 1}, 1.0),
+    ],
+)
+def test_option_values_are_coerced_as_declared(cls, kwargs, expected):
+    (key, _), = kwargs.items()
+    value = getattr(cls(**kwargs).options, key)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_options_are_declared_once_and_inherited():
+    common = ["standardize", "pca", "seed"]
+    assert list(KNNDetector.Options.fields()) == common + ["n_neighbors"]
+    assert list(OneClassSVMDetector.Options.fields()) == common + ["kernel", "nu", "gamma", "degree", "coef0"]
+    assert list(IsolationForestDetector.Options.fields()) == common + ["n_estimators", "max_samples", "max_features"]
+    detector = IsolationForestDetector(n_estimators=10, seed=4)
+    assert detector.hparams == {
+        "standardize": True, "pca": None, "seed": 4, "n_estimators": 10, "max_samples": "auto", "max_features": 1.0
+    }
+    assert IsolationForestDetector(**detector.hparams).options == detector.options
 
 
 def test_load_state_refuses_other_versions_and_missing_tensors(data):

@@ -21,27 +21,16 @@ def global_average_pool(features: torch.Tensor) -> torch.Tensor:
     return features.mean(dim=(2, 3))
 
 
-def check_pca(pca: float | int | None) -> float | int | None:
-    """Validate the ``pca`` hyper-parameter: None, a variance fraction in (0, 1), or a count >= 1."""
-    if pca is None:
-        return None
-    if isinstance(pca, bool) or not isinstance(pca, (int, float)):
-        raise VadError(f"pca must be None (off), a fraction of variance in (0, 1) or a number of components, got {pca!r}")
-    if isinstance(pca, float) and 0.0 < pca < 1.0:
-        return pca
-    if float(pca).is_integer() and pca >= 1:
-        return int(pca)
-    raise VadError(f"pca must be None (off), a fraction of variance in (0, 1) such as 0.95, or an integer >= 1, got {pca!r}")
-
-
 class VectorPreprocessor:
     """Standardisation (``StandardScaler``) then PCA (``PCA``), fitted on training vectors.
 
-    ``transform`` computes ``((x - mean) / scale - pca_mean) @ components.T`` in float64.
+    ``transform`` computes ``((x - mean) / scale - pca_mean) @ components.T`` in float64. The
+    arguments are the detector's already validated options (``pca``: None, a variance fraction
+    in (0, 1) or an integer count of components >= 1).
     """
 
     def __init__(self, standardize: bool, pca: float | int | None, seed: int) -> None:
-        self.standardize, self.pca, self.seed = bool(standardize), check_pca(pca), int(seed)
+        self.standardize, self.pca, self.seed = standardize, pca, seed
         self.tensors: dict[str, torch.Tensor] = {}
 
     def fit(self, vectors: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vad.errors import VadError
+from vad.options import OptionError
 from vad_augment.generators import CutoutAnomaly, PerlinTextureAnomaly, RandomRotation, SwirlAnomaly
 
 
@@ -80,23 +81,46 @@ def test_bad_images_are_refused_and_left_unchanged(bad):
 
 
 @pytest.mark.parametrize(
-    "factory",
+    ("factory", "message"),
     [
-        lambda: PerlinTextureAnomaly(opacity=(0.5, 0.1)),
-        lambda: PerlinTextureAnomaly(min_scale=3, max_scale=3),
-        lambda: PerlinTextureAnomaly(threshold=2.0),
-        lambda: PerlinTextureAnomaly(augmenters=11),
-        lambda: CutoutAnomaly(size=(0.2, 1.5)),
-        lambda: CutoutAnomaly(color=(1.0, 2.0, 0.0)),
-        lambda: CutoutAnomaly(probability=1.5),
-        lambda: SwirlAnomaly(radius="big"),
-        lambda: SwirlAnomaly(regions=0),
-        lambda: RandomRotation(degrees=270),
+        (lambda: PerlinTextureAnomaly(opacity=(0.5, 0.1)), r"'perlin': option opacity=\(0.5, 0.1\) is not allowed; opacity must be a range \(min, max\) with min <= max"),
+        (lambda: PerlinTextureAnomaly(min_scale=3, max_scale=3), r"'perlin': option min_scale=3 is not allowed; min_scale must be below max_scale \(3\)"),
+        (lambda: PerlinTextureAnomaly(threshold=2.0), r"'perlin': option threshold=2.0 is not allowed; threshold must be a number, > -1 and < 1"),
+        (lambda: PerlinTextureAnomaly(augmenters=11), r"'perlin': option augmenters=11 is not allowed; augmenters must be an integer, >= 0 and <= 10"),
+        (lambda: PerlinTextureAnomaly(textures=""), r"'perlin': option textures='' is not allowed; textures must be a string, not empty \('procedural'"),
+        (lambda: CutoutAnomaly(size=(0.2, 1.5)), r"'cutout': option size=\(0.2, 1.5\) is not allowed; size must be a list of 2 numbers, >= 0 and <= 1"),
+        (lambda: CutoutAnomaly(color=(1.0, 2.0, 0.0)), r"'cutout': option color=\(1.0, 2.0, 0.0\) is not allowed; color must be a list of 3 numbers, >= 0 and <= 1"),
+        (lambda: CutoutAnomaly(color=(1.0, 1.0)), r"'cutout': option color=\(1.0, 1.0\) is not allowed; color must be a list of 3 numbers"),
+        (lambda: CutoutAnomaly(probability=1.5), r"'cutout': option probability=1.5 is not allowed; probability must be a number, >= 0 and <= 1"),
+        (lambda: SwirlAnomaly(radius="big"), r"'swirl': option radius='big' is not allowed; radius must be a list of 2 numbers, >= 0 and <= 0.5"),
+        (lambda: SwirlAnomaly(strength=(8.0, 3.0)), r"'swirl': option strength=\(8.0, 3.0\) is not allowed; strength must be a range \(min, max\) with min <= max"),
+        (lambda: SwirlAnomaly(regions=0), r"'swirl': option regions=0 is not allowed; regions must be an integer, >= 1"),
+        (lambda: RandomRotation(degrees=270), r"'rotate': option degrees=270 is not allowed; degrees must be a number, >= 0 and <= 180"),
+        (lambda: RandomRotation(probability=-0.1), r"'rotate': option probability=-0.1 is not allowed; probability must be a number, >= 0 and <= 1"),
     ],
 )
-def test_bad_options_are_clear_errors(factory):
-    with pytest.raises(VadError):
+def test_bad_options_are_clear_errors(factory, message):
+    with pytest.raises(OptionError, match=r"^augmentation " + message):
         factory()
+
+
+def test_unknown_options_suggest_the_nearest():
+    with pytest.raises(VadError, match=r"augmentation 'swirl' has no option 'strenght' \(did you mean 'strength'\?\); its options are: probability, radius"):
+        SwirlAnomaly(strenght=(1.0, 2.0))
+
+
+def test_options_are_declared_coerced_and_rebuild_the_augmentation():
+    perlin = PerlinTextureAnomaly(opacity=[0.2, 1], min_scale="1", probability="0.5")
+    assert perlin.options.opacity == (0.2, 1.0) and perlin.options.min_scale == 1 and perlin.options.probability == 0.5
+    assert perlin.hparams == {
+        "probability": 0.5, "textures": "procedural", "min_scale": 1, "max_scale": 6, "threshold": 0.5,
+        "opacity": [0.2, 1.0], "rotate": 90.0, "augmenters": 3,
+    }  # fmt: skip
+    assert PerlinTextureAnomaly(**perlin.hparams).options == perlin.options
+    rotation = RandomRotation(degrees=90.0, probability=0.3)  # as DRAEM builds it
+    assert rotation.hparams == {"degrees": 90.0, "probability": 0.3}
+    for cls in (CutoutAnomaly, SwirlAnomaly):
+        assert cls(**cls().hparams).options == cls().options
 
 
 def test_generators_work_on_batches_of_any_size():

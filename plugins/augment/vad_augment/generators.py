@@ -10,13 +10,13 @@ made 75 % of its synthetic validation images anomalous).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from vad.contracts import Augmentation
 from vad.errors import VadError
+from vad.options import option
 from vad_augment.noise import integers, perlin_noise_2d, uniform
 from vad_augment.textures import augment_texture, texture_source
 from vad_augment.warp import rotate_images, swirl_images
@@ -36,26 +36,12 @@ def check_images(x: Any, name: str) -> None:
         )
 
 
-def check_range(name: str, option: str, value: Any, low: float, high: float) -> tuple[float, float]:
-    """A ``(min, max)`` pair inside ``[low, high]`` with ``min <= max``, else a VadError."""
-    try:
-        first, second = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise VadError(f"{name}: {option} must be a pair (min, max), got {value!r}") from None
-    if not (low <= first <= second <= high):
-        raise VadError(f"{name}: {option} must satisfy {low} <= min <= max <= {high}, got {value!r}")
-    return first, second
-
-
-def check_probability(name: str, value: Any) -> float:
-    """A probability in [0, 1], else a VadError."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise VadError(f"{name}: probability must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise VadError(f"{name}: probability must be in [0, 1], got {value}")
-    return value
+def require_ordered(options: Augmentation.Options, *names: str) -> None:
+    """Refuse a ``(min, max)`` range option whose min exceeds its max (for ``Options.check``)."""
+    for name in names:
+        low, high = getattr(options, name)
+        if low > high:
+            raise options.invalid(name, "a range (min, max) with min <= max")
 
 
 class AnomalyGenerator(Augmentation):
@@ -64,9 +50,8 @@ class AnomalyGenerator(Augmentation):
     name = ""
     target = "image"
 
-    def __init__(self, probability: float = 1.0) -> None:
-        self.probability = check_probability(self.name, probability)
-        self.options: dict[str, Any] = {"probability": self.probability}
+    class Options(Augmentation.Options):
+        probability: float = option(1.0, "Chance that an image gets an anomaly (the others come back unchanged).", ge=0, le=1)
 
     def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(anomalous image [3, H, W], mask [1, H, W])`` for one image."""
@@ -75,7 +60,7 @@ class AnomalyGenerator(Augmentation):
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomalous batch and masks; images drawn as normal come back unchanged with a zero mask."""
         check_images(x, self.name)
-        chosen = (uniform(generator, x.shape[0]) < self.probability).tolist()
+        chosen = (uniform(generator, x.shape[0]) < self.options.probability).tolist()
         out, masks = x.clone(), torch.zeros((x.shape[0], 1, *x.shape[2:]), device=x.device, dtype=x.dtype)
         for index, apply in enumerate(chosen):
             if apply:
@@ -101,48 +86,46 @@ class PerlinTextureAnomaly(AnomalyGenerator):
 
     name = "perlin"
 
-    def __init__(
-        self,
-        textures: str = "procedural",
-        min_scale: int = 0,
-        max_scale: int = 6,
-        threshold: float = 0.5,
-        opacity: Sequence[float] = (0.1, 1.0),
-        rotate: float = 90.0,
-        augmenters: int = 3,
-        probability: float = 1.0,
-    ) -> None:
-        super().__init__(probability)
-        if not (isinstance(min_scale, int) and isinstance(max_scale, int) and 0 <= min_scale < max_scale <= 10):
-            raise VadError(f"perlin: need integers 0 <= min_scale < max_scale <= 10, got {min_scale}, {max_scale}")
-        if not (isinstance(augmenters, int) and 0 <= augmenters <= 10):
-            raise VadError(f"perlin: augmenters is how many of the 10 texture augmenters to apply (0-10), got {augmenters!r}")
-        if not -1.0 < float(threshold) < 1.0:
-            raise VadError(f"perlin: threshold must lie inside the noise range (-1, 1), got {threshold}")
-        self.opacity = check_range(self.name, "opacity", opacity, 0.0, 1.0)
-        self.rotate = float(rotate)
-        self.textures = texture_source(textures)
-        self.min_scale, self.max_scale, self.threshold, self.augmenters = min_scale, max_scale, float(threshold), augmenters
-        self.options.update(
-            textures=textures, min_scale=min_scale, max_scale=max_scale, threshold=self.threshold,
-            opacity=list(self.opacity), rotate=self.rotate, augmenters=augmenters,
+    class Options(AnomalyGenerator.Options):
+        textures: str = option(
+            "procedural",
+            "Anomaly textures: 'procedural' (generated, no download), 'skimage' (CC0 textures) or a folder of images (DTD's images/).",
+            rule=(bool, "not empty ('procedural', 'skimage' or a folder of images)"),
         )
+        min_scale: int = option(0, "Smallest Perlin scale k (2**k lattice periods per axis), inclusive (DRAEM: 0).", ge=0, le=10)
+        max_scale: int = option(6, "Largest Perlin scale k, exclusive (DRAEM: 6).", ge=0, le=10)
+        threshold: float = option(0.5, "Noise level above which a pixel is anomalous (DRAEM: 0.5).", gt=-1, lt=1)
+        opacity: tuple[float, float] = option(
+            (0.1, 1.0), "Range (min, max) of the texture opacity beta (paper: [0.1, 1]; official code: (0.2, 1]).", ge=0, le=1
+        )
+        rotate: float = option(90.0, "Perlin mask rotated by U(-rotate, rotate) degrees (DRAEM: 90).")
+        augmenters: int = option(3, "How many of DRAEM's 10 texture augmenters to apply (DRAEM: 3).", ge=0, le=10)
+
+        def check(self) -> None:
+            if self.min_scale >= self.max_scale:
+                raise self.invalid("min_scale", f"below max_scale ({self.max_scale})")
+            require_ordered(self, "opacity")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.texture_source = texture_source(self.options.textures)
 
     def perlin_mask(self, height: int, width: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
         """DRAEM's binary anomaly mask ``[1, H, W]`` (0/1 floats)."""
-        scale_y, scale_x = (2 ** int(k) for k in integers(generator, 2, self.min_scale, self.max_scale).tolist())
+        options = self.options
+        scale_y, scale_x = (2 ** int(k) for k in integers(generator, 2, options.min_scale, options.max_scale).tolist())
         noise = perlin_noise_2d((height, width), (scale_y, scale_x), generator, device=device)
-        angle = uniform(generator, 1, -self.rotate, self.rotate)
+        angle = uniform(generator, 1, -options.rotate, options.rotate)
         noise = rotate_images(noise.view(1, 1, height, width), angle).view(1, height, width)
-        return (noise > self.threshold).float()
+        return (noise > options.threshold).float()
 
     def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Blend one augmented texture into ``image`` where the Perlin mask is 1."""
         _, height, width = image.shape
         mask = self.perlin_mask(height, width, generator, image.device).to(image.dtype)
-        texture = self.textures.sample(generator, height, width, image.device)
-        texture = augment_texture(texture, generator, self.augmenters).to(image.dtype)
-        beta = uniform(generator, 1, *self.opacity).item()
+        texture = self.texture_source.sample(generator, height, width, image.device)
+        texture = augment_texture(texture, generator, self.options.augmenters).to(image.dtype)
+        beta = uniform(generator, 1, *self.options.opacity).item()
         blended = torch.lerp(image, texture, beta)
         return torch.where(mask.bool(), blended, image), mask
 
@@ -157,28 +140,26 @@ class CutoutAnomaly(AnomalyGenerator):
 
     name = "cutout"
 
-    def __init__(self, size: Sequence[float] = (0.1, 0.3), color: Sequence[float] = (1.0, 1.0, 1.0), probability: float = 1.0) -> None:
-        super().__init__(probability)
-        self.size = check_range(self.name, "size", size, 0.0, 1.0)
-        try:
-            self.color = tuple(float(c) for c in color)
-        except (TypeError, ValueError):
-            raise VadError(f"cutout: color must be three values in [0, 1], got {color!r}") from None
-        if len(self.color) != 3 or not all(0.0 <= c <= 1.0 for c in self.color):
-            raise VadError(f"cutout: color must be three values in [0, 1] (RGB), got {color!r}")
-        self.options.update(size=list(self.size), color=list(self.color))
+    class Options(AnomalyGenerator.Options):
+        size: tuple[float, float] = option(
+            (0.1, 0.3), "Range (min, max) of the rectangle's height and width as fractions of the image side.", ge=0, le=1
+        )
+        color: tuple[float, float, float] = option((1.0, 1.0, 1.0), "RGB colour of the rectangle in [0, 1] (white, as seed 001).", ge=0, le=1)
+
+        def check(self) -> None:
+            require_ordered(self, "size")
 
     def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Paste one rectangle."""
         _, height, width = image.shape
-        fractions = uniform(generator, 2, *self.size).tolist()
+        fractions = uniform(generator, 2, *self.options.size).tolist()
         box_h = min(height, max(1, round(fractions[0] * height)))
         box_w = min(width, max(1, round(fractions[1] * width)))
         top = int(integers(generator, 1, 0, height - box_h + 1).item())
         left = int(integers(generator, 1, 0, width - box_w + 1).item())
         mask = torch.zeros((1, height, width), device=image.device, dtype=image.dtype)
         mask[:, top : top + box_h, left : left + box_w] = 1
-        color = torch.tensor(self.color, device=image.device, dtype=image.dtype).view(3, 1, 1)
+        color = torch.tensor(self.options.color, device=image.device, dtype=image.dtype).view(3, 1, 1)
         return torch.where(mask.bool(), color, image), mask
 
 
@@ -192,25 +173,26 @@ class SwirlAnomaly(AnomalyGenerator):
 
     name = "swirl"
 
-    def __init__(
-        self, radius: Sequence[float] = (0.05, 0.15), strength: Sequence[float] = (3.0, 8.0), regions: int = 1, probability: float = 1.0
-    ) -> None:
-        super().__init__(probability)
-        self.radius = check_range(self.name, "radius", radius, 0.0, 0.5)
-        self.strength = check_range(self.name, "strength", strength, 0.0, 100.0)
-        if not (isinstance(regions, int) and regions >= 1):
-            raise VadError(f"swirl: regions must be a positive integer, got {regions!r}")
-        self.regions = regions
-        self.options.update(radius=list(self.radius), strength=list(self.strength), regions=regions)
+    class Options(AnomalyGenerator.Options):
+        radius: tuple[float, float] = option(
+            (0.05, 0.15), "Range (min, max) of the disc radius as a fraction of the shorter image side.", ge=0, le=0.5
+        )
+        strength: tuple[float, float] = option(
+            (3.0, 8.0), "Range (min, max) of the swirl strength in radians (random sign).", ge=0, le=100
+        )
+        regions: int = option(1, "Discs swirled per anomalous image.", ge=1)
+
+        def check(self) -> None:
+            require_ordered(self, "radius", "strength")
 
     def anomaly(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Swirl ``regions`` discs one after the other; the mask is their union."""
         _, height, width = image.shape
         out = image.unsqueeze(0)
         mask = torch.zeros((1, 1, height, width), device=image.device, dtype=image.dtype)
-        for _ in range(self.regions):
-            radius = max(1.0, uniform(generator, 1, *self.radius).item() * min(height, width))
-            strength = uniform(generator, 1, *self.strength).item() * (1 if uniform(generator, 1).item() < 0.5 else -1)
+        for _ in range(self.options.regions):
+            radius = max(1.0, uniform(generator, 1, *self.options.radius).item() * min(height, width))
+            strength = uniform(generator, 1, *self.options.strength).item() * (1 if uniform(generator, 1).item() < 0.5 else -1)
             low_y, high_y = (radius, height - 1 - radius) if height - 1 > 2 * radius else (0.0, height - 1.0)
             low_x, high_x = (radius, width - 1 - radius) if width - 1 > 2 * radius else (0.0, width - 1.0)
             center = torch.stack((uniform(generator, 1, low_y, high_y), uniform(generator, 1, low_x, high_x)), dim=1)
@@ -226,18 +208,15 @@ class RandomRotation(Augmentation):
     name = "rotate"
     target = "image"
 
-    def __init__(self, degrees: float = 90.0, probability: float = 1.0) -> None:
-        self.degrees = float(degrees)
-        if not 0.0 <= self.degrees <= 180.0:
-            raise VadError(f"rotate: degrees must be in [0, 180], got {degrees}")
-        self.probability = check_probability(self.name, probability)
-        self.options = {"degrees": self.degrees, "probability": self.probability}
+    class Options(Augmentation.Options):
+        degrees: float = option(90.0, "Largest rotation angle in degrees, either way (DRAEM: 90).", ge=0, le=180)
+        probability: float = option(1.0, "Chance that an image is rotated (DRAEM: 0.3).", ge=0, le=1)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, None]:
         """The rotated batch (images drawn as not rotated are returned unchanged) and None."""
         check_images(x, self.name)
-        chosen = uniform(generator, x.shape[0]) < self.probability
-        angles = uniform(generator, x.shape[0], -self.degrees, self.degrees)
+        chosen = uniform(generator, x.shape[0]) < self.options.probability
+        angles = uniform(generator, x.shape[0], -self.options.degrees, self.options.degrees)
         if not chosen.any():
             return x.clone(), None
         rotated = rotate_images(x, angles)

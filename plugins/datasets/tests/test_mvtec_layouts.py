@@ -8,6 +8,7 @@ from PIL import Image
 
 from vad.errors import VadError
 from vad.images import BadImageError
+from vad.options import OptionError
 from vad_datasets.base import LayoutError, MaskSizeError, UnknownCategoryError, split_validation
 from vad_datasets.mvtec import BTAD, MPDD, MultiView, MVTec3D, MVTecAD
 
@@ -19,7 +20,7 @@ def test_mvtec_counts_labels_and_masks(tmp_path, trees):
     dataset = MVTecAD(root=str(tmp_path))
     assert dataset.categories() == ["bottle", "screw"]
     splits = dataset.load("bottle")
-    assert (len(splits.train), len(splits.validation), len(splits.test)) == (9, 1, 5)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (8, 2, 5)  # the declared default 0.2, as a run
     assert splits.has_masks
     assert all(s.label == 0 and s.split == "train" for s in splits.train)
     assert splits.validation[0].split == "validation"
@@ -132,10 +133,22 @@ def test_truncated_image_fails_at_decode_naming_the_file(tmp_path, trees):
 
 
 def test_bad_options_are_clear_errors(tmp_path):
-    with pytest.raises(VadError, match="has no option 'color'"):
+    with pytest.raises(VadError, match=r"data set 'mvtec' has no option 'color'; its options are: validation_fraction, seed, skip_bad"):
         MVTecAD(root=str(tmp_path), color=True)
-    with pytest.raises(VadError, match="validation_fraction"):
+    with pytest.raises(VadError, match=r"has no option 'valdation_fraction' \(did you mean 'validation_fraction'\?\)"):
+        MVTecAD(root=str(tmp_path), valdation_fraction=0.3)
+    with pytest.raises(OptionError, match=r"data set 'mvtec': option validation_fraction=1.5 is not allowed; validation_fraction must be a number, >= 0 and < 1"):
         MVTecAD(root=str(tmp_path), validation_fraction=1.5)
+    with pytest.raises(OptionError, match=r"option skip_bad='maybe' is not allowed; skip_bad must be true or false"):
+        MVTecAD(root=str(tmp_path), skip_bad="maybe")
+
+
+def test_options_are_declared_coerced_and_rebuild_the_data_set(tmp_path):
+    dataset = MVTecAD(root=str(tmp_path), validation_fraction="0.25", seed="3", skip_bad="true")
+    assert dataset.options.validation_fraction == 0.25 and dataset.options.seed == 3 and dataset.options.skip_bad is True
+    assert dataset.hparams == {"validation_fraction": 0.25, "seed": 3, "skip_bad": True}
+    assert MVTecAD(root=str(tmp_path), **dataset.hparams).options == dataset.options
+    assert MVTecAD().options.validation_fraction == 0.2  # the contract's default (a run passes its own)
 
 
 def test_mpdd_uses_the_mvtec_layout(tmp_path, trees):

@@ -56,3 +56,18 @@ def test_datasets_info_folder_options(tmp_path, trees):
     result = CliRunner().invoke(_app(), ["datasets", "info", "folder", "--root", str(tmp_path), "-o", "abnormal_dirs=[dent]"], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "no pixel masks" in result.output and "dent" in result.output
+
+
+def test_datasets_info_validates_options_through_the_declaration(tmp_path, trees):
+    trees.mvtec(tmp_path, "bottle", train=10, good=2, defects={"broken": 2, "crack": 1})
+    args = ["datasets", "info", "mvtec", "--root", str(tmp_path), "--category", "bottle"]
+    result = CliRunner().invoke(_app(), [*args, "-o", "validation_fraction=0.3"], terminal_width=120)
+    assert result.exit_code == 0, result.output  # an --option value overrides the command's 0.1
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
+    assert "train good 7 0 0" in lines and "validation good 3 0 0" in lines
+    result = CliRunner().invoke(_app(), [*args, "--validation-fraction", "1.5"], terminal_width=120)
+    assert "option validation_fraction=1.5 is not allowed; validation_fraction must be a number, >= 0 and < 1" in str(result.exception)
+    result = CliRunner().invoke(_app(), [*args, "-o", "colour=red"], terminal_width=120)
+    assert "data set 'mvtec' has no option 'colour'" in str(result.exception)
+    result = CliRunner().invoke(_app(), ["datasets", "info", "folder", "--root", str(tmp_path), "-o", "test_fraction=2"], terminal_width=120)
+    assert "option test_fraction=2 is not allowed; test_fraction must be a number, >= 0 and < 1" in str(result.exception)

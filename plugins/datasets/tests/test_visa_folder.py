@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vad.errors import VadError
+from vad.options import OptionError
 from vad_datasets.base import LayoutError, UnknownCategoryError
 from vad_datasets.folder import FolderDataset
 from vad_datasets.visa import VisA
@@ -21,6 +22,16 @@ def test_visa_split_csv(tmp_path, trees):
     assert splits.train[0].load_image().shape == (*trees.SIZE, 3)
     with pytest.raises(UnknownCategoryError, match="Did you mean 'candle'"):
         dataset.load("candel")
+
+
+def test_visa_split_file_option(tmp_path, trees):
+    trees.visa(tmp_path)
+    (tmp_path / "split_csv" / "1cls.csv").rename(tmp_path / "mine.csv")
+    dataset = VisA(root=str(tmp_path), split_file="mine.csv")
+    assert dataset.options.split_file == "mine.csv" and dataset.categories() == ["candle"]
+    assert VisA().options.split_file == "split_csv/1cls.csv"
+    with pytest.raises(VadError, match=r"data set 'visa' has no option 'splitfile' \(did you mean 'split_file'\?\)"):
+        VisA(root=str(tmp_path), splitfile="mine.csv")
 
 
 def test_visa_missing_split_file_and_mask(tmp_path, trees):
@@ -57,6 +68,8 @@ def test_folder_with_masks_pattern_and_extension_filter(tmp_path, trees):
         validation_fraction=0.25,
     )
     assert dataset.categories() == ["parts"]
+    assert dataset.options.abnormal_dirs == ("dent", "burr") and dataset.hparams["abnormal_dirs"] == ["dent", "burr"]
+    assert FolderDataset(root=str(tmp_path / "parts"), **dataset.hparams).options == dataset.options
     splits = dataset.load("parts")
     assert (len(splits.train), len(splits.validation)) == (6, 2)
     assert sum(1 for s in splits.test if s.label == 0) == 2
@@ -83,9 +96,15 @@ def test_folder_errors(tmp_path, trees):
     (root / "empty").mkdir()
     with pytest.raises(LayoutError, match="no training images"):
         FolderDataset(root=str(root), normal_dir="empty").load("parts")
-    with pytest.raises(VadError, match="one mask_dirs entry"):
+    with pytest.raises(OptionError, match=r"data set 'folder': option mask_dirs=\('a', 'b'\) is not allowed; mask_dirs must be one folder for all abnormal dirs or one per abnormal dir \(3\)"):
         FolderDataset(root=str(root), abnormal_dirs=["dent", "burr", "x"], mask_dirs=["a", "b"])
-    with pytest.raises(VadError, match="mask_pattern"):
+    with pytest.raises(OptionError, match=r"option mask_pattern='\{image\}_mask.png' is not allowed; mask_pattern must be a string, a file name pattern using only \{stem\}, \{name\} and \{ext\}"):
         FolderDataset(root=str(root), mask_pattern="{image}_mask.png")
+    with pytest.raises(OptionError, match=r"option test_fraction=1.0 is not allowed; test_fraction must be a number, >= 0 and < 1"):
+        FolderDataset(root=str(root), test_fraction=1.0)
+    with pytest.raises(OptionError, match=r"option abnormal_dirs=\[1, 2\] is not allowed; abnormal_dirs must be a string or a list of strings"):
+        FolderDataset(root=str(root), abnormal_dirs=[1, 2])
+    with pytest.raises(VadError, match=r"data set 'folder' has no option 'mask_dir' \(did you mean 'mask_dirs'\?\)"):
+        FolderDataset(root=str(root), mask_dir="masks")
     with pytest.raises(LayoutError, match="abnormal dir .*nope does not exist"):
         FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs=["nope"]).load("parts")

@@ -112,14 +112,17 @@ def split_validation(items: Sequence[Any], fraction: float, seed: int) -> tuple[
 class FileDataset(Dataset):
     """Base of the data sets read from a folder in an official layout.
 
-    Options shared by every data set:
+    Options shared by every data set are declared on :class:`vad.contracts.Dataset`:
 
-    * ``validation_fraction`` (0.1): share of normal training images held out as the
-      ``validation`` split (data sets with an official validation folder use that instead);
+    * ``validation_fraction``: share of normal training images held out as the ``validation``
+      split (data sets with an official validation folder use that instead); a run passes its
+      own (0.2 by default), ``vad datasets info`` passes 0.1 unless told otherwise;
     * ``seed`` (0): makes that hold-out deterministic;
     * ``skip_bad`` (False): images that fail a header check while indexing are skipped and
       listed in ``self.skipped`` as ``(path, reason)``; otherwise the first raises
       :class:`vad.images.BadImageError` naming it.
+
+    Data sets with more options declare them in ``class Options(FileDataset.Options)``.
     """
 
     name: ClassVar[str] = ""
@@ -129,21 +132,9 @@ class FileDataset(Dataset):
     expected_layout: ClassVar[str] = ""
     #: Official category names (used for suggestions and ``vad datasets info``).
     known_categories: ClassVar[tuple[str, ...]] = ()
-    #: Extra keyword options a subclass accepts, with their defaults.
-    extra_options: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, root: str | None = None, validation_fraction: float = 0.1, seed: int = 0, skip_bad: bool = False, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.extra_options))
-        if unknown:
-            accepted = ", ".join(["validation_fraction", "seed", "skip_bad", *self.extra_options])
-            raise VadError(f"data set {self.name!r} has no option {', '.join(map(repr, unknown))}; its options are: {accepted}")
-        if not isinstance(validation_fraction, (int, float)) or not 0 <= validation_fraction < 1:
-            raise VadError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
-        values = {**self.extra_options, **options}
-        super().__init__(root, validation_fraction=float(validation_fraction), seed=int(seed), skip_bad=bool(skip_bad), **values)
-        self.validation_fraction = float(validation_fraction)
-        self.seed = int(seed)
-        self.skip_bad = bool(skip_bad)
+    def __init__(self, root: str | None = None, **options: Any) -> None:
+        super().__init__(root, **options)
         #: ``(path, reason)`` of every image skipped by the header check (``skip_bad=True``).
         self.skipped: list[tuple[str, str]] = []
 
@@ -193,7 +184,7 @@ class FileDataset(Dataset):
                 raise BadImageError(path, "empty file")
             image_size(path)
         except BadImageError as error:
-            if not self.skip_bad:
+            if not self.options.skip_bad:
                 reason = str(error).removeprefix(f"cannot read image {error.path}: ")
                 raise BadImageError(path, f"{reason} (pass --skip-bad to skip such files)") from error
             if (str(path), str(error)) not in self.skipped:  # loading a category twice lists it once
@@ -234,7 +225,7 @@ class FileDataset(Dataset):
 
     def train_and_validation(self, paths: Sequence[Path], category: str, view: str | None = None) -> tuple[list[Sample], list[Sample]]:
         """Normal training images split into train / validation by ``validation_fraction``."""
-        kept, held_out = split_validation(list(paths), self.validation_fraction, self.seed)
+        kept, held_out = split_validation(list(paths), self.options.validation_fraction, self.options.seed)
         train = [self.sample(p, label=0, category=category, split="train", view=view) for p in kept]
         validation = [self.sample(p, label=0, category=category, split="validation", view=view) for p in held_out]
         return train, validation

@@ -1,16 +1,9 @@
 """Your own data: a folder of normal images, one or more folders of defective ones, optional masks.
 
-Options (paths are relative to ``root`` unless absolute)::
-
-    normal_dir        "good"          normal images (train, validation and, unless
-                                      normal_test_dir is given, some test normals)
-    abnormal_dirs     []              one folder per defect type (a string or a list)
-    mask_dirs         None            mask folder(s): one for all, or one per abnormal dir
-    mask_pattern      "{stem}_mask.png"   mask file name from the image's {stem}, {name}, {ext}
-    normal_test_dir   None            normal test images; else test_fraction of normal_dir
-    test_fraction     0.2             share of normal_dir used as test normals (no normal_test_dir)
-    extensions        None            e.g. [".png", ".jpg"]; default every image type
-    category          None            the category name (default: the root folder's name)
+The options (:class:`FolderDataset.Options`; ``vad list datasets --details``) name the folders,
+relative to ``root`` unless absolute: ``normal_dir`` (train, validation and, unless
+``normal_test_dir`` is given, ``test_fraction`` of the test normals), ``abnormal_dirs`` (one per
+defect type), ``mask_dirs`` with the ``mask_pattern`` that names a mask after its image.
 
 Without ``mask_dirs`` the data set has no pixel ground truth (image metrics only); with them,
 every abnormal image must have its mask.
@@ -19,21 +12,28 @@ every abnormal image must have its mask.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from vad.contracts import DataSplits, Sample
-from vad.errors import VadError
 from vad.images import IMAGE_EXTENSIONS
+from vad.options import option
 
 from vad_datasets.base import FileDataset, mask_loader, split_validation
 
 
-def _as_list(value: Any) -> list[str]:
+def _as_list(value: str | tuple[str, ...] | None) -> list[str]:
+    """One folder name, several, or none, as a list."""
     if value is None:
         return []
-    if isinstance(value, (str, Path)):
-        return [str(value)]
-    return [str(v) for v in value]
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _is_mask_pattern(pattern: str) -> bool:
+    """True when ``pattern`` formats with only ``{stem}``, ``{name}`` and ``{ext}``."""
+    try:
+        pattern.format(stem="x", name="x.png", ext=".png")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 class FolderDataset(FileDataset):
@@ -45,36 +45,34 @@ class FolderDataset(FileDataset):
 <root>/<defect>/*.png                abnormal images, one folder per defect type (abnormal_dirs)
 <root>/<masks>/<stem>_mask.png       optional masks (mask_dirs, mask_pattern)
 """
-    extra_options = {
-        "normal_dir": "good",
-        "abnormal_dirs": [],
-        "mask_dirs": None,
-        "mask_pattern": "{stem}_mask.png",
-        "normal_test_dir": None,
-        "test_fraction": 0.2,
-        "extensions": None,
-        "category": None,
-    }
+    #: The tiny layout's defect folder and masks (the other options keep their defaults).
+    tiny_options = {"abnormal_dirs": ["dent"], "mask_dirs": "masks"}
 
-    def __init__(self, root: str | None = None, **options: Any) -> None:
-        super().__init__(root, **options)
-        o = self.options
-        self.abnormal_dirs = _as_list(o["abnormal_dirs"])
-        self.mask_dirs = _as_list(o["mask_dirs"])
-        if self.mask_dirs and len(self.mask_dirs) not in (1, len(self.abnormal_dirs)):
-            raise VadError(
-                f"folder: give one mask_dirs entry for all abnormal dirs or one per abnormal dir "
-                f"({len(self.abnormal_dirs)}), got {len(self.mask_dirs)}"
-            )
-        if not 0 <= float(o["test_fraction"]) < 1:
-            raise VadError(f"folder: test_fraction must be in [0, 1), got {o['test_fraction']!r}")
-        try:
-            o["mask_pattern"].format(stem="x", name="x.png", ext=".png")
-        except (KeyError, IndexError, AttributeError) as error:
-            raise VadError(
-                f"folder: mask_pattern {o['mask_pattern']!r} may only use {{stem}}, {{name}} and {{ext}} ({error})"
-            ) from error
-        self.extensions = tuple(_as_list(o["extensions"])) or IMAGE_EXTENSIONS
+    class Options(FileDataset.Options):
+        normal_dir: str = option("good", "Folder of normal images: train, validation and (without normal_test_dir) test normals.")
+        abnormal_dirs: str | list[str] = option([], "Folder(s) of defective images, one per defect type (named after the folder).")
+        mask_dirs: str | list[str] | None = option(None, "Mask folder(s), one for all abnormal dirs or one per abnormal dir; none: no pixel masks.")
+        mask_pattern: str = option(
+            "{stem}_mask.png",
+            "Mask file name made from the image's {stem}, {name} and {ext}.",
+            rule=(_is_mask_pattern, "a file name pattern using only {stem}, {name} and {ext}"),
+        )
+        normal_test_dir: str | None = option(None, "Folder of normal test images; none: test_fraction of normal_dir become test normals.")
+        test_fraction: float = option(0.2, "Share of normal_dir used as test normals when normal_test_dir is not given.", ge=0, lt=1)
+        extensions: str | list[str] | None = option(None, "Image extensions to read, e.g. ['.png', '.jpg']; none: every image type.")
+        category: str | None = option(None, "The category name; none: the root folder's name.")
+
+        def check(self) -> None:
+            abnormal, masks = _as_list(self.abnormal_dirs), _as_list(self.mask_dirs)
+            if masks and len(masks) not in (1, len(abnormal)):
+                raise self.invalid("mask_dirs", f"one folder for all abnormal dirs or one per abnormal dir ({len(abnormal)})")
+
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """Category ``parts``: 10 images in ``good/``, 2 in ``dent/`` and their masks in ``masks/``."""
+        from vad_datasets import examples
+
+        return str(examples.folder(folder / "parts"))
 
     def _dir(self, value: str) -> Path:
         path = Path(value).expanduser()
@@ -82,44 +80,47 @@ class FolderDataset(FileDataset):
 
     def categories(self) -> list[str]:
         """One category: ``category`` or the root folder's name."""
-        return [self.options["category"] or self.root_path().resolve().name]
+        return [self.options.category or self.root_path().resolve().name]
 
     def load(self, category: str) -> DataSplits:
         """Normals split into train / validation / test normals; abnormal dirs into test."""
         self.check_category(category)
-        normal_dir = self._dir(self.options["normal_dir"])
+        options = self.options
+        extensions = tuple(_as_list(options.extensions)) or IMAGE_EXTENSIONS
+        mask_dirs = _as_list(options.mask_dirs)
+        normal_dir = self._dir(options.normal_dir)
         if not normal_dir.is_dir():
             raise self.layout_error(f"normal_dir {normal_dir} does not exist.")
-        normals = self.images(normal_dir, self.extensions)
+        normals = self.images(normal_dir, extensions)
         test: list[Sample] = []
-        if self.options["normal_test_dir"]:
-            test_dir = self._dir(self.options["normal_test_dir"])
+        if options.normal_test_dir:
+            test_dir = self._dir(options.normal_test_dir)
             if not test_dir.is_dir():
                 raise self.layout_error(f"normal_test_dir {test_dir} does not exist.")
-            test_normals = self.images(test_dir, self.extensions)
+            test_normals = self.images(test_dir, extensions)
         else:
-            normals, test_normals = split_validation(normals, float(self.options["test_fraction"]), self.seed + 1)
+            normals, test_normals = split_validation(normals, options.test_fraction, options.seed + 1)
         self.require_train(normals, normal_dir)
         train, validation = self.train_and_validation(normals, category)
         test.extend(self.sample(p, label=0, category=category, split="test") for p in test_normals)
 
-        for index, abnormal in enumerate(self.abnormal_dirs):
+        for index, abnormal in enumerate(_as_list(options.abnormal_dirs)):
             abnormal_dir = self._dir(abnormal)
             if not abnormal_dir.is_dir():
                 raise self.layout_error(f"abnormal dir {abnormal_dir} does not exist.")
             mask_dir = None
-            if self.mask_dirs:
-                mask_dir = self._dir(self.mask_dirs[index if len(self.mask_dirs) > 1 else 0])
+            if mask_dirs:
+                mask_dir = self._dir(mask_dirs[index if len(mask_dirs) > 1 else 0])
                 if not mask_dir.is_dir():
                     raise self.layout_error(f"mask dir {mask_dir} does not exist.")
-            for path in self.images(abnormal_dir, self.extensions):
+            for path in self.images(abnormal_dir, extensions):
                 mask = None
                 if mask_dir is not None:
-                    mask_path = mask_dir / self.options["mask_pattern"].format(stem=path.stem, name=path.name, ext=path.suffix)
+                    mask_path = mask_dir / options.mask_pattern.format(stem=path.stem, name=path.name, ext=path.suffix)
                     if not mask_path.is_file():
                         raise self.layout_error(
-                            f"defect image {path} has no mask: expected {mask_path} (mask_pattern {self.options['mask_pattern']!r})."
+                            f"defect image {path} has no mask: expected {mask_path} (mask_pattern {options.mask_pattern!r})."
                         )
                     mask = mask_loader(mask_path, path)
                 test.append(self.sample(path, label=1, category=category, split="test", defect_type=abnormal_dir.name, mask=mask))
-        return DataSplits(category=category, train=train, validation=validation, test=test, has_masks=bool(self.mask_dirs))
+        return DataSplits(category=category, train=train, validation=validation, test=test, has_masks=bool(mask_dirs))

@@ -78,6 +78,14 @@ class MVTecLOCO(FileDataset):
 """
     known_categories = LOCO_CATEGORIES
 
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """``pushpins``: training, validation, good, structural and logical test images, one mask
+        file per annotation and ``defects_config.json``."""
+        from vad_datasets import examples
+
+        return str(examples.loco(folder))
+
     def categories(self) -> list[str]:
         """Categories present under the root."""
         root = self.root_path()

@@ -48,6 +48,19 @@ class MVTecAD(FileDataset):
     #: True when a category without a ``ground_truth`` folder simply has no masks.
     masks_optional: ClassVar[bool] = False
 
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """The first known category (``bottle``; MPDD's ``bracket_black``) with 10 training
+        images, 2 good and 3 defective test images and their masks. None for the embedded demo,
+        which builds its own data and needs no root (it inherits this method: its module stays
+        untouched, since the demo cache's fingerprint hashes that module's source)."""
+        from vad_datasets import examples
+        from vad_datasets.demo import DemoDataset
+
+        if issubclass(cls, DemoDataset):
+            return None
+        return str(examples.mvtec(folder, cls.known_categories[0], normal=cls.normal_name, suffix=cls.mask_suffix))
+
     def category_folder(self, category: str) -> Path:
         """``<root>/<category>``."""
         return self.root_path() / category
@@ -131,6 +144,13 @@ class BTAD(MVTecAD):
     normal_name = "ok"
     mask_suffix = ""
 
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """Product ``01``: 10 ``train/ok`` images, 2 ``test/ok``, 3 ``test/ko`` (.bmp) with same-name masks."""
+        from vad_datasets import examples
+
+        return str(examples.mvtec(folder, "01", defects={"ko": 3}, ext=".bmp", normal=cls.normal_name, suffix=cls.mask_suffix))
+
 
 class MultiView(MVTecAD):
     """Multi-camera data: each view is its own category (own model), each in the MVTec layout.
@@ -148,6 +168,13 @@ class MultiView(MVTecAD):
 each view: test/good, test/<defect>, optional ground_truth/<defect>/<name>_mask.png
 """
     masks_optional = True
+
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """Product ``flange`` with views ``front`` (masks) and ``side`` (no ground_truth folder)."""
+        from vad_datasets import examples
+
+        return str(examples.multi_view(folder))
 
     def categories(self) -> list[str]:
         """``<view>`` and ``<product>/<view>`` folders that hold the MVTec layout."""
@@ -183,6 +210,13 @@ class MVTec3D(FileDataset):
 <root>/<category>/test/<defect|good>/gt/000.png ...   (same size as the image)
 """
     known_categories = MVTEC3D_CATEGORIES
+
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """``bagel``: 5 training and 2 validation images, a good and 3 ``crack`` test images with masks."""
+        from vad_datasets import examples
+
+        return str(examples.mvtec3d(folder))
 
     def categories(self) -> list[str]:
         """Categories present under the root."""

@@ -17,6 +17,7 @@ import csv
 from pathlib import Path
 
 from vad.contracts import DataSplits, Sample
+from vad.options import option
 
 from vad_datasets.base import FileDataset, mask_loader
 
@@ -39,12 +40,21 @@ class VisA(FileDataset):
 (a copy already converted to the MVTec layout loads with --dataset mvtec)
 """
     known_categories = VISA_CATEGORIES
-    extra_options = {"split_file": "split_csv/1cls.csv"}
+
+    class Options(FileDataset.Options):
+        split_file: str = option("split_csv/1cls.csv", "The split file, relative to the root (default: the official one-class split).")
+
+    @classmethod
+    def tiny_layout(cls, folder: Path) -> str | None:
+        """``candle`` with ``split_csv/1cls.csv``: 5 training normals, 2 test normals, 2 anomalies with masks."""
+        from vad_datasets import examples
+
+        return str(examples.visa(folder))
 
     def rows(self) -> list[dict[str, str]]:
         """The split file's rows."""
         root = self.root_path()
-        path = root / self.options["split_file"]
+        path = root / self.options.split_file
         if not path.is_file():
             raise self.layout_error(f"split file {path} is missing.")
         with path.open(newline="") as handle:

@@ -1,4 +1,4 @@
-"""DRAEM as a vad detector: fit, predict, state, checkpoints, features, bad inputs."""
+"""DRAEM as a vad detector: fit, predict, state, features, bad inputs (checkpoints: tests/test_training.py)."""
 
 import copy
 
@@ -40,18 +40,6 @@ def test_fit_predict_shapes_and_ranges(fitted, train_images):
     assert fitted.preprocessing.std == (1.0, 1.0, 1.0)
 
 
-def test_state_round_trip_gives_the_same_scores(fitted, train_images, tmp_path):
-    from vad.artifacts import load_tensors, save_tensors
-
-    state = fitted.state()
-    assert all(isinstance(t, torch.Tensor) for t in state.tensors.values())
-    save_tensors(tmp_path / "draem.safetensors", state.tensors)
-    rebuilt = Draem(**fitted.hparams)
-    rebuilt.load_state(State(state.meta, load_tensors(tmp_path / "draem.safetensors")))
-    before, after = fitted.predict(train_images), rebuilt.predict(train_images)
-    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
-
-
 def test_same_seed_same_training(train_images):
     first, second = Draem(**SMALL), Draem(**SMALL)
     first.fit([train_images[:4]])
@@ -81,7 +69,7 @@ def test_feature_source_shape_and_rebuild(fitted, train_images):
     assert config["kind"] == "detector-features" and config["detector"] == "draem"
     hparams = dict(config["hparams"])
     rebuilt = Draem(**hparams.pop("detector")).feature_source(**hparams)
-    assert DraemFeatures(**config["hparams"]).out_channels == source.out_channels
+    assert isinstance(rebuilt, DraemFeatures) and rebuilt.out_channels == source.out_channels
     assert rebuilt.requires_fit
     rebuilt.load_state(source.state())
     assert torch.equal(rebuilt(train_images[:2]), features)
@@ -93,21 +81,6 @@ def test_unfitted_feature_source_fits_its_detector(train_images):
     source = Draem(**SMALL).feature_source()
     source.fit([train_images[:4]])
     assert not source.requires_fit and source(train_images[:1]).shape[1] == source.out_channels
-
-
-def test_checkpoints_every_n_epochs(train_images, tmp_path):
-    detector = Draem(**{**SMALL, "epochs": 2, "checkpoint_dir": str(tmp_path), "checkpoint_every": 1})
-    detector.fit([train_images[:4]])
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["draem-epoch0001.safetensors", "draem-epoch0002.safetensors"]
-    restored = Draem.from_checkpoint(tmp_path / "draem-epoch0002.safetensors")
-    assert restored.epochs_trained == 2 and restored.fitted
-    assert torch.equal(restored.predict(train_images[:2]).scores, detector.predict(train_images[:2]).scores)
-    (tmp_path / "other.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(VadError):
-        Draem.from_checkpoint(tmp_path / "other.safetensors")
-    with pytest.raises(VadError, match="does not exist"):
-        Draem.from_checkpoint(tmp_path / "missing.safetensors")
 
 
 def test_image_size_default_depends_on_device():
@@ -142,7 +115,6 @@ def test_device_placement(fitted, train_images):
         {"anomaly_options": {"swirl": {}}},
         {"no_anomaly_probability": 2},
         {"score_window": 20},
-        {"checkpoint_every": 5},
         {"seed": "zero"},
     ],
 )
@@ -168,32 +140,13 @@ def test_bad_batches_and_order_of_calls(fitted, train_images):
 
 def test_mismatched_state_is_refused_and_changes_nothing(fitted, train_images):
     other = Draem(**{**SMALL, "base_channels": 8})
-    before = {k: v.clone() for k, v in other.state().tensors.items()}
-    with pytest.raises(VadError, match="base_channels"):
+    with pytest.raises(VadError, match="weights of 'reconstructive' do not fit its options"):
         other.load_state(fitted.state())
-    assert all(torch.equal(before[k], v) for k, v in other.state().tensors.items())
     assert not other.fitted
-
-
-def test_export_module_matches_predict(fitted, train_images):
-    module = fitted.export_module()
-    scores, maps = module(train_images[:2])
-    prediction = fitted.predict(train_images[:2])
-    assert torch.allclose(scores, prediction.scores) and torch.allclose(maps, prediction.maps)
-
-
-def test_in_a_vad_model_with_save_and_load(tiny_dataset, tmp_path):
-    from vad.model import AnomalyModel, Member
-
-    detector = Draem(**SMALL)
-    model = AnomalyModel([Member("draem", detector)], batch_size=4)
-    model.fit(tiny_dataset.train, [])
-    scores = [output.score for output in model.predict(tiny_dataset.test)]
-    maps = [output.map for output in model.predict(tiny_dataset.test[:1])]
-    assert len(scores) == len(tiny_dataset.test) and maps[0].shape == (64, 64)
-    folder = model.save(tmp_path / "model")
-    loaded = AnomalyModel.load(folder)
-    assert [output.score for output in loaded.predict(tiny_dataset.test)] == pytest.approx(scores, abs=1e-6)
+    before = {k: v.clone() for k, v in fitted.state().tensors.items()}
+    with pytest.raises(VadError, match="do not fit"):
+        fitted.load_state(State({}, {}))  # a damaged state leaves the fitted weights as they were
+    assert all(torch.equal(before[k], v) for k, v in fitted.state().tensors.items())
 
 
 def test_registered_through_the_entry_point():
@@ -202,14 +155,3 @@ def test_registered_through_the_entry_point():
     registry = get_registry()
     assert registry.entries("detectors")["draem"].plugin.distribution == "vad-draem"
     assert registry.load_class("detectors", "draem") is Draem
-
-
-def test_onnx_export_matches_predict(fitted, train_images, tmp_path):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    module = fitted.export_module()
-    path = tmp_path / "draem.onnx"
-    torch.onnx.export(module, (train_images[:2],), str(path), input_names=["images"], output_names=["scores", "maps"], dynamo=False)
-    scores, maps = onnxruntime.InferenceSession(str(path)).run(None, {"images": train_images[:2].numpy()})
-    prediction = fitted.predict(train_images[:2])  # still eval-mode BatchNorm after the export
-    assert torch.allclose(torch.from_numpy(scores), prediction.scores, atol=1e-5)
-    assert torch.allclose(torch.from_numpy(maps), prediction.maps, atol=1e-5)

@@ -10,7 +10,8 @@ import pytest
 from vad.config import RunConfig
 from vad.errors import VadError
 from vad.model import AnomalyModel
-from vad.pipeline import build_model, run
+from vad.build import build_model
+from vad.pipeline import run
 from vad.testing import make_tiny_splits
 
 pytest.importorskip("vad_ensembles")

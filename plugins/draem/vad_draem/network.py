@@ -67,13 +67,18 @@ class ReconstructiveSubNetwork(nn.Module):
         return self.decoder(x)
 
 
+def discriminative_encoder_widths(base_width: int) -> list[int]:
+    """Channels of the discriminative encoder's six blocks: c, 2c, 4c, 8c, 8c, 8c."""
+    return [base_width * factor for factor in (1, 2, 4, 8, 8, 8)]
+
+
 class DiscriminativeSubNetwork(nn.Module):
     """U-Net that segments anomalies from the concatenated (reconstruction, image) pair."""
 
     def __init__(self, in_channels: int = 6, out_channels: int = 2, base_width: int = 64) -> None:
         super().__init__()
         c = base_width
-        widths = [c, 2 * c, 4 * c, 8 * c, 8 * c, 8 * c]
+        widths = discriminative_encoder_widths(c)
         self.widths = widths
         self.encoder = nn.ModuleList([double_conv(in_channels, widths[0])] + [double_conv(widths[i - 1], widths[i]) for i in range(1, 6)])
         self.pool = nn.MaxPool2d(2)

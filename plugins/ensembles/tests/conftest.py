@@ -8,6 +8,7 @@ import torch
 
 from vad.contracts import Backbone, FeatureInfo, Preprocessing
 from vad.features import PatchFeatures
+from vad.options import option
 
 
 class TinyBackbone(Backbone):
@@ -15,16 +16,24 @@ class TinyBackbone(Backbone):
 
     name = "tiny"
 
-    def __init__(self, model_name: str = "tiny", size: int = 64, widths=(6, 10), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
+    class Options(Backbone.Options):
+        size: int = option(64, "Input side in pixels.", ge=16)
+        widths: tuple[int, int] = option((6, 10), "Channels of the two stages.", ge=1)
+        mean: tuple[float, float, float] = option((0.485, 0.456, 0.406), "Normalisation mean.")
+        std: tuple[float, float, float] = option((0.229, 0.224, 0.225), "Normalisation standard deviation.", gt=0)
+        seed: int = option(0, "Seed of the random weights.")
+
+    def __init__(self, model_name: str = "tiny", **options):
+        super().__init__(model_name, **options)
+        generator = torch.Generator().manual_seed(self.options.seed)
+        widths = self.options.widths
         self.stage1 = torch.randn(widths[0], 3, 8, 8, generator=generator) / 8
         self.stage2 = torch.randn(widths[1], widths[0], 2, 2, generator=generator) / 2
-        self.widths = tuple(widths)
-        self.preprocessing = Preprocessing(size=(size, size), mean=tuple(mean), std=tuple(std))
-        self._hparams = {"size": size, "widths": list(widths), "mean": list(mean), "std": list(std), "seed": seed}
+        size = self.options.size
+        self.preprocessing = Preprocessing(size=(size, size), mean=self.options.mean, std=self.options.std)
 
     def feature_info(self):
-        return [FeatureInfo("s8", 8, self.widths[0]), FeatureInfo("s16", 16, self.widths[1])]
+        return [FeatureInfo("s8", 8, self.options.widths[0]), FeatureInfo("s16", 16, self.options.widths[1])]
 
     def forward_features(self, images, layers):
         first = torch.relu(torch.nn.functional.conv2d(images, self.stage1.to(images), stride=8))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from vad.contracts import State
 from vad.errors import VadError
+from vad.options import OptionError
 from vad.plugins import get_registry
 from vad_ensembles.features import ConcatEnsemble, PCAGlobalEnsemble, PCAIndividualEnsemble
 
@@ -47,6 +48,23 @@ def test_shared_input_is_the_largest_member_in_zero_one_and_each_member_gets_its
 def test_configurable_grid(members, image_batches):
     features = ConcatEnsemble(members, grid=[5, 7])(image_batches(1, 96)[0])
     assert features.shape[-2:] == (5, 7)
+    square = ConcatEnsemble(members, grid=6)
+    assert square.hparams["grid"] == [6, 6]  # one side means a square grid, saved as (height, width)
+    assert square(image_batches(1, 96)[0]).shape[-2:] == (6, 6)
+
+
+def test_hparams_rebuild_the_ensemble_with_members_and_resolved_options(members):
+    ensemble = PCAGlobalEnsemble(members, max_fit_patches=500, seed=3, grid=[4, 5])
+    hparams = ensemble.hparams
+    assert hparams["members"] == [m.config() for m in members]
+    # the default n_components (None) is saved resolved: the widest member's channels
+    assert {k: v for k, v in hparams.items() if k != "members"} == {
+        "grid": [4, 5], "max_fit_patches": 500, "seed": 3, "n_components": max(m.out_channels for m in members)
+    }
+    assert ensemble.config() == {"kind": "pca-global", "hparams": hparams}
+    individual = PCAIndividualEnsemble(members, n_components=[3, 0.5])
+    assert individual.hparams["n_components"] == [3, 0.5]
+    assert individual.member_components == [3, 0.5]
 
 
 def test_pca_global_reduces_channels_and_fits_on_training_images_only(members, image_batches):
@@ -115,18 +133,25 @@ def test_clear_errors(members, make_member):
     with pytest.raises(VadError, match="not a FeatureSource"):
         ConcatEnsemble([members[0], "resnet18"])
     too_many = sum(m.out_channels for m in members) + 1
-    with pytest.raises(VadError, match=f"above the {too_many - 1} channels"):
+    with pytest.raises(OptionError, match=rf"ensembler 'pca-global': option n_components={too_many} is not allowed; n_components must be at most {too_many - 1}, the channels of the concatenated members"):
         PCAGlobalEnsemble(members, n_components=too_many)
-    with pytest.raises(VadError, match="member 0"):
+    with pytest.raises(OptionError, match=rf"n_components={members[0].out_channels + 1} .* at most {members[0].out_channels}, the channels of member 0"):
         PCAIndividualEnsemble(members, n_components=members[0].out_channels + 1)
-    with pytest.raises(VadError, match="one per member"):
+    with pytest.raises(OptionError, match=r"option n_components=\(2, 2, 2\) is not allowed; n_components must be one value for all members or a list of 2, one per member"):
         PCAIndividualEnsemble(members, n_components=[2, 2, 2])
-    with pytest.raises(VadError, match="variance fraction"):
-        PCAGlobalEnsemble(members, n_components=1.5)
-    with pytest.raises(VadError, match="max_fit_patches"):
+    for bad in (1.5, 0, -0.2, True, "many"):
+        with pytest.raises(OptionError, match=r"option n_components=.* is not allowed; n_components must be .*variance fraction in \(0, 1\)"):
+            PCAGlobalEnsemble(members, n_components=bad)
+    with pytest.raises(OptionError, match=r"option n_components=\[2, 0.5, 7.5\] is not allowed"):
+        PCAIndividualEnsemble(members, n_components=[2, 0.5, 7.5])
+    with pytest.raises(OptionError, match=r"ensembler 'pca-global': option max_fit_patches=1 is not allowed; max_fit_patches must be an integer or null, >= 2"):
         PCAGlobalEnsemble(members, max_fit_patches=1)
-    with pytest.raises(VadError, match="grid"):
+    with pytest.raises(OptionError, match=r"ensembler 'concat': option grid=\[0, 4\] is not allowed; grid must be .*>= 1"):
         ConcatEnsemble(members, grid=[0, 4])
+    with pytest.raises(OptionError, match=r"option grid=\[4, 4, 4\] is not allowed"):
+        ConcatEnsemble(members, grid=[4, 4, 4])
+    with pytest.raises(VadError, match=r"ensembler 'concat' has no option 'n_components'"):
+        ConcatEnsemble(members, n_components=4)
     wide = make_member(64, seed=4)
     wide.preprocessing = type(wide.preprocessing)(size=(64, 128))
     with pytest.raises(VadError, match="aspect ratio"):
@@ -135,3 +160,16 @@ def test_clear_errors(members, make_member):
         ConcatEnsemble(members)(torch.zeros(2, 1, 96, 96))
     with pytest.raises(VadError, match="no training images"):
         PCAGlobalEnsemble(members, n_components=2).fit([])
+
+
+@pytest.mark.parametrize("cls", [ConcatEnsemble, PCAGlobalEnsemble, PCAIndividualEnsemble])
+def test_tiny_options_build_fit_and_every_option_is_described(cls, image_batches, make_member):
+    from vad.options import describe_options
+
+    members = [make_member(64, (6, 10), seed=1), make_member(64, (8, 12), seed=2)]
+    ensemble = cls(members, **cls.tiny_options)
+    ensemble.fit(image_batches(4, 64))
+    assert ensemble(image_batches(2, 64)[0]).shape[:2] == (2, ensemble.out_channels)
+    records = describe_options(cls.Options)
+    assert [r["name"] for r in records] == list(cls.Options.fields())
+    assert all(r["description"] for r in records)

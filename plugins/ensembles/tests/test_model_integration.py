@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from vad import hookimpl
+from vad.build import create_backbone
 from vad.contracts import Detector, Prediction, State
 from vad.features import PatchFeatures
-from vad.model import AnomalyModel, Member, create_backbone
+from vad.model import AnomalyModel, Member
 
 
 class MeanDistance(Detector):
@@ -18,8 +19,12 @@ class MeanDistance(Detector):
     name = "mean-distance"
 
     def __init__(self) -> None:
-        self._hparams = {}
+        super().__init__()
         self.mean: torch.Tensor | None = None
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean is not None
 
     def fit(self, batches):
         total, count = 0.0, 0

@@ -7,6 +7,7 @@ import torch
 
 from vad.contracts import Prediction, State
 from vad.errors import VadError
+from vad.options import OptionError
 from vad.plugins import get_registry
 from vad_ensembles.scores import RankMean, ScoreMax, ScoreMean, WeightedScores
 
@@ -76,6 +77,15 @@ def test_score_mean_is_the_mean_of_validation_z_scores():
     assert torch.all(maximum.combine(batch).scores >= ensemble.combine(batch).scores - 1e-6)
 
 
+def test_options_are_declared_and_saved_in_hparams():
+    assert ScoreMean().hparams == {}
+    assert RankMean().hparams == {"map_quantiles": 1001}
+    assert RankMean(map_quantiles="51").options.map_quantiles == 51  # --set values arrive as text
+    assert WeightedScores(weights=[2, 1]).hparams == {"weights": [2.0, 1.0]}
+    again = WeightedScores(**WeightedScores(weights=[2, 1]).hparams)
+    assert again.options.weights == (2.0, 1.0)
+
+
 def test_weighted_with_all_weight_on_one_member_is_that_members_z_score():
     validation = validation_predictions()
     ensemble = WeightedScores(weights=[0, 3])
@@ -117,14 +127,20 @@ def test_clear_errors():
         ensemble.combine(held_out_batch(1) + held_out_batch(2)[:1])
     with pytest.raises(VadError, match="different numbers of images"):
         ensemble.combine([held_out_batch(1)[0], held_out_batch(1, count=3)[1]])
-    with pytest.raises(VadError, match="needs weights"):
+    with pytest.raises(VadError, match="ensembler 'weighted' needs option 'weights'"):
         WeightedScores()
-    with pytest.raises(VadError, match="non-negative"):
+    with pytest.raises(OptionError, match=r"ensembler 'weighted': option weights=\[1, -1\] is not allowed; weights must be a list of numbers, >= 0"):
         WeightedScores(weights=[1, -1])
-    with pytest.raises(VadError, match="one per member"):
+    with pytest.raises(OptionError, match=r"option weights=\(0.0, 0.0\) is not allowed; weights must be non-negative numbers with a positive sum"):
+        WeightedScores(weights=[0, 0])
+    with pytest.raises(OptionError, match=r"option weights='2,1' is not allowed; weights must be a list of numbers"):
+        WeightedScores(weights="2,1")
+    with pytest.raises(OptionError, match=r"option weights=\(1.0, 1.0, 1.0\) is not allowed; weights must be one number per member: 3 weights for 2 members"):
         WeightedScores(weights=[1, 1, 1]).calibrate(validation_predictions())
-    with pytest.raises(VadError, match="no option"):
+    with pytest.raises(VadError, match=r"ensembler 'score-mean' has no option 'weights'; its options are: none"):
         ScoreMean(weights=[1, 2])
+    with pytest.raises(OptionError, match=r"ensembler 'rank-mean': option map_quantiles=1 is not allowed; map_quantiles must be an integer, >= 2"):
+        RankMean(map_quantiles=1)
     saved = ensemble.state().tensors
     with pytest.raises(VadError, match="non-finite"):  # a failed recalibration keeps the previous one
         ensemble.calibrate([Prediction(torch.tensor([1.0, 2.0])), Prediction(torch.tensor([1.0, float("nan")]))])
@@ -134,3 +150,10 @@ def test_clear_errors():
         RankMean().state()
     with pytest.raises(VadError, match="calibration metadata"):
         ScoreMean().load_state(State())
+
+
+@pytest.mark.parametrize("cls", [ScoreMean, ScoreMax, RankMean, WeightedScores])
+def test_tiny_options_calibrate_and_combine_two_members(cls):
+    ensemble = cls(**cls.tiny_options)
+    ensemble.calibrate(validation_predictions())
+    assert ensemble.combine(held_out_batch(1)).scores.shape == (5,)

@@ -19,8 +19,14 @@ size and normalised with the member's own mean/std. So every member sees the sam
 view (the largest member's resize/crop), at its own resolution. Members whose inputs have a
 different aspect ratio are refused: resizing would distort the image for one of them.
 
-**The fused grid** is ``grid=(h, w)`` when given, else the finest member grid (the one with the
-most positions); each member map is resized to it bilinearly (``align_corners=False``).
+**The fused grid** is ``grid=(h, w)`` (or one side ``grid=n`` for ``(n, n)``) when given, else the
+finest member grid (the one with the most positions); each member map is resized to it
+bilinearly (``align_corners=False``).
+
+**Options** are declared (:mod:`vad.options`): the constructor is ``cls(members, **options)``
+and ``hparams`` holds the members' configs plus the options, from which vad rebuilds the
+ensemble. ``n_components`` is checked against the members' channels when they are known (at
+construction), since no declaration can know them.
 
 PCA is fitted by :meth:`fit` on training batches only (see :mod:`vad_ensembles.pca` for how
 memory stays bounded); ``__call__`` only projects, it never refits.
@@ -38,9 +44,11 @@ import torch.nn.functional as F
 from vad import artifacts
 from vad.contracts import FeatureEnsembler, FeatureSource, Preprocessing, State
 from vad.errors import VadError
+from vad.options import Options, option
 from vad.preprocess import resize_batch
+from vad.training import member_session
 
-from vad_ensembles.pca import PCA, PCAFitter, check_n_components
+from vad_ensembles.pca import PCA, PCAFitter
 
 #: Relative aspect-ratio difference above which members are refused (resizing would distort).
 ASPECT_TOLERANCE = 0.02
@@ -64,20 +72,6 @@ def _check_members(members: Any, name: str) -> list[FeatureSource]:
     return members
 
 
-def _check_grid(grid: Any) -> tuple[int, int] | None:
-    if grid is None:
-        return None
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid, grid)
-    if (
-        not isinstance(grid, (list, tuple))
-        or len(grid) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
-    ):
-        raise VadError(f"grid must be None (the finest member grid), an int or (height, width) of positive ints, got {grid!r}")
-    return (int(grid[0]), int(grid[1]))
-
-
 def _input_preprocessing(members: Sequence[FeatureSource], name: str) -> Preprocessing:
     """The largest member's preprocessing with identity normalisation; refuses distorting aspect ratios."""
     reference = max(members, key=lambda m: m.preprocessing.size[0] * m.preprocessing.size[1])
@@ -93,19 +87,37 @@ def _input_preprocessing(members: Sequence[FeatureSource], name: str) -> Preproc
     return dataclasses.replace(reference.preprocessing, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+#: What ``n_components`` allows: a count of components or a variance fraction.
+_COMPONENTS_RULE = (
+    lambda v: v >= 1 if isinstance(v, int) else 0.0 < v < 1.0,
+    "a number of components >= 1 (integer) or a variance fraction in (0, 1)",
+)
+
+
+def _check_width(options: Options, value: int | float, channels: int, what: str) -> None:
+    """Refuse an ``n_components`` count above the channels of ``what`` (known only from the members)."""
+    if isinstance(value, int) and value > channels:
+        raise options.invalid("n_components", f"at most {channels}, the channels of {what} (or a variance fraction such as 0.95)")
+
+
 class FeatureEnsemble(FeatureEnsembler):
     """Shared machinery: members' inputs from the shared image, grid alignment, state, device."""
 
     name = ""
 
-    def __init__(self, members: Sequence[FeatureSource], grid: Sequence[int] | int | None = None) -> None:
-        self.members = _check_members(members, self.name)
-        self.grid = _check_grid(grid)
+    class Options(FeatureEnsembler.Options):
+        grid: tuple[int, int] | int | None = option(None, "Fused grid (height, width), or one side for a square grid; default: the finest member grid.", ge=1)
+
+    def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
+        super().__init__(_check_members(members, self.name), **options)
+        if isinstance(self.options.grid, int):  # saved as (height, width)
+            self.options = self.options.replace(grid=(self.options.grid, self.options.grid))
         self.preprocessing = _input_preprocessing(self.members, self.name)
-        self._hparams = {
-            "members": [member.config() for member in self.members],
-            "grid": None if self.grid is None else list(self.grid),
-        }
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The members' configs and the options: ``cls(members, **options)`` rebuilds the ensemble."""
+        return {"members": [member.config() for member in self.members], **self.options.to_dict()}
 
     # ------------------------------------------------------------------ fit / state
 
@@ -122,7 +134,8 @@ class FeatureEnsemble(FeatureEnsembler):
         then fit their fusion on the fitted members' features."""
         for index, member in enumerate(self.members):
             if member.requires_fit:
-                member.fit(_MemberInputs(self, index, images))
+                with member_session(f"member{index}"):  # a trained member keeps its own checkpoints
+                    member.fit(_MemberInputs(self, index, images))
 
     def state(self) -> State:
         """The members' fitted states (those that have one), under ``member<i>/``."""
@@ -181,8 +194,8 @@ class FeatureEnsemble(FeatureEnsembler):
 
     def fused_grid(self, grids: Sequence[torch.Tensor]) -> tuple[int, int]:
         """The configured grid, or the finest member grid."""
-        if self.grid is not None:
-            return self.grid
+        if self.options.grid is not None:
+            return self.options.grid
         finest = max(grids, key=lambda g: g.shape[-2] * g.shape[-1])
         return (int(finest.shape[-2]), int(finest.shape[-1]))
 
@@ -209,9 +222,6 @@ class ConcatEnsemble(FeatureEnsemble):
 
     name = "concat"
 
-    def __init__(self, members: Sequence[FeatureSource], grid: Sequence[int] | int | None = None) -> None:
-        super().__init__(members, grid)
-
     @property
     def out_channels(self) -> int:
         return sum(member.out_channels for member in self.members)
@@ -220,66 +230,62 @@ class ConcatEnsemble(FeatureEnsemble):
         return self.concatenated(images)
 
 
-def _check_max_fit_patches(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise VadError(f"max_fit_patches must be None (every training patch, exact) or an int >= 2, got {value!r}")
-    return value
+class PCAEnsemble(FeatureEnsemble):
+    """Shared options of the PCA fusions: how many training patches the PCA is fitted on."""
+
+    learns = True
+
+    class Options(FeatureEnsemble.Options):
+        max_fit_patches: int | None = option(None, "Training patches the PCA is fitted on: null fits the exact covariance of every patch (memory O(C^2)); N a seeded uniform sample of N.", ge=2)
+        seed: int = option(0, "Seed of the sample of training patches (with max_fit_patches).")
 
 
-class PCAGlobalEnsemble(FeatureEnsemble):
+class PCAGlobalEnsemble(PCAEnsemble):
     """Global transformation block: resize members to one grid, concatenate, PCA along channels.
 
     ``n_components``: an int (components kept), a float in (0, 1) (the smallest number of
     components explaining more than that variance fraction), or None: as many components as the
     widest member has channels, so the fused features are as wide as one member's (seed 000:
-    "maintaining an equal amount of maps as if it were composed of a single classifier").
+    "maintaining an equal amount of maps as if it were composed of a single classifier"); the
+    resolved count is what ``hparams`` saves.
     ``max_fit_patches``: None fits on the exact covariance of every training patch (memory
     O(C^2)); an int fits on a uniform sample of that many patches drawn with ``seed``.
     """
 
     name = "pca-global"
-    learns = True
 
-    def __init__(
-        self,
-        members: Sequence[FeatureSource],
-        n_components: int | float | None = None,
-        max_fit_patches: int | None = None,
-        seed: int = 0,
-        grid: Sequence[int] | int | None = None,
-    ) -> None:
-        super().__init__(members, grid)
+    class Options(PCAEnsemble.Options):
+        n_components: int | float | None = option(None, "Components kept (int) or variance fraction kept (float in (0, 1)); null: the widest member's channels (seed 000).", rule=_COMPONENTS_RULE)
+
+    tiny_options = {"n_components": 8}
+
+    def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
+        super().__init__(members, **options)
+        if self.options.n_components is None:
+            self.options = self.options.replace(n_components=max(member.out_channels for member in self.members))
         channels = sum(member.out_channels for member in self.members)
-        if n_components is None:
-            n_components = max(member.out_channels for member in self.members)
-        check_n_components(n_components, channels, "the concatenated members")
-        self.n_components = n_components
-        self.max_fit_patches = _check_max_fit_patches(max_fit_patches)
-        self.seed = int(seed)
+        _check_width(self.options, self.options.n_components, channels, "the concatenated members")
         self.pca: PCA | None = None
-        self._hparams.update(n_components=n_components, max_fit_patches=self.max_fit_patches, seed=self.seed)
 
     @property
     def out_channels(self) -> int:
         if self.pca is not None:
             return self.pca.n_components
-        if isinstance(self.n_components, float):
+        if isinstance(self.options.n_components, float):
             raise VadError("pca-global keeps a variance fraction: its width is known only after fit")
-        return int(self.n_components)
+        return int(self.options.n_components)
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
         """Fit the members that learn, then the PCA on the concatenated member features of the
         training batches."""
         super().fit(images)
-        fitter = PCAFitter(self.max_fit_patches, self.seed)
+        fitter = PCAFitter(self.options.max_fit_patches, self.options.seed)
         with torch.inference_mode():
             for batch in images:
                 fitter.update(self.concatenated(batch))
         if fitter.count == 0:
             raise VadError("pca-global got no training images to fit on")
-        self.pca = fitter.fit(self.n_components).to(self.device)
+        self.pca = fitter.fit(self.options.n_components).to(self.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self._require_fitted(self.pca is not None)
@@ -308,7 +314,7 @@ class PCAGlobalEnsemble(FeatureEnsemble):
             self.pca = self.pca.to(device)
 
 
-class PCAIndividualEnsemble(FeatureEnsemble):
+class PCAIndividualEnsemble(PCAEnsemble):
     """Individual transformation block: PCA per member on its own grid, then resize and concatenate.
 
     ``n_components``: one value for every member or a list with one per member; each an int or
@@ -317,61 +323,50 @@ class PCAIndividualEnsemble(FeatureEnsemble):
     """
 
     name = "pca-individual"
-    learns = True
 
-    def __init__(
-        self,
-        members: Sequence[FeatureSource],
-        n_components: int | float | Sequence[int | float] | None = None,
-        max_fit_patches: int | None = None,
-        seed: int = 0,
-        grid: Sequence[int] | int | None = None,
-    ) -> None:
-        super().__init__(members, grid)
-        if n_components is None:
+    class Options(PCAEnsemble.Options):
+        n_components: int | float | list[int | float] | None = option(None, "Components (int) or variance fraction (float in (0, 1)) kept per member, one for all or a list with one per member; null: widest member's channels // members.", rule=_COMPONENTS_RULE)
+
+    tiny_options = {"n_components": 4}
+
+    def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
+        super().__init__(members, **options)
+        value = self.options.n_components
+        if value is None:
             share = max(1, max(member.out_channels for member in self.members) // len(self.members))
             per_member: list[int | float] = [min(share, member.out_channels) for member in self.members]
-        elif isinstance(n_components, (list, tuple)):
-            if len(n_components) != len(self.members):
-                raise VadError(
-                    f"pca-individual got {len(n_components)} n_components for {len(self.members)} members; "
-                    "give one value for all or one per member"
-                )
-            per_member = list(n_components)
+        elif isinstance(value, tuple):
+            if len(value) != len(self.members):
+                raise self.options.invalid("n_components", f"one value for all members or a list of {len(self.members)}, one per member")
+            per_member = list(value)
         else:
-            per_member = [n_components] * len(self.members)
-        for index, (value, member) in enumerate(zip(per_member, self.members)):
-            check_n_components(value, member.out_channels, f"member {index}")
-        self.n_components = per_member
-        self.max_fit_patches = _check_max_fit_patches(max_fit_patches)
-        self.seed = int(seed)
+            per_member = [value] * len(self.members)
+        for index, (count, member) in enumerate(zip(per_member, self.members)):
+            _check_width(self.options, count, member.out_channels, f"member {index}")
+        #: Components kept per member (``n_components`` resolved against the members).
+        self.member_components = per_member
         self.pcas: list[PCA] | None = None
-        self._hparams.update(
-            n_components=n_components if not isinstance(n_components, tuple) else list(n_components),
-            max_fit_patches=self.max_fit_patches,
-            seed=self.seed,
-        )
 
     @property
     def out_channels(self) -> int:
         if self.pcas is not None:
             return sum(pca.n_components for pca in self.pcas)
-        if any(isinstance(value, float) for value in self.n_components):
+        if any(isinstance(value, float) for value in self.member_components):
             raise VadError("pca-individual keeps a variance fraction: its width is known only after fit")
-        return sum(int(value) for value in self.n_components)
+        return sum(int(value) for value in self.member_components)
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
         """Fit the members that learn, then one PCA per member on its own training feature grid."""
         super().fit(images)
         # Different seeds per member so their patch samples are independent.
-        fitters = [PCAFitter(self.max_fit_patches, self.seed + index) for index in range(len(self.members))]
+        fitters = [PCAFitter(self.options.max_fit_patches, self.options.seed + index) for index in range(len(self.members))]
         with torch.inference_mode():
             for batch in images:
                 for fitter, grid in zip(fitters, self.member_grids(batch)):
                     fitter.update(grid)
         if fitters[0].count == 0:
             raise VadError("pca-individual got no training images to fit on")
-        self.pcas = [fitter.fit(value).to(self.device) for fitter, value in zip(fitters, self.n_components)]
+        self.pcas = [fitter.fit(value).to(self.device) for fitter, value in zip(fitters, self.member_components)]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         self._require_fitted(self.pcas is not None)

@@ -74,8 +74,6 @@ class PatchReservoir:
     """A uniform sample of at most ``capacity`` rows from a stream (bottom-k random keys)."""
 
     def __init__(self, capacity: int, seed: int) -> None:
-        if capacity < 2:
-            raise VadError(f"max_fit_patches must be at least 2, got {capacity}")
         self.capacity = capacity
         self.generator = torch.Generator().manual_seed(seed)
         self.keys = torch.empty(0, dtype=torch.float64)
@@ -103,27 +101,6 @@ class PatchReservoir:
             for start in range(0, self.rows.shape[0], 65536):  # bound the float64 copy
                 accumulator.update(self.rows[start : start + 65536])
         return accumulator.finalize()
-
-
-def check_n_components(n_components: int | float, channels: int, what: str = "the features") -> None:
-    """Raise a VadError unless ``n_components`` is an int in [1, channels] or a float in (0, 1)."""
-    if isinstance(n_components, bool) or not isinstance(n_components, (int, float)):
-        raise VadError(f"n_components must be an int (components kept) or a float in (0, 1) (variance kept), got {n_components!r}")
-    if isinstance(n_components, float):
-        if not 0.0 < n_components < 1.0:
-            raise VadError(
-                f"a float n_components is a variance fraction and must lie in (0, 1), got {n_components}; "
-                "give an int to keep a number of components"
-            )
-        return
-    count = int(n_components)
-    if count < 1:
-        raise VadError(f"n_components must be at least 1, got {count}")
-    if count > channels:
-        raise VadError(
-            f"n_components={count} is above the {channels} channels available in {what}; "
-            f"choose at most {channels} (or a variance fraction such as 0.95)"
-        )
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from vad.contracts import Prediction, ScoreEnsembler, State
 from vad.errors import VadError
+from vad.options import REQUIRED, option
 
 #: Validation map values used to build a member's rank table, at most (seeded sample).
 MAX_MAP_VALUES = 1_000_000
@@ -80,14 +81,7 @@ def _resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class CalibratedScoreEnsemble(ScoreEnsembler):
     """Per-member calibration on validation normals, then an elementwise fusion of members."""
 
-    #: Options this ensembler accepts (besides none).
-    allowed_options: tuple[str, ...] = ()
-
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.allowed_options))
-        if unknown:
-            allowed = ", ".join(self.allowed_options) or "none"
-            raise VadError(f"score ensemble {self.name!r} has no option {unknown[0]!r} (options: {allowed})")
         super().__init__(**options)
         self.members: int | None = None
         self.image_stats: list[dict[str, torch.Tensor]] = []
@@ -135,7 +129,7 @@ class CalibratedScoreEnsemble(ScoreEnsembler):
         return (_as_float64(values) - stats["mean"]) / stats["std"]
 
     def _check_options(self, members: int) -> None:
-        """Validate options that depend on the number of members."""
+        """Check the options against the number of members (none to check by default)."""
 
     # ------------------------------------------------------------------ fusion
 
@@ -221,28 +215,22 @@ class WeightedScores(CalibratedScoreEnsemble):
     """Weighted mean of members' z-scores; ``weights``: one non-negative number per member."""
 
     name = "weighted"
-    allowed_options = ("weights",)
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        weights = options.get("weights")
-        if weights is None:
-            raise VadError("score ensemble 'weighted' needs weights, one per member: --set weighted.weights=[2,1]")
-        if not isinstance(weights, (list, tuple)) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights
-        ):
-            raise VadError(f"weights must be a list of numbers, one per member, got {weights!r}")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise VadError(f"weights must be non-negative with a positive sum, got {list(weights)}")
-        self.options["weights"] = [float(w) for w in weights]
-        self.weights = torch.tensor(self.options["weights"], dtype=torch.float64)
+    class Options(CalibratedScoreEnsemble.Options):
+        weights: list[float] = option(REQUIRED, "One non-negative weight per member (normalised to sum 1), e.g. [2, 1].", ge=0)
+
+        def check(self) -> None:
+            if not sum(self.weights) > 0:
+                raise self.invalid("weights", "non-negative numbers with a positive sum, one per member")
+
+    tiny_options = {"weights": [2.0, 1.0]}
 
     def _check_options(self, members: int) -> None:
-        if self.weights.numel() != members:
-            raise VadError(f"weighted ensemble has {self.weights.numel()} weights for {members} members; give one per member")
+        if len(self.options.weights) != members:
+            raise self.options.invalid("weights", f"one number per member: {len(self.options.weights)} weights for {members} members")
 
     def fuse(self, stacked: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
-        weights = self.weights[list(present)]
+        weights = torch.tensor(self.options.weights, dtype=torch.float64)[list(present)]
         if weights.sum() <= 0:
             raise VadError("every member with anomaly maps has weight 0: the fused map is undefined")
         weights = weights / weights.sum()
@@ -252,30 +240,25 @@ class WeightedScores(CalibratedScoreEnsemble):
 class RankMean(CalibratedScoreEnsemble):
     """Mean of members' ranks in their validation-normal distributions (empirical CDF).
 
-    ``map_quantiles`` (default 1001): size of each member's rank table for map values.
+    ``map_quantiles``: size of each member's rank table for map values.
     """
 
     name = "rank-mean"
-    allowed_options = ("map_quantiles",)
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        quantiles = options.get("map_quantiles", 1001)
-        if isinstance(quantiles, bool) or not isinstance(quantiles, int) or quantiles < 2:
-            raise VadError(f"map_quantiles must be an int >= 2, got {quantiles!r}")
-        self.map_quantiles = quantiles
+    class Options(CalibratedScoreEnsemble.Options):
+        map_quantiles: int = option(1001, "Size of each member's rank table for map values (quantiles of its validation map values).", ge=2)
 
     def statistics(self, values: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
         """A rank table: sorted distinct values with CDF positions, and the spread for the tails."""
         spread = torch.tensor([_spread(values)], dtype=torch.float64)
-        if values.numel() <= self.map_quantiles:
+        if values.numel() <= self.options.map_quantiles:
             positions = (torch.arange(values.numel(), dtype=torch.float64) + 0.5) / values.numel()
             x, p = rank_table(values, positions[torch.argsort(torch.argsort(values))])
         else:
             if values.numel() > MAX_MAP_VALUES:
                 generator = torch.Generator().manual_seed(seed)
                 values = values[torch.randperm(values.numel(), generator=generator)[:MAX_MAP_VALUES]]
-            levels = torch.linspace(0.0, 1.0, self.map_quantiles, dtype=torch.float64)
+            levels = torch.linspace(0.0, 1.0, self.options.map_quantiles, dtype=torch.float64)
             x, p = rank_table(torch.quantile(values, levels), levels)
         return {"x": x, "p": p, "spread": spread}
 

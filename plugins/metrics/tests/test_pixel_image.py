@@ -105,12 +105,12 @@ def test_applicable_gives_reasons():
 
 def test_metric_options():
     assert metrics.AUPRO(fpr_limit=0.05).compute(_data()) <= 1.0
-    assert metrics.AUPRO().options == {"fpr_limit": 0.3}
-    with pytest.raises(VadError, match="unknown option.*fpr_limit"):
+    assert metrics.AUPRO().hparams == {"fpr_limit": 0.3}
+    with pytest.raises(VadError, match=r"metric 'au_pro' has no option 'limit' \(did you mean 'fpr_limit'\?\); its options are: fpr_limit"):
         metrics.AUPRO(limit=0.3)
-    with pytest.raises(VadError, match="fpr_limit"):
+    with pytest.raises(VadError, match=r"metric 'au_spro': option fpr_limit=2 is not allowed; fpr_limit must be a number, > 0 and <= 1"):
         metrics.AUSPRO(fpr_limit=2)
-    with pytest.raises(VadError, match="accepts no options"):
+    with pytest.raises(VadError, match="metric 'image_auroc' has no option 'foo'; its options are: none"):
         metrics.ImageAUROC(foo=1)
 
 

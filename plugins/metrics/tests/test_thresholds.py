@@ -28,7 +28,7 @@ def test_max_flags_no_normal_validation_score():
 def test_quantile_of_normal_scores_only():
     assert QuantileThreshold(q=0.5).fit(SCORES, LABELS) == pytest.approx(3.0)
     assert QuantileThreshold().fit(SCORES, LABELS) == pytest.approx(np.quantile([1, 2, 3, 4, 10], 0.99))
-    assert QuantileThreshold(q=0.75).options == {"q": 0.75}
+    assert QuantileThreshold(q=0.75).hparams == {"q": 0.75}
 
 
 def test_k_sigma_of_normal_scores_only():
@@ -50,19 +50,19 @@ def test_f1_optimal_without_anomalous_samples_names_the_normal_only_rules():
 
 def test_manual():
     assert ManualThreshold(value=0.25).fit(SCORES, LABELS) == 0.25
-    assert ManualThreshold(value="0.5").options == {"value": 0.5}
-    with pytest.raises(VadError, match="manual.value"):
+    assert ManualThreshold(value="0.5").hparams == {"value": 0.5}
+    with pytest.raises(VadError, match=r"threshold 'manual' needs option 'value'.*--set manual.value="):
         ManualThreshold()
 
 
 def test_bad_options_and_inputs():
-    with pytest.raises(VadError, match=r"q must be a finite number in \[0.0, 1.0\]"):
+    with pytest.raises(VadError, match=r"threshold 'quantile': option q=1.5 is not allowed; q must be a number, >= 0 and <= 1"):
         QuantileThreshold(q=1.5)
-    with pytest.raises(VadError, match="k must be a number"):
+    with pytest.raises(VadError, match="option k='three' is not allowed; k must be a number"):
         KSigmaThreshold(k="three")
-    with pytest.raises(VadError, match="unknown option.*accepts q"):
+    with pytest.raises(VadError, match="threshold 'quantile' has no option 'p'; its options are: q"):
         QuantileThreshold(p=0.9)
-    with pytest.raises(VadError, match="accepts no options"):
+    with pytest.raises(VadError, match="threshold 'max' has no option 'value'; its options are: none"):
         MaxThreshold(value=3)
     with pytest.raises(VadError, match="every validation sample is anomalous"):
         MaxThreshold().fit(SCORES[5:], LABELS[5:])

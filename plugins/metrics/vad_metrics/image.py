@@ -39,6 +39,17 @@ def image_auroc(scores, labels) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def image_roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of image scores from (0, 0) to (1, 1) (scikit-learn's ``roc_curve``): the curve
+    whose trapezoidal area :func:`image_auroc` reports."""
+    from sklearn.metrics import roc_curve
+
+    scores, labels = check_scores(scores, labels)
+    _need_both(labels, "the ROC curve")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return fpr, tpr
+
+
 def image_average_precision(scores, labels) -> float:
     """Average precision of image scores (scikit-learn's ``average_precision_score``)."""
     from sklearn.metrics import average_precision_score

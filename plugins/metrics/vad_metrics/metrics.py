@@ -7,26 +7,17 @@ only, no threshold, no LOCO regions) instead of producing a degenerate number.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
 
-from vad.contracts import EvaluationData, Metric
-from vad.errors import VadError
+from vad.contracts import Curve, EvaluationData, Metric
+from vad.options import option
 from vad_metrics import image, pixel, pro
 
 
-class _Base(Metric):
-    """Options checked up front: unknown names are a VadError listing the accepted ones."""
+class FprLimitOptions(Metric.Options):
+    """The integration limit of the area metrics."""
 
-    allowed: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.allowed))
-        if unknown:
-            accepted = ", ".join(self.allowed) or "no options"
-            raise VadError(f"metric {self.name!r} got unknown option(s) {', '.join(unknown)}; it accepts {accepted}")
-        super().__init__(**options)
+    fpr_limit: float = option(0.3, "Integrate the curve up to this false positive rate, then normalise (official 0.3).", gt=0, le=1)
 
 
 # --------------------------------------------------------------------------- image level
@@ -41,7 +32,7 @@ def _image_reason(data: EvaluationData) -> str | None:
     return None
 
 
-class ImageAUROC(_Base):
+class ImageAUROC(Metric):
     """Image-level area under the ROC curve."""
 
     name = "image_auroc"
@@ -54,8 +45,14 @@ class ImageAUROC(_Base):
         """scikit-learn's ``roc_auc_score`` on image scores."""
         return image.image_auroc(data.scores, data.labels)
 
+    def curves(self, data):
+        """The image ROC curve, labelled with its area."""
+        fpr, tpr = image.image_roc_curve(data.scores, data.labels)
+        label = f"AUROC {pro.trapezoid(fpr, tpr):.4f}"
+        return [Curve("roc", fpr, tpr, "false positive rate", "true positive rate", label)]
 
-class ImageAP(_Base):
+
+class ImageAP(Metric):
     """Image-level average precision."""
 
     name = "image_ap"
@@ -69,7 +66,7 @@ class ImageAP(_Base):
         return image.image_average_precision(data.scores, data.labels)
 
 
-class ImageF1Max(_Base):
+class ImageF1Max(Metric):
     """Best image-level F1 over all thresholds, and that threshold."""
 
     name = "image_f1_max"
@@ -84,7 +81,7 @@ class ImageF1Max(_Base):
         return {"image_f1_max": f1, "image_f1_max_threshold": threshold}
 
 
-class ImageF1(_Base):
+class ImageF1(Metric):
     """Image-level F1 at the model's image threshold."""
 
     name = "image_f1"
@@ -100,7 +97,7 @@ class ImageF1(_Base):
         return image.f1_at(data.scores, data.labels, data.image_threshold)
 
 
-class ImageAccuracy(_Base):
+class ImageAccuracy(Metric):
     """Image-level accuracy at the model's image threshold."""
 
     name = "image_accuracy"
@@ -137,7 +134,7 @@ def _pixel_reason(data: EvaluationData) -> str | None:
     return None
 
 
-class _PixelMetric(_Base):
+class _PixelMetric(Metric):
     level = "pixel"
 
     def applicable(self, data):
@@ -212,27 +209,26 @@ class AUPRO(_PixelMetric):
     """Normalised area under the per-region-overlap curve up to an FPR limit (MVTec AD)."""
 
     name = "au_pro"
-    allowed = ("fpr_limit",)
-
-    def __init__(self, fpr_limit: float = 0.3, **unknown: Any) -> None:
-        self.fpr_limit = pro.check_fpr_limit(fpr_limit)
-        super().__init__(fpr_limit=self.fpr_limit, **unknown)
+    Options = FprLimitOptions
 
     def compute(self, data):
         """See :func:`vad_metrics.pro.au_pro`."""
-        return pro.au_pro(data.maps, data.masks, self.fpr_limit)
+        return pro.au_pro(data.maps, data.masks, self.options.fpr_limit)
+
+    def curves(self, data):
+        """The PRO curve up to the first point past ``fpr_limit`` (the points the area uses),
+        labelled with the normalised area."""
+        fprs, pros = pro.points_up_to(*pro.pro_curve(data.maps, data.masks, self.options.fpr_limit), self.options.fpr_limit)
+        label = f"AU-PRO({self.options.fpr_limit:g}) {pro.area_under_curve(fprs, pros, self.options.fpr_limit):.4f}"
+        return [Curve("pro", fprs, pros, "pixel false positive rate", "per-region overlap", label, self.options.fpr_limit)]
 
 
-class AUSPRO(_Base):
+class AUSPRO(Metric):
     """Normalised area under the saturated-PRO curve (MVTec LOCO), structural / logical / mean."""
 
     name = "au_spro"
     level = "pixel"
-    allowed = ("fpr_limit",)
-
-    def __init__(self, fpr_limit: float = 0.3, **unknown: Any) -> None:
-        self.fpr_limit = pro.check_fpr_limit(fpr_limit)
-        super().__init__(fpr_limit=self.fpr_limit, **unknown)
+    Options = FprLimitOptions
 
     def applicable(self, data):
         """Needs maps and samples with annotated regions (MVTec LOCO)."""
@@ -269,7 +265,7 @@ class AUSPRO(_Base):
                 regions_per_image.append([])
 
         def area(indices: list[int]) -> float:
-            return pro.au_spro([data.maps[i] for i in indices], [regions_per_image[i] for i in indices], self.fpr_limit)
+            return pro.au_spro([data.maps[i] for i in indices], [regions_per_image[i] for i in indices], self.options.fpr_limit)
 
         good = [i for i, regions in enumerate(regions_per_image) if regions is not None and not regions]
         anomalous = [i for i, regions in enumerate(regions_per_image) if regions]

@@ -20,12 +20,11 @@ always kept by the caller.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from vad.contracts import Threshold
 from vad.errors import VadError
+from vad.options import REQUIRED, option
 from vad_metrics.image import check_scores
 
 NORMAL_ONLY_RULES = "max, quantile, k-sigma (fitted on normal validation scores) or manual (--set manual.value=…)"
@@ -96,29 +95,7 @@ def normalize_scores(scores, threshold: float, min_value: float, max_value: floa
 # --------------------------------------------------------------------------- plugin classes
 
 
-def _number(name: str, value: Any, rule: str, low: float | None = None, high: float | None = None) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise VadError(f"threshold {rule!r}: option {name} must be a number, got {value!r}") from None
-    if not np.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
-        bounds = f" in [{low}, {high}]" if low is not None and high is not None else (f" >= {low}" if low is not None else "")
-        raise VadError(f"threshold {rule!r}: option {name} must be a finite number{bounds}, got {value!r}")
-    return number
-
-
-class _Rule(Threshold):
-    allowed: tuple[str, ...] = ()
-
-    def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.allowed))
-        if unknown:
-            accepted = ", ".join(self.allowed) or "no options"
-            raise VadError(f"threshold {self.name!r} got unknown option(s) {', '.join(unknown)}; it accepts {accepted}")
-        super().__init__(**options)
-
-
-class F1OptimalThreshold(_Rule):
+class F1OptimalThreshold(Threshold):
     """The threshold with the best F1 on labelled validation data (needs anomalous samples)."""
 
     name = "f1-optimal"
@@ -129,7 +106,7 @@ class F1OptimalThreshold(_Rule):
         return f1_optimal_threshold(scores, labels)
 
 
-class MaxThreshold(_Rule):
+class MaxThreshold(Threshold):
     """Just above the largest normal validation score: no normal validation sample is flagged."""
 
     name = "max"
@@ -139,48 +116,43 @@ class MaxThreshold(_Rule):
         return max_threshold(scores, labels)
 
 
-class QuantileThreshold(_Rule):
+class QuantileThreshold(Threshold):
     """The q-quantile of normal validation scores (option q, default 0.99)."""
 
     name = "quantile"
-    allowed = ("q",)
 
-    def __init__(self, q: float = 0.99, **unknown: Any) -> None:
-        self.q = _number("q", q, self.name, 0.0, 1.0)
-        super().__init__(q=self.q, **unknown)
+    class Options(Threshold.Options):
+        q: float = option(0.99, "Quantile of the normal validation scores (seed 001: 0.95-0.99).", ge=0, le=1)
 
     def fit(self, scores, labels) -> float:
         """See :func:`quantile_threshold`."""
-        return quantile_threshold(scores, labels, self.q)
+        return quantile_threshold(scores, labels, self.options.q)
 
 
-class KSigmaThreshold(_Rule):
+class KSigmaThreshold(Threshold):
     """mean + k * std of normal validation scores (option k, default 3)."""
 
     name = "k-sigma"
-    allowed = ("k",)
 
-    def __init__(self, k: float = 3.0, **unknown: Any) -> None:
-        self.k = _number("k", k, self.name)
-        super().__init__(k=self.k, **unknown)
+    class Options(Threshold.Options):
+        k: float = option(3.0, "Standard deviations above the mean of the normal validation scores (seed 001: 3).")
 
     def fit(self, scores, labels) -> float:
         """See :func:`k_sigma_threshold`."""
-        return k_sigma_threshold(scores, labels, self.k)
+        return k_sigma_threshold(scores, labels, self.options.k)
 
 
-class ManualThreshold(_Rule):
+class ManualThreshold(Threshold):
     """A fixed threshold given as option value (--set manual.value=…)."""
 
     name = "manual"
-    allowed = ("value",)
+    needs_validation = False
 
-    def __init__(self, value: float | None = None, **unknown: Any) -> None:
-        if value is None:
-            raise VadError("threshold 'manual' needs a value: --set manual.value=<number>")
-        self.value = _number("value", value, self.name)
-        super().__init__(value=self.value, **unknown)
+    class Options(Threshold.Options):
+        value: float = option(REQUIRED, "The threshold; scores at or above it are anomalous.")
+
+    tiny_options = {"value": 0.5}
 
     def fit(self, scores, labels) -> float:
         """The given value (the validation scores are not used)."""
-        return self.value
+        return self.options.value

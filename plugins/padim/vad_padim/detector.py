@@ -38,29 +38,22 @@ Where this implementation differs from the official code and anomalib, and why:
   not change the ranking). Smoothing lowers isolated one-patch peaks, so the two can rank
   images slightly differently.
 
-Memory (``P = h * w`` grid positions, ``d`` kept channels, ``C`` source channels)::
-
-    stored model:  4 * P * d * d  bytes  (float32 inverse covariances)  + 4 * P * d (means)
-    fit peak:     12 * P * d * d  bytes  (float64 sums of x x^T, then the float32 inverses)
-                  (+ 8 * C * C for PCA's scatter matrix)
-    predict:       the stored model + about 8 * P * B * d bytes of temporaries per batch
-
-Example: ResNet18 at 224 px (56 x 56 grid) with d = 100 stores 125 MB; Wide-ResNet50-2 with
-d = 550 stores 3.8 GB. ``fit`` refuses, before allocating anything, when the stored inverse
-covariances would exceed ``max_covariance_gb`` (default 4 GB), and says which ``dim`` fits.
+Memory use, with formulas: ``plugins/padim/README.md``. ``fit`` refuses, before allocating
+anything, when the stored inverse covariances would exceed ``max_covariance_gb``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
+from vad.options import option
 from vad.progress import warn
 from vad_padim.gaussian import GaussianAccumulator, covariance_bytes, mahalanobis_map
 from vad_padim.reduction import ChannelScatter, random_channel_subset
@@ -68,29 +61,29 @@ from vad_padim.reduction import ChannelScatter, random_channel_subset
 #: Version of the saved state; bump when the meaning of the saved tensors changes.
 PADIM_STATE_VERSION = 1
 
-REDUCTIONS = ("random", "pca", "none")
-
 
 class PaDiM(Detector):
     """PaDiM: a Gaussian per patch position, Mahalanobis distance as the anomaly score.
 
-    Hyper-parameters (JSON-safe):
-
-    * ``dim`` [100] channels kept (paper: 100 for ResNet18, 550 for Wide-ResNet50-2); when the
-      feature source has fewer channels, all are kept (with a warning);
-    * ``reduction`` ["random"]: ``"random"`` channel subset (paper), ``"pca"`` (top ``dim``
-      principal axes fitted on the training patches; one more pass over the training data),
-      or ``"none"`` (every channel; ``dim`` is ignored);
-    * ``eps`` [0.01] covariance regulariser ``Sigma + eps * I`` (official value);
-    * ``max_covariance_gb`` [4.0] refuse to fit when the float32 inverse covariances
-      (``4 * h * w * d * d`` bytes) would exceed this many gigabytes (1e9 bytes);
-    * ``seed`` [0] draws the random channel subset.
+    Options: see :class:`PaDiM.Options`. When the feature source has fewer channels than
+    ``dim``, all are kept (with a warning); ``reduction="pca"`` fits the top ``dim`` principal
+    axes on the training patches (one more pass over the training data); ``reduction="none"``
+    keeps every channel and ignores ``dim``.
     """
 
     name = "padim"
     input = "features"
     produces_maps = True
     training_passes = 1
+
+    class Options(Detector.Options):
+        dim: int = option(100, "Channels kept per patch (paper: 100 for ResNet18, 550 for Wide-ResNet50-2); all if the source has fewer.", ge=1)
+        reduction: Literal["random", "pca", "none"] = option("random", "Channel reduction: random subset (paper), PCA (one more training pass), or none (dim ignored).")
+        eps: float = option(0.01, "Covariance regulariser Sigma + eps*I (official 0.01).", gt=0)
+        max_covariance_gb: float = option(4.0, "Refuse to fit when the float32 inverse covariances (4*h*w*d*d bytes) exceed this many GB (1e9 bytes).", gt=0)
+        seed: int = option(0, "Seed of the random channel subset (official: Python's random under seed 1024).")
+
+    tiny_options: ClassVar[dict[str, Any]] = {"dim": 16}
 
     #: The feature source of the paper (``PatchFeatures`` options). vad's defaults also work.
     recommended_features: ClassVar[dict[str, Any]] = {
@@ -99,33 +92,10 @@ class PaDiM(Detector):
         "dim": {"resnet18": 100, "wide_resnet50_2": 550},
     }
 
-    def __init__(
-        self,
-        dim: int = 100,
-        reduction: str = "random",
-        eps: float = 0.01,
-        max_covariance_gb: float = 4.0,
-        seed: int = 0,
-    ) -> None:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise VadError(f"dim must be an integer >= 1 (channels kept per patch), got {dim!r}")
-        if reduction not in REDUCTIONS:
-            raise VadError(f"unknown reduction {reduction!r}; choose 'random' (paper), 'pca' or 'none'")
-        if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-            raise VadError(f"eps must be a positive number (covariance regulariser, official 0.01), got {eps!r}")
-        if not isinstance(max_covariance_gb, (int, float)) or not max_covariance_gb > 0:
-            raise VadError(f"max_covariance_gb must be a positive number of gigabytes, got {max_covariance_gb!r}")
-        self.dim, self.reduction, self.eps = dim, reduction, float(eps)
-        self.max_covariance_gb, self.seed = float(max_covariance_gb), int(seed)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         # PCA needs one pass to fit the projection before the Gaussians' pass: ask vad to cache.
-        self.training_passes = 2 if reduction == "pca" else 1
-        self._hparams = {
-            "dim": dim,
-            "reduction": reduction,
-            "eps": self.eps,
-            "max_covariance_gb": self.max_covariance_gb,
-            "seed": self.seed,
-        }
+        self.training_passes = 2 if self.options.reduction == "pca" else 1
         self.mean: torch.Tensor | None = None  # [P, d]
         self.inverse_covariance: torch.Tensor | None = None  # [P, d, d]
         self.channel_index: torch.Tensor | None = None  # [d] (random)
@@ -167,7 +137,7 @@ class PaDiM(Detector):
         return State(
             meta={
                 "padim_state_version": PADIM_STATE_VERSION,
-                "reduction": self.reduction,
+                "reduction": self.options.reduction,
                 "feature_dim": int(self.mean.shape[1]),
                 "in_channels": self.in_channels,
                 "grid": list(self.grid),
@@ -198,9 +168,9 @@ class PaDiM(Detector):
                 f"grid {height}x{width} with {dim} channels; the model folder is damaged"
             )
         reduction = meta.get("reduction")
-        if reduction != self.reduction:
-            raise VadError(f"the saved PaDiM state used reduction {reduction!r} but this detector was built with {self.reduction!r}")
-        needed = {"random": ["channel_index"], "pca": ["pca_center", "pca_projection"], "none": []}[self.reduction]
+        if reduction != self.options.reduction:
+            raise VadError(f"the saved PaDiM state used reduction {reduction!r} but this detector was built with {self.options.reduction!r}")
+        needed = {"random": ["channel_index"], "pca": ["pca_center", "pca_projection"], "none": []}[self.options.reduction]
         missing = [name for name in needed if name not in tensors]
         if missing:
             raise VadError(f"the saved PaDiM state has no {missing[0]!r} tensor; the model folder is damaged")
@@ -228,23 +198,23 @@ class PaDiM(Detector):
 
     def kept_dim(self, channels: int) -> int:
         """Channels kept for a source with ``channels`` channels (``dim``, or fewer if the source is small)."""
-        if self.reduction == "none":
+        if self.options.reduction == "none":
             return channels
-        if self.dim > channels:
-            warn(f"PaDiM dim={self.dim} but the feature source gives {channels} channels: keeping all {channels}")
+        if self.options.dim > channels:
+            warn(f"PaDiM dim={self.options.dim} but the feature source gives {channels} channels: keeping all {channels}")
             return channels
-        return self.dim
+        return self.options.dim
 
     def check_memory(self, grid: tuple[int, int], dim: int) -> None:
         """Refuse (VadError) when ``4 * h * w * dim^2`` bytes exceed ``max_covariance_gb``."""
         positions = grid[0] * grid[1]
         needed = covariance_bytes(positions, dim)
-        budget = self.max_covariance_gb * 1e9
+        budget = self.options.max_covariance_gb * 1e9
         if needed > budget:
             fitting = max(1, int(math.sqrt(budget / (4 * positions))))
             raise VadError(
                 f"PaDiM would store {needed / 1e9:.2f} GB of covariances (4 bytes x {grid[0]}x{grid[1]} positions "
-                f"x {dim}^2), above max_covariance_gb={self.max_covariance_gb:g}; fitting needs about 3x that. "
+                f"x {dim}^2), above max_covariance_gb={self.options.max_covariance_gb:g}; fitting needs about 3x that. "
                 f"Choose dim <= {fitting} (--set padim.dim={fitting}), smaller images or a coarser layer, or raise "
                 "--set padim.max_covariance_gb=..."
             )
@@ -271,7 +241,7 @@ class PaDiM(Detector):
                     "between batches: PaDiM needs every image at the same size"
                 )
 
-        if self.reduction == "pca":
+        if self.options.reduction == "pca":
             scatter: ChannelScatter | None = None
             for batch in batches:
                 features = self._check_grid(batch, "fit")
@@ -291,14 +261,14 @@ class PaDiM(Detector):
             if accumulator is None:
                 if channels is None:
                     first_batch(features)
-                if self.reduction == "random":
-                    index = random_channel_subset(channels, dim, self.seed).to(self.device)  # type: ignore[arg-type]
+                if self.options.reduction == "random":
+                    index = random_channel_subset(channels, dim, self.options.seed).to(self.device)  # type: ignore[arg-type]
                 accumulator = GaussianAccumulator(grid[0] * grid[1], dim, self.device)  # type: ignore[index]
             same_shape(features)
             accumulator.update(self._reduce(features, index, center, projection))
         if accumulator is None:
             raise VadError("PaDiM got an empty training set: it needs normal training images")
-        mean, inverse = accumulator.finish(self.eps)
+        mean, inverse = accumulator.finish(self.options.eps)
         # assign only now, so a failed fit leaves the detector as it was
         self.mean, self.inverse_covariance = mean, inverse
         self.channel_index, self.pca_center, self.pca_projection = index, center, projection
@@ -313,9 +283,9 @@ class PaDiM(Detector):
         center: torch.Tensor | None,
         projection: torch.Tensor | None,
     ) -> torch.Tensor:
-        if self.reduction == "random":
+        if self.options.reduction == "random":
             return features.index_select(1, index)  # type: ignore[arg-type]
-        if self.reduction == "pca":
+        if self.options.reduction == "pca":
             centered = features - center[None, :, None, None]  # type: ignore[index]
             return torch.einsum("bchw,cd->bdhw", centered, projection)
         return features
@@ -347,7 +317,7 @@ class PaDiMHead(nn.Module):
 
     def __init__(self, detector: PaDiM) -> None:
         super().__init__()
-        self.reduction = detector.reduction
+        self.reduction = detector.options.reduction
         empty = torch.empty(0)
         self.register_buffer("channel_index", detector.channel_index if detector.channel_index is not None else empty.long())
         self.register_buffer("pca_center", detector.pca_center if detector.pca_center is not None else empty)

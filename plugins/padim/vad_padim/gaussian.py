@@ -43,7 +43,7 @@ class GaussianAccumulator:
     def update(self, embeddings: torch.Tensor) -> None:
         """Add a batch of embeddings ``[B, d, h, w]`` (``h * w == positions``)."""
         batch, dim = embeddings.shape[:2]
-        # contiguous: bmm on a position-strided view is ~100x slower on CPU
+        # contiguous: bmm on a position-strided view is far slower on CPU
         x = embeddings.reshape(batch, dim, -1).permute(2, 0, 1).to(self.sums.device, torch.float64).contiguous()  # [P, B, d]
         self.sums += x.sum(1)
         self.outer.baddbmm_(x.transpose(1, 2), x)  # Q_p += X_p^T X_p
@@ -74,7 +74,7 @@ class GaussianAccumulator:
                     "a per-position covariance is not positive definite (non-finite features?); check "
                     "the feature source's output, or raise the PaDiM hyper-parameter eps"
                 )
-            # Sigma^-1 = L^-T L^-1; batched triangular solves are ~10x faster on CPU than
+            # Sigma^-1 = L^-T L^-1; batched triangular solves are much faster on CPU than
             # torch.cholesky_inverse or torch.linalg.inv for many small matrices
             lower_inverse = torch.linalg.solve_triangular(factor, identity.expand_as(factor), upper=False)
             inverse[start:stop] = (lower_inverse.transpose(1, 2) @ lower_inverse).to(torch.float32)
@@ -91,7 +91,7 @@ def mahalanobis_map(embeddings: torch.Tensor, mean: torch.Tensor, inverse_covari
     """
     batch, dim, height, width = embeddings.shape
     positions = height * width
-    # contiguous: bmm on a position-strided view is ~100x slower on CPU
+    # contiguous: bmm on a position-strided view is far slower on CPU
     x = embeddings.reshape(batch, dim, positions).permute(2, 0, 1).to(mean.dtype).contiguous()  # [P, B, d]
     squared = torch.empty(positions, batch, dtype=mean.dtype, device=embeddings.device)
     for start in range(0, positions, SCORE_CHUNK):

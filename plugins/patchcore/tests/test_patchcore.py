@@ -1,4 +1,4 @@
-"""Tests of vad-patchcore: coreset, kNN backends, Eq. 7, the detector, saving and errors."""
+"""Tests of vad-patchcore: coreset, Eq. 7, the detector, saving and errors (search: test_knn.py, test_pruned.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import torch
 from vad.contracts import State
 from vad.errors import VadError
 from vad_patchcore.coreset import approximate_greedy_coreset, project, random_projection
-from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size, tile_order
-from vad_patchcore.knn import NearestNeighbours, faiss_available
+from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size
+from vad_patchcore.knn import NearestNeighbours
 from vad_patchcore.scoring import reweighted_scores
-
-needs_faiss = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 
 
 def grids(count: int, seed: int, dim: int = 12, size: int = 6, batch: int = 3) -> list[torch.Tensor]:
@@ -77,32 +75,7 @@ def test_coreset_is_deterministic_for_a_seed():
     assert torch.equal(first, second) and len(set(first.tolist())) == 50
 
 
-# ------------------------------------------------------------------ kNN
-
-
-@needs_faiss
-@pytest.mark.parametrize("k", [1, 3])
-def test_knn_faiss_and_torch_identical(k):
-    generator = torch.Generator().manual_seed(1)
-    bank = torch.randn(400, 24, generator=generator)
-    queries = torch.randn(250, 24, generator=generator) * 1.5
-    d_faiss, i_faiss = NearestNeighbours(bank, "faiss").search(queries, k)
-    d_torch, i_torch = NearestNeighbours(bank, "torch", query_chunk=64).search(queries, k)
-    assert torch.equal(i_faiss, i_torch)
-    assert torch.equal(d_faiss, d_torch)
-    brute = torch.cdist(queries.double(), bank.double()).square().topk(k, largest=False)
-    assert torch.equal(i_torch, brute.indices)
-    assert torch.allclose(d_torch.double(), brute.values, rtol=1e-5)
-
-
-@needs_faiss
-def test_knn_ivfpq_runs_and_mostly_agrees():
-    generator = torch.Generator().manual_seed(2)
-    bank = torch.randn(4000, 16, generator=generator)
-    queries = bank[:200] + 0.01 * torch.randn(200, 16, generator=generator)
-    distances, indices = NearestNeighbours(bank, "faiss-ivfpq", ivf_lists=32, pq_subquantizers=8, ivf_probe=8).search(queries, 1)
-    recall = (indices[:, 0] == torch.arange(200)).float().mean()
-    assert recall > 0.8 and distances.shape == (200, 1)
+# ------------------------------------------------------------------ options
 
 
 def test_unknown_backend_is_a_clear_error():
@@ -147,18 +120,6 @@ def test_fit_predict_shapes_and_coreset_size():
     prediction = detector.predict(grids(1, seed=1)[0])
     assert prediction.scores.shape == (3,) and prediction.maps.shape == (3, 6, 6)
     assert torch.allclose(prediction.scores, prediction.maps.flatten(1).amax(1))
-
-
-@pytest.mark.parametrize("height, width", [(4, 6), (5, 3), (1, 1), (3, 1)])
-def test_tile_order_takes_the_patches_in_2x2_tiles(height, width):
-    order = tile_order(2, height, width)
-    assert sorted(order.tolist()) == list(range(2 * height * width))  # a permutation
-    rows, columns = (order % (height * width)) // width, order % width
-    tiles = (rows // 2) * width + columns // 2  # the tile of each patch, row-major over tiles
-    image = order // (height * width)
-    assert torch.all(image[1:] >= image[:-1]) and torch.all((tiles[1:] >= tiles[:-1]) | (image[1:] > image[:-1]))
-    if height % 2 == 0 and width % 2 == 0:  # every consecutive four is one whole tile
-        assert torch.all(tiles.view(-1, 4) == tiles.view(-1, 4)[:, :1])
 
 
 def test_predict_maps_are_each_patch_s_own_nearest_distance():
@@ -283,8 +244,9 @@ def test_incompatible_state_version_is_a_clear_error():
 
 
 def test_with_patch_features_and_model_folder(tmp_path, tiny_dataset, vad_fakes, register_plugin):
+    from vad.build import create_backbone
     from vad.features import PatchFeatures
-    from vad.model import AnomalyModel, Member, create_backbone
+    from vad.model import AnomalyModel, Member
 
     source = PatchFeatures(create_backbone("fake-backbone", vad_fakes))  # stride-8 + stride-16 stages, 3x3 aggregation
     model = AnomalyModel([Member("patchcore", PatchCore(coreset_ratio=0.1), source)], batch_size=4)

@@ -33,36 +33,28 @@ up to ``coreset_chunk_patches`` (C) patches, each full chunk is reduced at once 
 ``int(C * ratio)`` coreset, and the bank is the union of the chunk coresets. With
 ``N <= C`` training patches this is exactly the official single selection; above, it is a
 composable coreset (its covering radius is the largest of the chunks' radii), and ``C`` also
-keeps each greedy pass in the CPU cache, which makes selection much faster than one pass over
-all N patches per selected item. ``coreset_chunk_patches=0`` selects over all patches at once
-(official behaviour, memory grows with N). Peak memory of ``fit`` (float32, D feature dims,
-p = min(D, coreset_projection_dim), s = coreset_starting_points, Bp patches per batch,
-r = coreset_ratio, N training patches)::
+keeps each greedy pass in the CPU cache. ``coreset_chunk_patches=0`` selects over all patches
+at once (official behaviour, memory grows with N). So of ``fit``'s memory only the bank and
+the search index's copy of it grow with the training set; the formulas are in the plugin's
+README.
 
-    peak_bytes ~= 4 * [2 * (C + Bp) * D        # chunk buffer and its concatenation
-                       + C * (p + s + 3)       # projection, start distances, norms, minima
-                       + r * N * (2 * D + 27)] # the bank + one more copy: its chunk coresets at
-                                               # the concatenation, then the search index's copy
-
-Only the last term grows with the number of training images: about twice the memory bank
-itself (the index is built after the chunk coresets are freed; its build temporaries are
-bounded by 16384 x L floats for L cells).
-With ``coreset_ratio = 1`` the bank is every patch: ``8 * N * D`` bytes at the final
-concatenation. ``predict`` holds the bank plus the search's copy of it (faiss: ``4 * M * D``;
-pruned: ``4 * M * (D + 27)``, cell-sorted with its head coordinates) plus, for the torch
-backend, a ``query_chunk x M`` distance block. The search index is built at the end of ``fit``.
+Search. ``knn_backend`` picks one of :mod:`vad_patchcore.knn`'s strategies: exact ones (``auto``:
+the cell-pruned scan for large banks on the CPU) return the same neighbours and identical
+distances; ``faiss-ivfflat`` and ``faiss-ivfpq`` trade recall for speed. The index is built at
+the end of ``fit``, so the first ``predict`` does not pay for it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
+from vad.options import option
 from vad_patchcore.coreset import approximate_greedy_coreset
 from vad_patchcore.knn import BACKENDS, NearestNeighbours
 from vad_patchcore.scoring import max_scores, most_anomalous, reweighted_scores
@@ -70,38 +62,11 @@ from vad_patchcore.scoring import max_scores, most_anomalous, reweighted_scores
 #: Version of the saved state; bump when the meaning of the saved tensors changes.
 PATCHCORE_STATE_VERSION = 1
 
-DISTANCES = ("euclidean", "squared")
-
-
-def tile_order(images: int, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The patch rows of ``images`` grids ``height x width`` (row-major, image after image) in
-    2x2 tiles: a permutation whose consecutive fours are the tiles, left to right, top to bottom
-    (tiles on an odd last row or column hold two patches, or one in the corner)."""
-    rows = torch.arange(height, device=device)[:, None]
-    columns = torch.arange(width, device=device)[None, :]
-    tile = (rows // 2) * ((width + 1) // 2) + columns // 2
-    within = torch.argsort((tile * 4 + (rows % 2) * 2 + columns % 2).reshape(-1))
-    return (torch.arange(images, device=device)[:, None] * (height * width) + within[None, :]).reshape(-1)
-
 
 class PatchCore(Detector):
     """PatchCore memory-bank detector over patch-feature grids ``[B, D, h, w]``.
 
-    Hyper-parameters (all JSON-safe; see the module docstring for where the paper, the official
-    code and anomalib differ):
-
-    * ``coreset_ratio`` fraction of training patches kept (1.0 keeps all);
-    * ``coreset_projection_dim`` random-projection size for the selection (None/0: none);
-    * ``coreset_starting_points`` random points whose mean distance initialises the greedy;
-    * ``coreset_chunk_patches`` patches buffered per coreset chunk (0: one chunk; bounds memory);
-    * ``num_neighbors`` k of the patch score (mean distance to the k nearest bank items);
-    * ``reweight`` / ``reweight_neighbors`` the paper's Eq. 7 image score with b neighbours;
-    * ``knn_backend`` "auto", "faiss" (exact), "torch" (exact, GPU on CUDA), "pruned" (exact,
-      cell-pruned, the CPU default for banks >= 2048 items), "faiss-ivfpq"
-      (approximate; ``ivf_lists``, ``pq_subquantizers``, ``pq_bits``, ``ivf_probe``);
-    * ``distance`` "euclidean" (paper) or "squared" (official code's faiss distances);
-    * ``query_chunk`` queries per block of the torch search (bounds its memory);
-    * ``seed`` for the projection and the starting points.
+    See the module docstring for where the paper, the official code and anomalib differ.
     """
 
     name = "patchcore"
@@ -109,71 +74,25 @@ class PatchCore(Detector):
     produces_maps = True
     training_passes = 1
 
-    def __init__(
-        self,
-        coreset_ratio: float = 0.1,
-        coreset_projection_dim: int | None = 128,
-        coreset_starting_points: int = 10,
-        coreset_chunk_patches: int = 16384,
-        num_neighbors: int = 1,
-        reweight: bool = False,
-        reweight_neighbors: int = 9,
-        knn_backend: str = "auto",
-        distance: str = "euclidean",
-        ivf_lists: int = 512,
-        pq_subquantizers: int = 64,
-        pq_bits: int = 8,
-        ivf_probe: int = 8,
-        query_chunk: int = 4096,
-        seed: int = 0,
-    ) -> None:
-        if not (isinstance(coreset_ratio, (int, float)) and 0.0 < coreset_ratio <= 1.0):
-            raise VadError(f"coreset_ratio must be in (0, 1] (1.0 keeps every patch), got {coreset_ratio!r}")
-        for label, value, low in (
-            ("coreset_starting_points", coreset_starting_points, 1),
-            ("coreset_chunk_patches", coreset_chunk_patches, 0),
-            ("num_neighbors", num_neighbors, 1),
-            ("reweight_neighbors", reweight_neighbors, 1),
-            ("ivf_lists", ivf_lists, 1),
-            ("pq_subquantizers", pq_subquantizers, 1),
-            ("pq_bits", pq_bits, 1),
-            ("ivf_probe", ivf_probe, 1),
-            ("query_chunk", query_chunk, 1),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise VadError(f"{label} must be an integer >= {low}, got {value!r}")
-        if coreset_projection_dim is not None and (not isinstance(coreset_projection_dim, int) or coreset_projection_dim < 0):
-            raise VadError(f"coreset_projection_dim must be a positive integer, or None/0 for no projection, got {coreset_projection_dim!r}")
-        if knn_backend not in BACKENDS:
-            raise VadError(f"unknown knn_backend {knn_backend!r}; choose one of {', '.join(BACKENDS)}")
-        if distance not in DISTANCES:
-            raise VadError(f"unknown distance {distance!r}; choose 'euclidean' (paper) or 'squared' (official code)")
-        self.coreset_ratio = float(coreset_ratio)
-        self.coreset_projection_dim = coreset_projection_dim or None
-        self.coreset_starting_points = coreset_starting_points
-        self.coreset_chunk_patches = coreset_chunk_patches
-        self.num_neighbors = num_neighbors
-        self.reweight = bool(reweight)
-        self.reweight_neighbors = reweight_neighbors
-        self.knn_backend = knn_backend
-        self.distance = distance
-        self.ivf = {"ivf_lists": ivf_lists, "pq_subquantizers": pq_subquantizers, "pq_bits": pq_bits, "ivf_probe": ivf_probe}
-        self.query_chunk = query_chunk
-        self.seed = seed
-        self._hparams = {
-            "coreset_ratio": self.coreset_ratio,
-            "coreset_projection_dim": self.coreset_projection_dim,
-            "coreset_starting_points": coreset_starting_points,
-            "coreset_chunk_patches": coreset_chunk_patches,
-            "num_neighbors": num_neighbors,
-            "reweight": self.reweight,
-            "reweight_neighbors": reweight_neighbors,
-            "knn_backend": knn_backend,
-            "distance": distance,
-            **self.ivf,
-            "query_chunk": query_chunk,
-            "seed": seed,
-        }
+    class Options(Detector.Options):
+        coreset_ratio: float = option(0.1, "Fraction of training patches kept in the memory bank (1 keeps every patch).", gt=0, le=1)
+        coreset_projection_dim: int | None = option(128, "Random-projection size for the coreset selection (null or 0: none; official 128).", ge=0)
+        coreset_starting_points: int = option(10, "Random points whose mean distance starts the greedy selection (official 10).", ge=1)
+        coreset_chunk_patches: int = option(16384, "Training patches buffered per coreset chunk; bounds fit memory (0: one selection over all, as official).", ge=0)
+        num_neighbors: int = option(1, "k of the patch score: mean distance to the k nearest bank items (paper 1).", ge=1)
+        reweight: bool = option(False, "The paper's Eq. 7 image-score re-weighting (the official code does not apply it).")
+        reweight_neighbors: int = option(9, "b of Eq. 7: bank neighbours of the most anomalous patch's nearest item.", ge=1)
+        knn_backend: str = option("auto", "Nearest-neighbour search; auto picks the fastest exact one for the device and bank; faiss-ivfflat and faiss-ivfpq are approximate.", choices=BACKENDS)
+        distance: Literal["euclidean", "squared"] = option("euclidean", "Patch score: L2 distance (paper) or squared L2 (official code's faiss distances).")
+        ivf_lists: int = option(512, "faiss-ivfflat / faiss-ivfpq: inverted lists (official 512; clipped to the bank size / 39).", ge=1)
+        pq_subquantizers: int = option(64, "faiss-ivfpq: product-quantizer sub-vectors (official 64).", ge=1)
+        pq_bits: int = option(8, "faiss-ivfpq: bits per sub-quantizer code (official 8).", ge=1)
+        ivf_probe: int = option(8, "faiss-ivfflat / faiss-ivfpq: inverted lists searched per query (more: higher recall, slower).", ge=1)
+        query_chunk: int = option(4096, "Queries per block of the torch search (bounds its distance matrix).", ge=1)
+        seed: int = option(0, "Seed of the coreset projection and starting points.")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.memory_bank: torch.Tensor | None = None
         self.train_patches = 0
         self.train_grid: tuple[int, int] | None = None
@@ -250,9 +169,9 @@ class PatchCore(Detector):
 
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
         """Build the memory bank from training feature grids, streaming (see the module docstring)."""
-        generator = torch.Generator().manual_seed(int(self.seed))
-        keep_all = self.coreset_ratio >= 1.0
-        chunk = self.coreset_chunk_patches
+        generator = torch.Generator().manual_seed(self.options.seed)
+        keep_all = self.options.coreset_ratio >= 1.0
+        chunk = self.options.coreset_chunk_patches
         kept: list[torch.Tensor] = []
         buffer: list[torch.Tensor] = []
         buffered = total = 0
@@ -292,12 +211,12 @@ class PatchCore(Detector):
     def _select(self, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The coreset rows of one chunk of patches (a copy, so the chunk can be freed)."""
         start = time.perf_counter()
-        count = max(1, int(patches.shape[0] * self.coreset_ratio))  # official: int(N * percentage)
+        count = max(1, int(patches.shape[0] * self.options.coreset_ratio))  # official: int(N * percentage)
         indices = approximate_greedy_coreset(
             patches,
             count,
-            projection_dim=self.coreset_projection_dim,
-            starting_points=self.coreset_starting_points,
+            projection_dim=self.options.coreset_projection_dim or None,
+            starting_points=self.options.coreset_starting_points,
             generator=generator,
         )
         selected = patches[indices.to(patches.device)]
@@ -310,9 +229,13 @@ class PatchCore(Detector):
         if self._index is None:
             assert self.memory_bank is not None
             self._index = NearestNeighbours(
-                self.memory_bank, self.knn_backend, query_chunk=self.query_chunk, seed=int(self.seed), **self.ivf
+                self.memory_bank, self.options.knn_backend, query_chunk=self.options.query_chunk, seed=self.options.seed, **self._ivf_options()
             )
         return self._index
+
+    def _ivf_options(self) -> dict[str, int]:
+        names = ("ivf_lists", "pq_subquantizers", "pq_bits", "ivf_probe")
+        return {name: getattr(self.options, name) for name in names}
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Image scores ``[B]`` and patch-score maps ``[B, h, w]`` on the feature grid."""
@@ -327,20 +250,14 @@ class PatchCore(Detector):
         size, _, height, width = batch.shape
         index = self._search_index()
         start = time.perf_counter()
-        # searched in 2x2 tiles of neighbouring patches: the compiled pruned scan takes four
-        # consecutive queries together, and a tile's four share more of the bank's blocks than
-        # four patches of a row (~5% faster search on the benchmark); the result is the same
-        order = tile_order(size, height, width, patches.device)
-        tiled_squared, tiled_nearest = index.search(patches[order], self.num_neighbors)
-        squared, nearest = torch.empty_like(tiled_squared), torch.empty_like(tiled_nearest)
-        squared[order], nearest[order] = tiled_squared, tiled_nearest
+        squared, nearest = index.search(patches, self.options.num_neighbors)
         middle = time.perf_counter()
-        distances = squared if self.distance == "squared" else squared.sqrt()
+        distances = squared if self.options.distance == "squared" else squared.sqrt()
         patch_scores = distances.mean(1).view(size, height * width)
-        if self.reweight:
+        if self.options.reweight:
             nearest_first = nearest[:, 0].view(size, height * width)
             m_star = most_anomalous(patch_scores, nearest_first)
-            _, support = index.search(self.memory_bank[m_star], self.reweight_neighbors)
+            _, support = index.search(self.memory_bank[m_star], self.options.reweight_neighbors)
             scores = reweighted_scores(
                 patch_scores, nearest_first, patches.view(size, height * width, -1), self.memory_bank, support
             )
@@ -358,7 +275,7 @@ class PatchCore(Detector):
         from vad_patchcore.export import PatchCoreHead
 
         return PatchCoreHead(
-            self.memory_bank, self.num_neighbors, self.distance, self.reweight_neighbors if self.reweight else None
+            self.memory_bank, self.options.num_neighbors, self.options.distance, self.options.reweight_neighbors if self.options.reweight else None
         )
 
 

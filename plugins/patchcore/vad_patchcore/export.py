@@ -3,8 +3,8 @@
 The memory bank is a constant of the graph. Nearest neighbours are exact: ranked by
 ``||b||^2 - 2 q.b`` (the torch backend's matmul) and their distances recomputed from the
 differences, as :meth:`vad_patchcore.knn.NearestNeighbours.search` does, so the exported
-scores match ``PatchCore.predict`` with any exact backend. The faiss-ivfpq approximation is
-not exported: the graph always searches the whole bank.
+scores match ``PatchCore.predict`` with any exact backend. The approximate backends
+(faiss-ivfflat, faiss-ivfpq) are not exported: the graph always searches the whole bank.
 """
 
 from __future__ import annotations

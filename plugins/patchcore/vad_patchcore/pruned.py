@@ -26,17 +26,6 @@ Search, per block of queries (all steps are matrix products on contiguous slices
 4. pairs whose cheap bound is still below ``u`` get exact distances, and the k nearest are
    kept.
 
-On the CPU the scan (steps 2-4, and the bounds of step 1 from the query-centroid distances)
-runs, when the optional compiled module ``vad_patchcore._scan`` is built, as one fused loop over
-groups of four consecutive queries (``_scan.cpp``), with no intermediate matrices: cell by cell;
-then block by block of ``LANES`` items, a block being skipped when a ball around its centre in
-the augmented space lies beyond every member's k-th distance found so far (items are ordered
-within each cell so that blocks are tight); then, for a kept block, the ``LANES`` distances
-accumulate in expanded form over the bank's principal axes (the bank is stored rotated into
-them, with the items' squared norms), and after every ``LANES`` coordinates the partial distance
-plus a bound on the rest drops the items that can no longer be nearer. Its tolerance also covers
-the rotation (:func:`_native_tolerance`), so both scans find the same neighbours.
-
 Nothing is approximate: a cell or pair is skipped only when a proven lower bound exceeds a
 distance already found. How much is skipped depends on the data (and the partition), never the
 result: a poor partition is only slower.
@@ -57,34 +46,14 @@ import math
 
 import torch
 
-from vad.errors import VadError
-
-try:  # the optional compiled scan (setup.py builds it where a C++ compiler is available)
-    from vad_patchcore import _scan as native_scan
-except ImportError:  # pragma: no cover - depends on the install
-    native_scan = None
-
 #: The query's nearest centroids whose bisectors bound the other cells (more: tighter, slower).
 BISECTOR_CENTROIDS = 4
 #: float32 unit roundoff (see "Rounding" above).
 UNIT_ROUNDOFF = 2.0**-24
-#: Bank rows per step of the build (bounds its temporaries to BUILD_CHUNK x D).
-BUILD_CHUNK = 16384
+#: Bank rows per step of the build: its temporaries are a few BUILD_CHUNK x D blocks.
+BUILD_CHUNK = 4096
 #: Bank rows sampled for the PCA basis: it only steers the cheap bound, never the result.
 PCA_SAMPLE = 4096
-#: Items per block of the compiled scan (one AVX-512 register of float32; _scan.cpp's LANES).
-LANES = 16
-
-
-def native_available() -> bool:
-    """True when the compiled scan ``vad_patchcore._scan`` was built and imports."""
-    return native_scan is not None
-
-
-def native_preferred() -> bool:
-    """True when the compiled scan is built and runs its AVX-512 code: only then is it faster
-    than the torch scan (its portable code is correct but slower, see _scan.cpp)."""
-    return native_scan is not None and native_scan.isa() == "avx512"
 
 
 def default_cells(bank_size: int) -> int:
@@ -106,18 +75,27 @@ def kmeans(points: torch.Tensor, cells: int, iterations: int, generator: torch.G
 
 def _nearest_rows(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each point (float32 expanded form)."""
-    return torch.addmm(centroids.square().sum(1)[None], points, centroids.T, alpha=-2.0).argmin(1)
+    norms = centroids.square().sum(1)[None]
+    return torch.cat([torch.addmm(norms, chunk, centroids.T, alpha=-2.0).argmin(1) for chunk in points.split(BUILD_CHUNK)])
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``||row||^2`` of each row, without a squared copy of all rows."""
+    return torch.cat([chunk.square().sum(1) for chunk in rows.split(BUILD_CHUNK)])
 
 
 class PrunedExactSearch:
-    """Exact k-nearest-neighbour search in a fixed ``bank [M, D]`` (float32, any device).
+    """Exact k-nearest-neighbour search in a fixed ``bank [M, D]`` (float32, any device); the
+    ``"pruned"`` :class:`vad_patchcore.knn.SearchBackend`.
 
     ``cells`` k-means cells (None: :func:`default_cells`), ``head_dims`` PCA directions of the
-    cheap bound (0 disables it), ``seed`` for the k-means initialisation, ``native`` the compiled
-    scan (None: where :func:`native_preferred` and the bank is on the CPU; True: required, a
-    :class:`VadError` where it cannot run). See the module docstring for the method and why its
-    result equals brute force.
+    cheap bound (0 disables it), ``seed`` for the k-means initialisation. See the module
+    docstring for the method and why its result equals brute force.
     """
+
+    name = "pruned"
+    exact = True
+    oversample = 1
 
     def __init__(
         self,
@@ -126,30 +104,21 @@ class PrunedExactSearch:
         head_dims: int = 24,
         kmeans_iterations: int = 10,
         seed: int = 0,
-        native: bool | None = None,
     ) -> None:
         bank = bank.float()
         size, dim = bank.shape
-        if native is None:
-            native = native_preferred() and bank.device.type == "cpu"
-        elif native and not (native_available() and bank.device.type == "cpu"):
-            raise VadError(
-                "the compiled pruned scan needs a CPU bank and the vad_patchcore._scan module "
-                "(reinstall vad-patchcore where a C++ compiler is available), or pass native=False"
-            )
-        self.native = bool(native)
-        #: the compiled scan's kernel: ``native_scan.isa()``; "portable" runs its portable code
-        #: on any CPU (the tests check it where AVX-512 is the default)
-        self.kernel = native_scan.isa() if self.native else None
         generator = torch.Generator().manual_seed(int(seed))
-        self.mean = bank.double().mean(0).float()
+        # in float64, chunk by chunk (a float64 copy of the bank would double the build's peak)
+        self.mean = (sum(chunk.double().sum(0) for chunk in bank.split(BUILD_CHUNK)) / size).float()
         cells = min(cells or default_cells(size), size)
         # trained on at most 256 points per cell, as faiss does: the partition only steers the
         # pruning, so its quality changes the speed, never the neighbours found
-        sample = bank
         if size > 256 * cells:
-            sample = bank[torch.randperm(size, generator=generator)[: 256 * cells].to(bank.device)]
-        centroids = kmeans(sample - self.mean, cells, kmeans_iterations, generator)
+            sample = bank[torch.randperm(size, generator=generator)[: 256 * cells].to(bank.device)].sub_(self.mean)
+        else:
+            sample = bank - self.mean
+        centroids = kmeans(sample, cells, kmeans_iterations, generator)
+        del sample
         assignment = torch.cat([_nearest_rows(chunk - self.mean, centroids) for chunk in bank.split(BUILD_CHUNK)])
         used = torch.unique(assignment)  # drop empty cells
         centroids = centroids[used].contiguous()
@@ -163,120 +132,50 @@ class PrunedExactSearch:
         self.centroid_norms = centroids.square().sum(1)
         gamma = (dim + 3) * UNIT_ROUNDOFF
         reach = torch.cat([
-            (chunk - centroids[cells_of]).norm(dim=1)
+            centroids[cells_of].sub_(chunk).norm(dim=1)
             for chunk, cells_of in zip(items.split(BUILD_CHUNK), assignment.split(BUILD_CHUNK))
         ])
         radii = torch.zeros(centroids.shape[0], device=bank.device).scatter_reduce(0, assignment, reach, "amax")
         self.radii = radii * (1.0 + 2.0 * gamma)  # a difference-form norm is accurate to ~D ulps
         self.centroid_gaps = torch.cdist(centroids.double(), centroids.double()).float()
-        self.squared_radius = float(items.square().sum(1).max())
+        self.item_norms = _squared_norms(items)
+        self.squared_radius = float(self.item_norms.max())
         self.tolerance_scale = 16.0 * gamma
+        del assignment, reach
         self.head_dims = min(int(head_dims), dim - 1) if dim > 2 * head_dims else 0
-        augmented = None
-        if self.native:
-            # the compiled scan stores the bank rotated into its principal axes (see _native_tolerance)
-            self.rotation = self._principal_directions(items, generator, dim)
-            self.tolerance_scale = _native_tolerance(dim)
-            rotated = torch.empty_like(items)
-            for start in range(0, size, BUILD_CHUNK):  # in place of a list of chunks and their concatenation
-                torch.mm(items[start : start + BUILD_CHUNK], self.rotation, out=rotated[start : start + BUILD_CHUNK])
-            items = rotated
-            augmented = _rotated_augmented(items, self.head_dims)
-        elif self.head_dims:
-            self.head_basis = self._principal_directions(items, generator, self.head_dims)
-            augmented = torch.cat([self._augmented(chunk) for chunk in items.split(BUILD_CHUNK)])
 
-        #: share of (query, bank item) distances the last search computed (or began, compiled scan)
+        #: share of (query, bank item) distances the last search computed
         self.scanned_fraction = 0.0
         self.cell_sizes = counts
         #: number of bank rows
         self.size = size
-        if self.native:
-            self._build_blocks(items, augmented, order, gamma)
-            return
         #: bank row of each position of the cell-sorted bank
         self.positions = order
         #: position of each cell's first item in the sorted bank
         self.cell_starts = torch.tensor(bounds[:-1], device=bank.device)
         self.items = items  # the only full copy of the bank the search keeps
-        self.item_norms = items.square().sum(1)
         #: per cell: (items transposed, squared norms as a row), views into the sorted bank; the
-        #: products are taken as queries @ items.T: on CPU that orientation runs up to twice as fast
+        #: products are taken as queries @ items.T, the faster orientation on the CPU
         self._exact_cells = [(items[a:b].T, self.item_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
         if self.head_dims:
-            augmented_norms = augmented.square().sum(1)
+            self.head_basis = self._principal_directions(items, generator, self.head_dims)
+            augmented = items.new_empty(size, self.head_dims + 1)
+            for start in range(0, size, BUILD_CHUNK):  # filled in place: no list of chunks to concatenate
+                augmented[start : start + BUILD_CHUNK] = self._augmented(items[start : start + BUILD_CHUNK])
+            augmented_norms = _squared_norms(augmented)
             self._augmented_cells = [
                 (augmented[a:b].T, augmented_norms[None, a:b]) for a, b in zip(bounds[:-1], bounds[1:])
             ]
-
-    def _build_blocks(self, rotated: torch.Tensor, augmented: torch.Tensor, order: torch.Tensor, gamma: float) -> None:
-        """The compiled scan's tables, with every cell padded to whole blocks of LANES items and
-        rows to a multiple of LANES coordinates: the rotated bank as ``[chunk, block, coordinate,
-        LANES]`` panels of LANES coordinates of LANES items (NaN in padding lanes, so they never
-        pass a comparison), each item's norm past 1, 2, ... chunks as ``[chunk - 1, block,
-        LANES]`` and its squared norm as ``[block * LANES]`` (NaN in padding), and per block the
-        centre and radius of its items in the augmented space.
-        ``rotated`` and ``augmented`` are cell-sorted; ``order`` gives their bank rows."""
-        size, dim = rotated.shape
-        counts = self.cell_sizes
-        starts = counts.cumsum(0) - counts
-        within = torch.cat([_block_order(augmented[a : a + n]) + a for a, n in zip(starts.tolist(), counts.tolist())])
-        rank = torch.empty_like(within)  # each row's place in its cell's block order (rows are not moved)
-        rank[within] = torch.arange(size, device=rotated.device)
-        self.cell_blocks = (counts + LANES - 1) // LANES
-        first_block = self.cell_blocks.cumsum(0) - self.cell_blocks
-        blocks = int(self.cell_blocks.sum())
-        # the slot of each row: its cell's first slot plus its place within the cell
-        cell = torch.repeat_interleave(torch.arange(counts.numel(), device=rotated.device), counts)
-        slots = first_block[cell] * LANES + rank - starts[cell]
-        self.row = -(-dim // LANES) * LANES
-        chunks = self.row // LANES
-        #: bank row of each slot of the cell-sorted, block-padded bank; -1 in padding slots
-        self.positions = torch.full((blocks * LANES,), -1, dtype=torch.long, device=rotated.device)
-        self.positions[slots] = order
-        #: slot of each cell's first item
-        self.cell_starts = first_block * LANES
-        block, lane = slots // LANES, slots % LANES
-        padding = torch.ones(blocks * LANES, dtype=torch.bool, device=rotated.device)
-        padding[slots] = False
-        padding = padding.nonzero()[:, 0]
-        # filled through views indexed as [block, lane, ...]: leading indices do not make torch
-        # expand index tensors to the size of the bank, as indices behind a slice would
-        #: the only full copy of the bank the compiled scan keeps
-        self._panels = rotated.new_zeros((chunks, blocks, LANES, LANES))
-        by_item = self._panels.permute(1, 3, 0, 2)  # [block, lane, chunk, coordinate]
-        by_item[padding // LANES, padding % LANES] = math.nan
-        squares = rotated.new_zeros(rotated.shape[0], chunks)
-        for chunk in range(chunks):  # chunk by chunk: no padded copy of the bank
-            columns = rotated[:, chunk * LANES : (chunk + 1) * LANES]
-            by_item[block, lane, chunk, : columns.shape[1]] = columns
-            squares[:, chunk] = columns.square().sum(1)
-        self._suffix_norms = rotated.new_full((chunks - 1, blocks, LANES), math.nan)
-        self._suffix_norms.permute(1, 2, 0)[block, lane] = squares.flip(1).cumsum(1).flip(1)[:, 1:].sqrt()
-        self._item_squares = rotated.new_full((blocks * LANES,), math.nan)
-        self._item_squares[slots] = squares.sum(1)
-        width = augmented.shape[1]
-        members = torch.bincount(block, minlength=blocks)[:, None]
-        centres = augmented.new_zeros(blocks, width).index_add_(0, block, augmented) / members
-        reach = (augmented - centres[block]).norm(dim=1)
-        radii = augmented.new_zeros(blocks).scatter_reduce(0, block, reach, "amax") * (1.0 + 2.0 * gamma)
-        panels = -(-blocks // LANES)
-        padded_centres = augmented.new_zeros(panels * LANES, width)
-        padded_centres[:blocks] = centres
-        self._centres = padded_centres.view(panels, LANES, width).transpose(1, 2).contiguous()
-        self._centre_norms = padded_centres.square().sum(1)
-        self._block_radii = augmented.new_full((panels * LANES,), math.nan)
-        self._block_radii[:blocks] = radii
-        self._half_inverse_gaps = (2.0 * self.centroid_gaps).reciprocal()  # inf on the diagonal
-        cell_panels = -(-self.cells // LANES)
-        padded = self.centroids.new_zeros(cell_panels * LANES, dim)
-        padded[: self.cells] = self.centroids
-        self._centroid_panels = padded.view(cell_panels, LANES, dim).transpose(1, 2).contiguous()
 
     @property
     def cells(self) -> int:
         """Number of non-empty k-means cells."""
         return self.centroids.shape[0]
+
+    @property
+    def description(self) -> str:
+        """The backend and its partition (for logs and benchmark tables)."""
+        return f"pruned (exact, {self.cells} cells, {self.head_dims} head dims)"
 
     @staticmethod
     def _principal_directions(rows: torch.Tensor, generator: torch.Generator, count: int) -> torch.Tensor:
@@ -299,9 +198,8 @@ class PrunedExactSearch:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` nearest bank rows of each query: ``(squared distances, indices)``, ``[n, k]``,
-        ascending. Distances are float32 values of the scan (expanded form; the compiled scan's
-        are taken between rotated rows): callers that need them exact recompute them from the
-        differences."""
+        ascending. Distances are float32 values of the scan (expanded form): callers that need them
+        exact recompute them from the differences."""
         queries = queries.float() - self.mean
         count = queries.shape[0]
         k = min(int(k), self.size)
@@ -310,8 +208,6 @@ class PrunedExactSearch:
             return torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device)
         norms = queries.square().sum(1)
         tolerance = self.tolerance_scale * (norms + self.squared_radius)
-        if self.native:  # the compiled scan computes step 1 itself
-            return self._native_search(queries, tolerance, k)
         to_centroids = torch.addmm(self.centroid_norms[None], queries, self.centroids.T, alpha=-2.0)
         to_centroids.add_(norms[:, None]).clamp_min_(0.0)
         nearest_cells = to_centroids.topk(min(BISECTOR_CENTROIDS, self.cells), dim=1, largest=False).indices
@@ -340,27 +236,6 @@ class PrunedExactSearch:
             scanned += int(self.cell_sizes[cells].sum())
         self.scanned_fraction = scanned / (count * self.size)
         return best, self.positions[best_positions]
-
-    def _native_search(self, queries: torch.Tensor, tolerance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 1 to 4 by the compiled scan (``_scan.cpp``); torch only rotates the queries."""
-        count, dim = queries.shape
-        rows = queries.new_zeros(count, self.row)
-        torch.mm(queries, self.rotation, out=rows[:, :dim])
-        distances = queries.new_empty(count, k)
-        positions = torch.empty(count, k, dtype=torch.long)
-        queries, tolerance = queries.contiguous(), tolerance.contiguous()
-        begun = native_scan.scan(
-            self._panels.data_ptr(), self._suffix_norms.data_ptr(), self._centres.data_ptr(),
-            self._centre_norms.data_ptr(), self._block_radii.data_ptr(), self.cell_starts.data_ptr(),
-            self.cell_blocks.data_ptr(), self.radii.data_ptr(), self._half_inverse_gaps.data_ptr(),
-            self._centroid_panels.data_ptr(), self._item_squares.data_ptr(),
-            self.row, self.head_dims, self.cells, min(BISECTOR_CENTROIDS, self.cells),
-            int(self.cell_blocks.max()), self._panels.shape[1], dim,
-            rows.data_ptr(), queries.data_ptr(), tolerance.data_ptr(), distances.data_ptr(), positions.data_ptr(),
-            count, k, torch.get_num_threads(), self.kernel,
-        )
-        self.scanned_fraction = begun / (count * self.size)
-        return distances, self.positions[positions]
 
     def _cell_lower_bounds(self, to_centroids: torch.Tensor, nearest_cells: torch.Tensor, tolerance: torch.Tensor) -> torch.Tensor:
         """``[n, L]`` lower bounds (distance units) from each query to the items of each cell."""
@@ -413,39 +288,6 @@ class PrunedExactSearch:
         for cell, count in zip(values.tolist(), counts.tolist()):
             yield per_cell[cell], start, start + count
             start += count
-
-
-def _native_tolerance(dim: int) -> float:
-    """Tolerance scale of the compiled scan, whose distances are taken between rotated rows.
-
-    A float32 product ``x @ P`` with orthonormal ``P`` is off by at most ``g sqrt(D) ||x||`` (in
-    norm, ``g = (D + 3) 2^-24``), so a squared distance between rotated rows differs from the
-    true one by at most ``e = 4 g sqrt(D) (||q||^2 + R^2)``. A bound or a distance found may be
-    off by ``e`` each, hence ``2 e`` on top of the torch scan's ``16 g (||q||^2 + R^2)``. The
-    compiled scan's block distances are expanded-form sums like the torch scan's, and its
-    partial bounds ``||q||^2 + ||x||^2 - 2 (q_lead . x_lead + |q_rest| |x_rest|)`` add one product
-    of two norms, off by at most ``2 g ||q|| ||x|| <= g (||q||^2 + R^2)``: within the same part.
-    """
-    return (16.0 + 8.0 * math.sqrt(dim)) * (dim + 3) * UNIT_ROUNDOFF
-
-
-def _rotated_augmented(rotated: torch.Tensor, head_dims: int) -> torch.Tensor:
-    """The augmented vectors of rows already in the principal axes: the leading ``head_dims``
-    coordinates and the norm of the rest."""
-    return torch.cat([rotated[:, :head_dims], rotated[:, head_dims:].norm(dim=1, keepdim=True)], dim=1)
-
-
-def _block_order(augmented: torch.Tensor) -> torch.Tensor:
-    """A permutation of one cell's items such that consecutive blocks of ``LANES`` items are
-    tight (small balls in the augmented space, so the compiled scan can skip whole blocks):
-    recursive halving along the principal direction, each left part a whole number of blocks."""
-    if augmented.shape[0] <= LANES:
-        return torch.arange(augmented.shape[0], device=augmented.device)
-    centred = (augmented - augmented.mean(0)).double()
-    direction = torch.linalg.eigh(centred.T @ centred).eigenvectors[:, -1]
-    order = torch.argsort(centred @ direction)
-    left = min(-(-((order.numel() + 1) // 2) // LANES) * LANES, order.numel() - 1)
-    return torch.cat([order[:left][_block_order(augmented[order[:left]])], order[left:][_block_order(augmented[order[left:]])]])
 
 
 def _merge(

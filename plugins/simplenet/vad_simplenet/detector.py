@@ -7,19 +7,7 @@ Scoring (as the official ``_predict``): patch score ``-D(adaptor(x))``; the anom
 patch scores on the feature grid ``[B, h, w]`` (vad upsamples and blurs it, sigma 4, as the
 official ``RescaleSegmentor``); the image score is the maximum patch score.
 
-Hyper-parameters and their official values (``run.sh`` for MVTec AD, ``simplenet.py``):
-
-==========================  =========================  ===========================================
-option                      default here               official
-==========================  =========================  ===========================================
-``epochs``                  20                         160 passes: ``meta_epochs=40`` x ``gan_epochs=4``
-``noise_std``               0.015                      0.015
-``margin`` (loss ``th``)    0.5                        ``dsc_margin=0.5``
-``hidden``                  1024                       ``dsc_hidden=1024``
-``adaptor_lr``              1e-4 (AdamW, wd 0.01)      ``lr * 0.1`` with ``lr=1e-3``, AdamW defaults
-``discriminator_lr``        2e-4 (Adam, wd 1e-5)       ``dsc_lr=0.0002``, ``weight_decay=1e-5``
-``seed``                    0                          ``--seed 0``
-==========================  =========================  ===========================================
+Every option's description gives its official value (``vad list detectors --details``).
 
 Deviations, on purpose:
 
@@ -46,157 +34,89 @@ the features you use (``--set simplenet.noise_std=0.15`` for EfficientNet-Lite).
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-from vad.contracts import Detector, Prediction, State
+from vad.contracts import Prediction
 from vad.errors import VadError
+from vad.options import option
+from vad.training import TrainedDetector
 
 from vad_simplenet.network import SimpleNetHead, gaussian_fake_features, truncated_l1_loss
 
 
-def _positive(name: str, value: Any, kind: type = float, minimum: float = 0.0, inclusive: bool = False) -> Any:
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        valid = valid and float(value).is_integer()
-    if not valid or (value < minimum if inclusive else value <= minimum):
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise VadError(f"simplenet option {name} must be a {'whole number' if kind is int else 'number'} {bound}, got {value!r}")
-    return kind(value)
-
-
-class SimpleNet(Detector):
+class SimpleNet(TrainedDetector):
     """SimpleNet: feature adaptor + Gaussian-noise fake features + MLP discriminator (truncated L1)."""
 
     name = "simplenet"
     input = "features"
     produces_maps = True
 
-    def __init__(
-        self,
-        epochs: int = 20,
-        noise_std: float = 0.015,
-        margin: float = 0.5,
-        hidden: int = 1024,
-        adaptor_lr: float = 1e-4,
-        discriminator_lr: float = 2e-4,
-        seed: int = 0,
-    ) -> None:
-        self.epochs = _positive("epochs", epochs, int, 1, inclusive=True)
-        self.noise_std = _positive("noise_std", noise_std)
-        self.margin = _positive("margin", margin, inclusive=True)
-        self.hidden = _positive("hidden", hidden, int, 1, inclusive=True)
-        self.adaptor_lr = _positive("adaptor_lr", adaptor_lr)
-        self.discriminator_lr = _positive("discriminator_lr", discriminator_lr)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise VadError(f"simplenet option seed must be an int, got {seed!r}")
-        self.seed = seed
-        #: vad caches the feature batches in memory between these passes.
-        self.training_passes = self.epochs
-        self.head: SimpleNetHead | None = None
-        self.channels: int | None = None
-        self.history: list[float] = []
-        self._hparams = {
-            "epochs": self.epochs,
-            "noise_std": self.noise_std,
-            "margin": self.margin,
-            "hidden": self.hidden,
-            "adaptor_lr": self.adaptor_lr,
-            "discriminator_lr": self.discriminator_lr,
-            "seed": self.seed,
-        }
+    class Options(TrainedDetector.Options):
+        epochs: int = option(20, "Passes over the training features (official 160 = 40 meta-epochs x 4; 20 keeps a CPU demo to minutes).", ge=1)
+        noise_std: float = option(0.015, "Std of the Gaussian noise that makes fake anomalous features, in feature units (official 0.015; ~0.15 for EfficientNet-Lite).", gt=0)
+        margin: float = option(0.5, "Truncated L1 loss margin th (official dsc_margin 0.5).", ge=0)
+        hidden: int = option(1024, "Hidden width of the discriminator MLP (official dsc_hidden 1024).", ge=1)
+        adaptor_lr: float = option(1e-4, "AdamW learning rate of the feature adaptor (official lr * 0.1 = 1e-4).", gt=0)
+        discriminator_lr: float = option(2e-4, "Adam learning rate of the discriminator (official dsc_lr 2e-4, weight decay 1e-5).", gt=0)
 
-    # ------------------------------------------------------------------ helpers
+    tiny_options = {"epochs": 3, "hidden": 64, "noise_std": 0.1}
+    #: Three epochs on eight tiny images do not reliably learn the defects.
+    tiny_image_auroc = None
 
-    def _patches(self, features: torch.Tensor, channels: int | None) -> torch.Tensor:
-        if features.ndim != 4:
-            raise VadError(f"simplenet expects feature grids [B, C, h, w], got shape {tuple(features.shape)}")
+    # ------------------------------------------------------------------ the method's part
+
+    def _patches(self, features: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` grid -> ``[B*h*w, C]`` rows, checked against the fitted width."""
+        if not isinstance(features, torch.Tensor) or features.ndim != 4:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise VadError(f"simplenet expects feature grids [B, C, h, w], got {shape}")
+        channels = self.input_meta.get("channels")
         if channels is not None and features.shape[1] != channels:
             raise VadError(f"simplenet was built for {channels}-channel features, got {features.shape[1]}")
         return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).to(self.device, torch.float32)
 
-    def to(self, device: torch.device | str) -> SimpleNet:
-        super().to(device)
-        if self.head is not None:
-            self.head.to(self.device)
-        return self
+    def describe_input(self, first: torch.Tensor) -> dict[str, Any]:
+        """The feature width."""
+        return {"channels": int(first.shape[1])}
 
-    # ------------------------------------------------------------------ fit / predict
+    def build(self, input_meta: dict[str, Any]) -> dict[str, nn.Module]:
+        """Adaptor and discriminator for ``channels``-wide features, Xavier-initialised from ``seed``."""
+        channels = input_meta.get("channels")
+        if not isinstance(channels, int) or channels < 1:
+            raise VadError("the saved simplenet state has no valid input channels; the model folder is incomplete")
+        return {"head": SimpleNetHead(channels, self.options.hidden, torch.Generator().manual_seed(self.options.seed))}
 
-    def fit(self, batches: Iterable[torch.Tensor]) -> None:
-        """Train adaptor and discriminator for ``epochs`` passes over the training feature batches."""
-        iterator = iter(batches)
-        try:
-            first = next(iterator)
-        except StopIteration:
-            raise VadError("simplenet got no training features to fit on") from None
-        if first.ndim != 4:
-            raise VadError(f"simplenet expects feature grids [B, C, h, w], got shape {tuple(first.shape)}")
-        channels = int(first.shape[1])
-        # Built and trained aside: a failure half-way leaves a previously fitted head untouched.
-        head = SimpleNetHead(channels, self.hidden, torch.Generator().manual_seed(self.seed)).to(self.device)
-        adaptor_opt = torch.optim.AdamW(head.adaptor.parameters(), lr=self.adaptor_lr)  # official: AdamW defaults
-        discriminator_opt = torch.optim.Adam(head.discriminator.parameters(), lr=self.discriminator_lr, weight_decay=1e-5)
-        noise = torch.Generator(device=self.device).manual_seed(self.seed + 1)
-        history: list[float] = []
-        head.train()
+    def generator(self) -> torch.Generator:
+        """The noise generator: on the detector's device, seeded with ``seed + 1``."""
+        return torch.Generator(device=self.device).manual_seed(self.options.seed + 1)
 
-        def passes():
-            yield itertools.chain([first], iterator)  # the first pass reuses the batch we peeked at
-            for _ in range(self.epochs - 1):
-                yield batches
+    def optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        """AdamW for the adaptor (official: AdamW defaults), Adam with weight decay 1e-5 for the discriminator."""
+        head = self.networks["head"]
+        adaptor = torch.optim.AdamW(head.adaptor.parameters(), lr=self.options.adaptor_lr)
+        discriminator = torch.optim.Adam(head.discriminator.parameters(), lr=self.options.discriminator_lr, weight_decay=1e-5)
+        return [adaptor, discriminator], []
 
-        from vad.progress import track
+    def training_step(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Adapted normal patches and noisy fakes through the discriminator in one batch (so
+        BatchNorm sees both), truncated L1 loss."""
+        head = self.networks["head"]
+        normal = head.adaptor(self._patches(batch))
+        fake = gaussian_fake_features(normal, self.options.noise_std, generator)
+        logits = head.discriminator(torch.cat([normal, fake]))
+        return truncated_l1_loss(logits[: len(normal)], logits[len(normal) :], self.options.margin)
 
-        with torch.enable_grad():
-            for epoch_batches in track(passes(), "simplenet epochs", total=self.epochs):
-                losses = []
-                for features in epoch_batches:
-                    normal = head.adaptor(self._patches(features, channels))
-                    fake = gaussian_fake_features(normal, self.noise_std, noise)
-                    logits = head.discriminator(torch.cat([normal, fake]))
-                    loss = truncated_l1_loss(logits[: len(normal)], logits[len(normal) :], self.margin)
-                    adaptor_opt.zero_grad(set_to_none=True)
-                    discriminator_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    adaptor_opt.step()
-                    discriminator_opt.step()
-                    losses.append(float(loss.detach()))
-                history.append(sum(losses) / max(1, len(losses)))
-        self.head, self.channels, self.history = head.eval(), channels, history
+    # ------------------------------------------------------------------ predict
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Maps ``[B, h, w]`` of ``-D(adaptor(x))`` per patch; image score = max of its map."""
-        if self.head is None:
-            raise VadError("simplenet must be fitted (or loaded) before predict")
-        b, _, h, w = batch.shape if batch.ndim == 4 else (0, 0, 0, 0)
-        patches = self._patches(batch, self.channels)
-        self.head.eval()
+        self.require_fitted()
+        patches = self._patches(batch)
+        b, _, h, w = batch.shape
+        head = self.networks["head"].eval()
         with torch.no_grad():
-            maps = self.head.anomaly_scores(patches).reshape(b, h, w)
+            maps = head.anomaly_scores(patches).reshape(b, h, w)
         return Prediction(scores=maps.amax(dim=(1, 2)), maps=maps)
-
-    # ------------------------------------------------------------------ state
-
-    def state(self) -> State:
-        """Adaptor and discriminator weights (incl. BatchNorm running statistics)."""
-        if self.head is None:
-            raise VadError("simplenet has not been fitted; nothing to save")
-        tensors = {name: value.detach().cpu().clone() for name, value in self.head.state_dict().items()}
-        return State(meta={"channels": self.channels, "final_loss": self.history[-1] if self.history else None}, tensors=tensors)
-
-    def load_state(self, state: State) -> None:
-        """Rebuild the modules for the saved width and load their weights."""
-        channels = state.meta.get("channels")
-        if not isinstance(channels, int) or channels < 1:
-            raise VadError("the saved simplenet state has no valid 'channels'; the model folder is incomplete")
-        head = SimpleNetHead(channels, self.hidden, torch.Generator().manual_seed(self.seed))
-        try:
-            head.load_state_dict(state.tensors, strict=True)
-        except RuntimeError as error:
-            raise VadError(f"the saved simplenet weights do not fit its hyper-parameters: {error}") from error
-        self.channels = channels
-        self.head = head.to(self.device).eval()

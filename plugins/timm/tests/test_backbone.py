@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from vad.errors import VadError
 from vad.features import PatchFeatures
+from vad.options import OptionError
 from vad_timm.backbone import TimmBackbone
 from vad_timm.weights import packaged_state_dict
 
@@ -99,7 +100,7 @@ def test_patch_features_rejects_unknown_layer(lite0):
 
 def test_patch_features_default_layers_and_shapes(lite0):
     source = PatchFeatures(lite0)
-    assert source.layers == ["blocks.2", "blocks.4"]  # strides 8 and 16
+    assert source.options.layers == ("blocks.2", "blocks.4")  # strides 8 and 16
     grid = source(torch.randn(2, 3, 224, 224))
     assert tuple(grid.shape) == (2, 40 + 112, 28, 28) == (2, source.out_channels, *source.grid_size((224, 224)))
     projected = PatchFeatures(lite0, target_dim=64)(torch.randn(1, 3, 64, 64))
@@ -110,8 +111,8 @@ def test_patch_features_are_the_channels_first_computation_laid_out_channels_las
     source = PatchFeatures(lite0)
     images = torch.randn(2, 3, 96, 96)
     grid = source(images)
-    maps = lite0.forward_features(images, source.layers)
-    pooled = [F.avg_pool2d(maps[layer].contiguous(), 3, stride=1, padding=1) for layer in source.layers]
+    maps = lite0.forward_features(images, source.options.layers)
+    pooled = [F.avg_pool2d(maps[layer].contiguous(), 3, stride=1, padding=1) for layer in source.options.layers]
     expected = torch.cat([pooled[0], F.interpolate(pooled[1], size=pooled[0].shape[-2:], mode="bilinear", align_corners=False)], 1)
     assert torch.equal(grid, expected)
     # the patch rows detectors take are a view, not a copy
@@ -130,6 +131,7 @@ def test_resnet_truncated_forward_matches_full_forward(timm):
 
 
 def test_rebuild_from_hparams(lite0):
+    assert lite0.hparams == {"pretrained": True, "weights": None, "channels_last": None, "autocast": None}
     again = TimmBackbone(lite0.model_name, **lite0.hparams)
     images = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(again.forward_features(images, ["1"])["1"], lite0.forward_features(images, ["1"])["1"])
@@ -162,6 +164,19 @@ def test_bfloat16_autocast_stays_close_and_returns_float32(timm):
     assert float((approx - reference).abs().mean() / reference.abs().mean()) < 0.05
 
 
+def test_bad_options_name_the_option_the_value_and_what_is_allowed(timm):
+    with pytest.raises(OptionError) as error:
+        TimmBackbone("resnet18", pretrained=False, channels_last="sometimes")
+    assert str(error.value) == (
+        "backbone 'timm': option channels_last='sometimes' is not allowed; channels_last must be true or false or null"
+    )
+    with pytest.raises(VadError, match=r"backbone 'timm' has no option 'autocasts' \(did you mean 'autocast'\?\)"):
+        TimmBackbone("resnet18", pretrained=False, autocasts=True)
+    coerced = TimmBackbone("resnet18", pretrained="false", autocast="true")
+    assert coerced.options.pretrained is False and coerced.autocast and not coerced.channels_last
+    assert coerced.model_name == "resnet18"
+
+
 def test_unknown_model_name_suggests_close_ones(timm):
     with pytest.raises(VadError, match="timm has no model 'resnet1'.*Did you mean"):
         TimmBackbone("resnet1")
@@ -177,7 +192,7 @@ def test_bad_input_batch(lite0):
 
 
 def test_registered_names_and_family_spec(timm):
-    from vad.model import create_backbone
+    from vad.build import create_backbone
     from vad.plugins import get_registry
 
     registry = get_registry()

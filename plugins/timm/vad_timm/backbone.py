@@ -27,6 +27,7 @@ import torch
 
 from vad.contracts import Backbone, FeatureInfo, Preprocessing
 from vad.errors import VadError
+from vad.options import option
 from vad_timm import weights as weights_lib
 from vad_timm.compat import import_timm, use_offline_hub_if_unreachable
 
@@ -45,16 +46,13 @@ class TimmBackbone(Backbone):
     """Any timm network as a frozen feature extractor (timm's features_only), offline-first weights."""
 
     name = "timm"
+    tiny_model = "resnet18"
 
-    def __init__(
-        self,
-        model_name: str,
-        *,
-        weights: str | None = None,
-        pretrained: bool = True,
-        channels_last: bool | None = None,
-        autocast: bool | None = None,
-    ) -> None:
+    class Options(Backbone.Options):
+        channels_last: bool | None = option(None, "Channels-last layout for inputs and weights; null: the device default (off, the float32 reference).")
+        autocast: bool | None = option(None, "bfloat16 autocast of the forward pass; null: the device default (off, the float32 reference).")
+
+    def __init__(self, model_name: str, **options: Any) -> None:
         """Build timm's ``model_name`` as a feature extractor.
 
         ``weights``: a local ``.safetensors`` / ``.pth`` state dict (takes precedence).
@@ -66,13 +64,7 @@ class TimmBackbone(Backbone):
         timm = import_timm()
         if not isinstance(model_name, str) or not model_name:
             raise VadError(f"a timm model name is needed (e.g. resnet18), got {model_name!r}")
-        self.model_name = model_name
-        self._hparams = {
-            "weights": None if weights is None else str(weights),
-            "pretrained": bool(pretrained),
-            "channels_last": channels_last,
-            "autocast": autocast,
-        }
+        super().__init__(model_name, **options)
         pretrained_cfg = self._pretrained_cfg(timm, model_name)
         self.model, self.weights = self._build(timm, model_name, pretrained_cfg)
         self.model.eval().requires_grad_(False)
@@ -112,11 +104,11 @@ class TimmBackbone(Backbone):
 
     def _build(self, timm: Any, model_name: str, cfg: dict[str, Any]) -> tuple[torch.nn.Module, str]:
         """The feature network and a one-line description of where its weights came from."""
-        if not self._hparams["pretrained"]:
+        if not self.options.pretrained:
             return self._create(timm, model_name, pretrained=False), "RANDOM (--no-pretrained)"
         state, origin = None, None
-        if self._hparams["weights"] is not None:
-            path = os.path.abspath(os.path.expanduser(self._hparams["weights"]))
+        if self.options.weights is not None:
+            path = os.path.abspath(os.path.expanduser(self.options.weights))
             state, origin = weights_lib.read_weights_file(path), f"local file: {path}"
             label = f"weights file {path!r}"
         else:
@@ -232,12 +224,12 @@ class TimmBackbone(Backbone):
     @property
     def channels_last(self) -> bool:
         """Whether inputs and weights use the channels-last layout (off unless asked for)."""
-        return bool(self._hparams["channels_last"])
+        return bool(self.options.channels_last)
 
     @property
     def autocast(self) -> bool:
         """Whether the forward pass runs under bfloat16 autocast (off unless asked for)."""
-        return bool(self._hparams["autocast"])
+        return bool(self.options.autocast)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.autocast:

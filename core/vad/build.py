@@ -1,0 +1,323 @@
+"""Building components: from a run configuration, and back from a saved ``model.json``.
+
+The two directions live here side by side and mirror each other: what
+:func:`model_document` writes for a member, a feature source or an ensembler,
+:func:`model_from_document` reads back into the same objects. The core decides what a
+component *is* from its type (a :class:`~vad.contracts.ScoreEnsembler` or a
+:class:`~vad.contracts.FeatureEnsembler`, a detector reading images or features), never from
+its name; the only plugin names the core holds are the defaults in :data:`vad.config.DEFAULTS`.
+
+Saved layout of one feature source (``config()`` of the source; unchanged since format 1):
+
+* a backbone's patch features: ``{"kind": "patch-features", "hparams": {"backbone": {"spec",
+  "hparams"}, <options>}}``;
+* a feature ensemble: ``{"kind": <ensembler name>, "hparams": {"members": [<source>...],
+  <options>}}``;
+* a trained detector's features: ``{"kind": "detector-features", "detector": <detector name>,
+  "hparams": {"detector": <detector options>, <source options>}}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+import vad
+from vad import artifacts
+from vad.config import DEFAULTS, ReportOptions, RunConfig
+from vad.contracts import Backbone, Dataset, DetectorFeatures, FeatureEnsembler, FeatureSource, ScoreEnsembler, State
+from vad.errors import UnknownNameError, VadError
+from vad.features import PatchFeatures
+from vad.plugins import KINDS, Registry, get_registry
+from vad.progress import warn
+
+if TYPE_CHECKING:
+    from vad.model import AnomalyModel
+
+#: ``--backbone detector:NAME`` makes a detector's learned features a member (``detector:draem``).
+DETECTOR_SOURCE_PREFIX = "detector:"
+#: Option groups of the core itself (``--set report.max_overlays=0``), besides registered names.
+CORE_OPTION_GROUPS = ("report",)
+
+
+# --------------------------------------------------------------------------- one component
+
+
+def create(kind: str, name: str, registry: Registry, *args: Any, seed: int | None = None, **options: Any) -> Any:
+    """The registered ``name`` of ``kind`` built with ``options``; the run's ``seed`` is passed
+    to classes that declare a ``seed`` option, unless the user set it."""
+    cls = registry.load_class(kind, name)
+    if seed is not None and "seed" not in options and "seed" in cls.Options.fields():
+        options = {**options, "seed": seed}
+    return cls(*args, **options)
+
+
+def create_backbone(spec: str, registry: Registry | None = None, **options: Any) -> Backbone:
+    """``--backbone SPEC``: a registered name (``cls(SPEC)``) or ``family:model`` (``cls(model)``)."""
+    registry = registry or get_registry()
+    name, model_name = _backbone_entry(spec, registry)
+    backbone = registry.load_class("backbones", name)(model_name, **options)
+    backbone.spec = spec
+    return backbone
+
+
+def _backbone_entry(spec: str, registry: Registry) -> tuple[str, str]:
+    """The registered backbone entry a spec uses and the model name it passes."""
+    if spec in registry.entries("backbones") or ":" not in spec:
+        return spec, spec
+    family, _, model_name = spec.partition(":")
+    return family, model_name
+
+
+def is_score_ensembler(name: str | None, registry: Registry) -> bool:
+    """True when ``name`` is a registered score-level ensembler (decided by its type)."""
+    return name is not None and issubclass(registry.load_class("ensemblers", name), ScoreEnsembler)
+
+
+def backbone_specs(config: RunConfig, registry: Registry) -> list[str]:
+    """The backbones a run uses: the explicit ones, else the defaults (two members for a
+    feature-level ensemble, one otherwise)."""
+    if config.backbones:
+        return list(config.backbones)
+    if config.ensemble is not None and not is_score_ensembler(config.ensemble, registry):
+        return list(DEFAULTS["ensemble_backbones"])
+    return [DEFAULTS["backbone"]]
+
+
+# --------------------------------------------------------------------------- options
+
+
+def check_options(config: RunConfig, registry: Registry) -> None:
+    """Every ``--set NAME.KEY=VALUE`` names a registered component (or a core group) and a value
+    its declaration allows; checked before anything is built or written."""
+    for group, values in config.options.items():
+        if group in CORE_OPTION_GROUPS:
+            ReportOptions.parse(values, owner="report")
+            continue
+        declarations = []
+        for kind in KINDS:
+            entry_name = _backbone_entry(group, registry)[0] if kind == "backbones" else group
+            if entry_name in registry.entries(kind):
+                declarations.append(registry.load_class(kind, entry_name))
+        if not declarations:
+            known = sorted({name for kind in KINDS for name in registry.entries(kind)} | set(CORE_OPTION_GROUPS))
+            close = difflib.get_close_matches(group, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise VadError(f"--set {group}.…: no installed plugin registers {group!r}{hint}; see `vad plugins` for what is installed")
+        for cls in declarations:
+            cls.Options.parse(values, owner=cls.describe_owner())
+
+
+# --------------------------------------------------------------------------- from a configuration
+
+
+def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
+    """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
+    detector = create("detectors", name, registry, seed=config.seed, **config.options_for(name))
+    source = detector.feature_source()
+    if source is None:
+        raise VadError(f"detector {name!r} offers no feature source, so --backbone {DETECTOR_SOURCE_PREFIX}{name} cannot use it")
+    return source
+
+
+def build_sources(config: RunConfig, registry: Registry) -> list[FeatureSource]:
+    """One patch-feature source per backbone (``detector:NAME``: that detector's features)."""
+    specs = backbone_specs(config, registry)
+    if config.weights and len(specs) > 1:
+        raise VadError("--weights names one file, but several backbones were chosen; give each its weights with --set BACKBONE.weights=PATH")
+    sources = []
+    for spec in specs:
+        if spec.startswith(DETECTOR_SOURCE_PREFIX):
+            sources.append(build_detector_source(spec[len(DETECTOR_SOURCE_PREFIX) :], config, registry))
+            continue
+        options = {"pretrained": config.pretrained, **config.options_for(spec)}
+        if config.weights:
+            options["weights"] = config.weights
+        backbone = create_backbone(spec, registry, **options)
+        sources.append(PatchFeatures(backbone, layers=config.layers, aggregation=config.aggregation, layer_dim=config.layer_dim, target_dim=config.target_dim))
+    if not config.pretrained:
+        warn("backbones are RANDOMLY INITIALISED (--no-pretrained): scores are not meaningful for comparison")
+    return sources
+
+
+def _ensemblers_of(registry: Registry, kind: type) -> str:
+    names = [name for name, entry in sorted(registry.entries("ensemblers").items()) if issubclass(entry.load(), kind)]
+    return ", ".join(names) or "none installed"
+
+
+def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyModel:
+    """Compose the plugins named in ``config`` into an unfitted :class:`AnomalyModel`."""
+    from vad.model import AnomalyModel, Member
+
+    registry = registry or get_registry()
+    registry.check()
+    check_options(config, registry)
+    detector_classes = {name: registry.load_class("detectors", name) for name in config.detectors}
+    score_level = is_score_ensembler(config.ensemble, registry)
+    needs_features = any(cls.input == "features" for cls in detector_classes.values())
+    sources = build_sources(config, registry) if needs_features else []
+    if config.ensemble is not None and not score_level:
+        sources = [create("ensemblers", config.ensemble, registry, sources, seed=config.seed, **config.options_for(config.ensemble))]
+    if not score_level and (len(config.detectors) > 1 or len(sources) > 1):
+        raise VadError(
+            "several detectors or backbones need an ensemble: feature-level ensemblers fuse backbones' features "
+            f"({_ensemblers_of(registry, FeatureEnsembler)}); score-level ensemblers fuse detectors' scores "
+            f"({_ensemblers_of(registry, ScoreEnsembler)})"
+        )
+    members = []
+    for name, cls in detector_classes.items():
+        for source in sources if cls.input == "features" else [None]:
+            detector = create("detectors", name, registry, seed=config.seed, **config.options_for(name))
+            members.append(Member(name, detector, source))
+    if score_level and len(members) < 2:
+        raise VadError(f"--ensemble {config.ensemble} fuses several members; give two or more --detector or --backbone")
+    ensembler = create("ensemblers", config.ensemble, registry, seed=config.seed, **config.options_for(config.ensemble)) if score_level else None
+    threshold = create("thresholds", config.threshold, registry, seed=config.seed, **config.options_for(config.threshold))
+    return AnomalyModel(
+        members,
+        ensembler=ensembler,
+        ensembler_name=config.ensemble if score_level else None,
+        threshold=threshold,
+        threshold_name=config.threshold,
+        sigma=config.sigma,
+        batch_size=config.batch_size,
+        skip_bad=config.skip_bad,
+        seed=config.seed,
+    )
+
+
+def create_dataset(config: RunConfig, registry: Registry) -> Dataset:
+    """The data set plugin with the run's root, validation fraction, seed and skip-bad policy."""
+    options = {"validation_fraction": config.validation_fraction, "seed": config.seed, "skip_bad": config.skip_bad}
+    return registry.load_class("datasets", config.dataset)(root=config.root, **{**options, **config.options_for(config.dataset)})
+
+
+# --------------------------------------------------------------------------- to and from model.json
+
+
+def source_from_config(config: dict[str, Any], registry: Registry | None = None) -> FeatureSource:
+    """Rebuild an unfitted FeatureSource from its ``config()`` (see the module docstring)."""
+    registry = registry or get_registry()
+    kind, hparams = config["kind"], dict(config["hparams"])
+    if kind == PatchFeatures.name:
+        backbone = hparams.pop("backbone")
+        return PatchFeatures(create_backbone(backbone["spec"], registry, **backbone["hparams"]), **hparams)
+    if kind == DetectorFeatures.kind:
+        detector = registry.load_class("detectors", config["detector"])(**hparams.pop("detector"))
+        return detector.feature_source(**hparams)
+    members = [source_from_config(member, registry) for member in hparams.pop("members")]
+    return registry.load_class("ensemblers", kind)(members, **hparams)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+def _provenance(registry: Registry, kind: str, name: str) -> dict[str, Any]:
+    entry = registry.entries(kind).get(name)
+    if entry is None:
+        return {"plugin": None, "distribution": None, "version": None}
+    return {"plugin": entry.plugin.name, "distribution": entry.plugin.distribution, "version": entry.plugin.version}
+
+
+def model_document(model: AnomalyModel, registry: Registry | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``model.json``'s content and the tensors of a fitted model."""
+    registry = registry or get_registry()
+    tensors: dict[str, torch.Tensor] = {}
+    members = []
+    for index, member in enumerate(model.members):
+        detector_state = member.detector.state()
+        tensors.update(artifacts.prefixed(f"member{index}/detector", detector_state.tensors))
+        entry: dict[str, Any] = {
+            "detector": {
+                "name": member.detector_name,
+                **_provenance(registry, "detectors", member.detector_name),
+                "hparams": _json_safe(member.detector.hparams),
+                "meta": _json_safe(detector_state.meta),
+            },
+            "preprocessing": member.preprocessing.to_dict(),
+        }
+        if member.source is not None:
+            source_state = member.source.state()
+            tensors.update(artifacts.prefixed(f"member{index}/source", source_state.tensors))
+            entry["source"] = {**_json_safe(member.source.config()), "meta": _json_safe(source_state.meta)}
+        members.append(entry)
+    document: dict[str, Any] = {
+        "vad_version": vad.__version__,
+        "members": members,
+        "postprocess": {"sigma": model.sigma},
+        "threshold": {
+            "name": model.threshold_name,
+            "options": model.threshold.hparams if model.threshold is not None else {},
+            "image": model.image_threshold,
+            "pixel": model.pixel_threshold,
+        },
+        "seed": model.seed,
+        "batch_size": model.batch_size,
+    }
+    if model.ensembler is not None:
+        state = model.ensembler.state()
+        tensors.update(artifacts.prefixed("ensembler", state.tensors))
+        document["ensembler"] = {
+            "name": model.ensembler_name,
+            **_provenance(registry, "ensemblers", model.ensembler_name or ""),
+            "options": model.ensembler.hparams,
+            "meta": _json_safe(state.meta),
+        }
+    return document, tensors
+
+
+def model_from_document(document: dict[str, Any], tensors: dict[str, torch.Tensor], registry: Registry | None = None) -> AnomalyModel:
+    """The fitted model :func:`model_document` described (nothing is refitted)."""
+    from vad.model import AnomalyModel, Member
+
+    registry = registry or get_registry()
+    members = []
+    for index, entry in enumerate(document["members"]):
+        info = entry["detector"]
+        detector = _rebuilt("detectors", info["name"], registry, info["hparams"])
+        detector.load_state(State(info.get("meta", {}), artifacts.unprefixed(f"member{index}/detector", tensors)))
+        source = None
+        if "source" in entry:
+            source = source_from_config(entry["source"], registry)
+            source.load_state(State(entry["source"].get("meta", {}), artifacts.unprefixed(f"member{index}/source", tensors)))
+        members.append(Member(info["name"], detector, source))
+    ensembler = None
+    ensembler_info = document.get("ensembler")
+    if ensembler_info:
+        ensembler = _rebuilt("ensemblers", ensembler_info["name"], registry, ensembler_info["options"])
+        ensembler.load_state(State(ensembler_info.get("meta", {}), artifacts.unprefixed("ensembler", tensors)))
+    threshold_info = document.get("threshold", {})
+    threshold = None
+    if threshold_info.get("name"):
+        threshold = _rebuilt("thresholds", threshold_info["name"], registry, threshold_info.get("options", {}))
+    return AnomalyModel(
+        members,
+        ensembler=ensembler,
+        ensembler_name=ensembler_info["name"] if ensembler_info else None,
+        threshold=threshold,
+        threshold_name=threshold_info.get("name"),
+        sigma=document.get("postprocess", {}).get("sigma", 4.0),
+        batch_size=document.get("batch_size", 8),
+        seed=document.get("seed", 0),
+        image_threshold=threshold_info.get("image"),
+        pixel_threshold=threshold_info.get("pixel"),
+    )
+
+
+def _rebuilt(kind: str, name: str, registry: Registry, hparams: dict[str, Any]) -> Any:
+    """A saved component rebuilt from its hparams; a plugin missing now is a clear error."""
+    try:
+        cls = registry.load_class(kind, name)
+    except UnknownNameError as error:
+        raise VadError(f"this model needs the {kind[:-1]} {name!r}, which no installed plugin registers: {error}") from error
+    return cls(**hparams)

@@ -1,0 +1,192 @@
+"""The shared training loop: epochs and step budgets, shuffling, checkpoints that resume to the
+exact weights of an uninterrupted fit, interruption safety, clear errors; and `vad run --resume`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from vad.contracts import Prediction
+from vad.errors import VadError
+from vad.options import option
+from vad.training import CHECKPOINT_FILE, TrainedDetector, session
+
+
+class TinyAutoencoder(TrainedDetector):
+    """A linear autoencoder of feature vectors: the smallest trained detector."""
+
+    name = "tiny-autoencoder"
+
+    class Options(TrainedDetector.Options):
+        epochs: int = option(4, "Passes.", ge=1)
+        width: int = option(3, "Bottleneck width.", ge=1)
+        batch: int | None = option(None, "Shuffled minibatch size (null: batches as given).", ge=1)
+
+    #: Set by a test: raise KeyboardInterrupt when this many steps were taken.
+    interrupt_after: int | None = None
+
+    def describe_input(self, first):
+        return {"channels": int(first.shape[1])}
+
+    def build(self, input_meta):
+        generator = torch.Generator().manual_seed(self.options.seed)
+        network = nn.Sequential(nn.Linear(input_meta["channels"], self.options.width), nn.Linear(self.options.width, input_meta["channels"]))
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        return {"autoencoder": network}
+
+    def optimizers(self):
+        optimizer = torch.optim.Adam(self.networks["autoencoder"].parameters(), lr=0.05)
+        return [optimizer], [torch.optim.lr_scheduler.MultiStepLR(optimizer, [2, 3], gamma=0.5)]
+
+    def minibatch(self):
+        return self.options.batch
+
+    def training_step(self, batch, generator):
+        self.steps_seen = getattr(self, "steps_seen", 0) + 1
+        if self.interrupt_after is not None and self.steps_seen > self.interrupt_after:
+            raise KeyboardInterrupt
+        rows = batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1])
+        noisy = rows + 0.1 * torch.randn(rows.shape, generator=generator)  # uses the loop's generator
+        return (self.networks["autoencoder"](noisy) - rows).pow(2).mean()
+
+    def predict(self, batch):
+        self.require_fitted()
+        batch = self.check_batch(batch, "predict")
+        rows = batch.permute(0, 2, 3, 1).reshape(-1, batch.shape[1])
+        with torch.no_grad():
+            errors = (self.networks["autoencoder"](rows) - rows).pow(2).sum(1).view(batch.shape[0], *batch.shape[2:])
+        return Prediction(errors.flatten(1).amax(1), errors)
+
+
+def batches(count: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 5, 3, 3, generator=generator) for _ in range(count)]
+
+
+def weights(detector: TrainedDetector) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in detector.state().tensors.items()}
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_a_resumed_fit_reaches_the_weights_of_an_uninterrupted_one(tmp_path, batch):
+    straight = TinyAutoencoder(batch=batch)
+    straight.fit(batches())
+    interrupted = TinyAutoencoder(batch=batch)
+    interrupted.interrupt_after = 7  # in the third epoch (3 steps per epoch)
+    with session(tmp_path, every_minutes=0), pytest.raises(KeyboardInterrupt):
+        interrupted.fit(batches())
+    assert not interrupted.fitted  # nothing half-trained is left on the detector
+    assert (tmp_path / CHECKPOINT_FILE).is_file()
+    resumed = TinyAutoencoder(batch=batch)
+    with session(tmp_path, resume=True, every_minutes=0):
+        resumed.fit(batches())
+    assert resumed.steps_seen == 6  # epochs 3 and 4 only
+    for name, value in weights(straight).items():
+        assert torch.equal(value, weights(resumed)[name]), name
+    assert resumed.history == straight.history and resumed.epochs_trained == 4
+
+
+def test_an_interrupted_refit_keeps_the_previous_weights():
+    detector = TinyAutoencoder()
+    detector.fit(batches())
+    before = weights(detector)
+    detector.interrupt_after, detector.steps_seen = 1, 0
+    with pytest.raises(KeyboardInterrupt):
+        detector.fit(batches())
+    assert all(torch.equal(value, weights(detector)[name]) for name, value in before.items())
+
+
+def test_max_steps_and_shuffled_minibatches():
+    detector = TinyAutoencoder(max_steps=4)
+    detector.fit(batches())
+    assert detector.steps_seen == 4 and detector.epochs_trained == 2
+    shuffled = TinyAutoencoder(batch=4, epochs=2)
+    seen = []
+    shuffled.training_step = lambda batch, generator: seen.append(batch.clone()) or torch.zeros((), requires_grad=True)
+    shuffled.fit(batches())
+    first, second = torch.cat(seen[:2]), torch.cat(seen[2:])  # 6 inputs in batches of 4 and 2
+    assert sorted(first.sum((1, 2, 3)).tolist()) == sorted(torch.cat(batches()).sum((1, 2, 3)).tolist())
+    assert not torch.equal(first, second)  # reshuffled every epoch
+
+
+def test_checkpoints_of_other_options_or_damaged_files_are_refused(tmp_path):
+    detector = TinyAutoencoder()
+    detector.interrupt_after = 4
+    with session(tmp_path, every_minutes=0), pytest.raises(KeyboardInterrupt):
+        detector.fit(batches())
+    with session(tmp_path, resume=True), pytest.raises(VadError, match="other options or inputs"):
+        TinyAutoencoder(width=4).fit(batches())
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with session(tmp_path, resume=True), pytest.raises(VadError, match="not a readable vad training checkpoint"):
+        TinyAutoencoder().fit(batches())
+
+
+def test_a_diverging_loss_and_an_empty_training_set_are_clear_errors():
+    class Diverges(TinyAutoencoder):
+        name = "diverges"
+
+        def training_step(self, batch, generator):
+            return torch.tensor(float("nan"), requires_grad=True)
+
+    with pytest.raises(VadError, match="training loss became nan at epoch 1"):
+        Diverges().fit(batches())
+    with pytest.raises(VadError, match="empty training set"):
+        TinyAutoencoder().fit([])
+
+
+def test_the_loop_keeps_the_contract():
+    from vad.conformance import check_detector
+
+    check_detector(TinyAutoencoder)
+
+
+# --------------------------------------------------------------------------- vad run --resume
+
+
+def _vad(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("vad")), *args],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_vad_run_interrupted_by_sigint_leaves_no_model_and_resume_finishes(tmp_path):
+    pytest.importorskip("vad_draem")
+    pytest.importorskip("vad_datasets")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "detectors: [draem]\ncategories: [brick]\nreport: false\ncheckpoint_minutes: 0\n"
+        "options: {draem: {image_size: 32, base_channels: 2, epochs: 60, batch_size: 8}}\n"
+    )
+    run_folder = tmp_path / "run"
+    process = _vad("--quiet", "run", "--config", str(config), "--device", "cpu", "--output", str(run_folder), cwd=tmp_path)
+    checkpoint = run_folder / "brick" / "checkpoints" / "member0" / CHECKPOINT_FILE
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.is_file(), process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"vad run --resume {run_folder}" in stderr
+    assert not (run_folder / "brick" / "model").exists()
+    assert not [p for p in (run_folder / "brick").rglob("*.tmp")]
+    resumed = _vad("--quiet", "run", "--resume", str(run_folder), "--device", "cpu", "--set", "draem.epochs=5", cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=60)
+    assert resumed.returncode == 2 and "--resume takes the configuration saved" in stderr
+    resumed = _vad("--json-log", "run", "--resume", str(run_folder), "--device", "cpu", cwd=tmp_path)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stderr
+    assert (run_folder / "brick" / "model" / "model.json").is_file()
+    assert not (run_folder / "brick" / "checkpoints").exists()
