@@ -11,7 +11,7 @@ training loop with mixed precision, and PatchCore's throughput.
    (a few epochs of SGD from the same start diverge slowly between devices). TF32 is off for
    this part so that it compares float32 with float32.
 2. Each trained detector (``vad.training.TrainedDetector``) on CUDA with and without bfloat16
-   autocast (``mixed_precision``): fit time, final loss, image AUROC on the tiny data.
+   autocast (``mixed_precision``): fit time and image AUROC on the tiny data.
 3. PatchCore with WideResNet-50 layer2 + layer3 and with EfficientNet-Lite0 at 224 px (random
    weights: speed does not depend on them): predict throughput in images/s (median of three
    timed passes after a warm-up), the memory bank built from ``--train`` images.
