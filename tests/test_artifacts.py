@@ -45,6 +45,9 @@ def test_incompatible_format_version_is_a_clear_error(tmp_path):
     (folder / "model.json").write_text(json.dumps(document))
     with pytest.raises(VadError, match="format version 999.*Re-fit"):
         artifacts.read_model_folder(folder)
+    document["format_version"] = 1  # the previous format still reads (it has no geometry or calibration)
+    (folder / "model.json").write_text(json.dumps(document))
+    assert artifacts.read_model_folder(folder)[0]["format_version"] == 1
 
 
 def test_not_a_model_folder(tmp_path):

@@ -86,17 +86,16 @@ def test_model_save_load_gives_the_same_outputs(registry, tmp_path):
 
 
 def test_f1_optimal_without_anomalous_validation_is_refused(registry, tmp_path):
-    with pytest.raises(VadError, match=r"needs anomalous validation images.*normal-only data \(k-sigma, manual, max, quantile\)"):
+    with pytest.raises(VadError, match=r"needs anomalous validation images.*normal-only data \(conformal, k-sigma, manual, max, quantile\)"):
         run(tiny_config(tmp_path, threshold="f1-optimal"), registry)
 
 
-def test_without_validation_images_only_a_rule_that_needs_none_fits(registry, tmp_path):
+def test_a_threshold_that_needs_no_scores_is_fitted_without_calibration(registry, tmp_path):
     train = make_tiny_splits().train
-    with pytest.raises(VadError, match=r"no validation images.*needs none \(manual\)"):
-        build_model(tiny_config(tmp_path), registry).fit(train, [])
     model = build_model(tiny_config(tmp_path, threshold="manual", options={"manual": {"value": 3.5}}), registry)
     model.fit(train, [])
     assert (model.image_threshold, model.pixel_threshold) == (3.5, 3.5)
+    assert model.calibration == {"method": "none", "scores": 0}
 
 
 def test_several_detectors_need_an_ensemble(registry, tmp_path):

@@ -7,6 +7,7 @@ composition, the CLI, the report) is internal and may change without notice:
 * :mod:`vad.contracts`: the classes plugins implement and the data they exchange;
 * :mod:`vad.options`: ``option``, ``Options``, ``REQUIRED``, ``OptionError`` (declared options);
 * :mod:`vad.training`: ``TrainedDetector`` and ``member_session`` (the shared training loop);
+* :mod:`vad.calibration`: conformal ranks and false-alarm estimates for threshold rules;
 * :mod:`vad.errors`: ``VadError`` and its kinds, the errors a user can act on;
 * :mod:`vad.features`: ``PatchFeatures`` and ``channel_pool``, patch features over any backbone;
 * :mod:`vad.images` and :mod:`vad.preprocess`: decoding, resizing and batching images;
@@ -27,6 +28,7 @@ PLUGIN_API = (
     "vad.contracts",
     "vad.options",
     "vad.training",
+    "vad.calibration",
     "vad.errors",
     "vad.features",
     "vad.images",

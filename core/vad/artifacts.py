@@ -20,8 +20,11 @@ if TYPE_CHECKING:
     import torch
 
 MODEL_FORMAT = "vad-model"
-#: Bumped when model.json changes incompatibly; loading another version is a clear error.
-MODEL_FORMAT_VERSION = 1
+#: Bumped when model.json changes so that an older vad would misread it (version 2: the
+#: ``geometry`` and ``calibration`` entries); loading an unknown version is a clear error.
+MODEL_FORMAT_VERSION = 2
+#: Versions this vad reads (version 1 folders have neither entry: the defaults apply).
+READABLE_FORMAT_VERSIONS = (1, 2)
 MODEL_JSON = "model.json"
 TENSORS_FILE = "tensors.safetensors"
 
@@ -103,10 +106,10 @@ def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[s
     if document.get("format") != MODEL_FORMAT:
         raise VadError(f"{json_path} is not a vad model (format {document.get('format')!r})")
     version = document.get("format_version")
-    if version != MODEL_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise VadError(
-            f"{folder} was saved in model format version {version}; this vad reads version "
-            f"{MODEL_FORMAT_VERSION}. Re-fit the model with this version of vad."
+            f"{folder} was saved in model format version {version}; this vad reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Re-fit the model with this version of vad, or install the vad that saved it."
         )
     tensors_path = folder / TENSORS_FILE
     tensors = load_tensors(tensors_path) if tensors_path.is_file() else {}

@@ -31,6 +31,7 @@ from vad.config import DEFAULTS, ReportOptions, RunConfig
 from vad.contracts import Backbone, Dataset, DetectorFeatures, FeatureEnsembler, FeatureSource, ScoreEnsembler, State
 from vad.errors import UnknownNameError, VadError
 from vad.features import PatchFeatures
+from vad.geometry import Geometry
 from vad.plugins import KINDS, Registry, get_registry
 from vad.progress import warn
 
@@ -114,9 +115,60 @@ def check_options(config: RunConfig, registry: Registry) -> None:
 # --------------------------------------------------------------------------- from a configuration
 
 
+def deepest_stride(source: FeatureSource | None) -> int | None:
+    """The largest stride among the backbone layers a feature source reads (None: unknown)."""
+    if isinstance(source, PatchFeatures):
+        strides = {info.name: info.stride for info in source.backbone.feature_info()}
+        return max(strides[layer] for layer in source.options.layers)
+    if isinstance(source, FeatureEnsembler):
+        found = [stride for stride in map(deepest_stride, source.members) if stride is not None]
+        return max(found) if found else None
+    return None
+
+
+def detector_options(name: str, config: RunConfig, registry: Registry, geometry: Geometry) -> dict[str, Any]:
+    """The options a detector is built with: the user's, and for an image detector that declares
+    a square ``image_size`` option (DRAEM) the geometry's network input side passed through, so
+    that the detector's own rules (DRAEM: a multiple of 32) check it and its saved options say it."""
+    options = config.options_for(name)
+    cls = registry.load_class("detectors", name)
+    if not geometry.active or cls.input != "images" or "image_size" not in cls.Options.fields():
+        return options
+    size = geometry.planned_network_size
+    if size is None or size[0] != size[1]:
+        shape = "rectangular inputs decided at fit (--keep-aspect)" if size is None else f"{size[0]}x{size[1]} inputs"
+        raise VadError(
+            f"detector {name!r} takes square inputs (its image_size option), but the input geometry gives {shape}; "
+            "give --image-size as one number, or a --tile"
+        )
+    given = options.get("image_size")
+    if given is not None and given != size[0]:
+        raise VadError(
+            f"--set {name}.image_size={given} conflicts with the input geometry's {size[0]} px network input "
+            f"({geometry.describe()}); give the size once (--image-size or --tile)"
+        )
+    return {**options, "image_size": size[0]}
+
+
+def check_geometry(geometry: Geometry, sources: list[FeatureSource]) -> None:
+    """Network inputs at least as large as the deepest feature stride."""
+    if not geometry.active:
+        return
+    planned = geometry.planned_network_size
+    smallest = min(planned) if planned is not None else geometry.image_size[0] if geometry.image_size else None
+    for source in sources:
+        stride = deepest_stride(source)
+        if smallest is not None and stride is not None and smallest < stride:
+            what = f"--tile {geometry.tile}" if geometry.tiled else f"the {smallest} px network input"
+            raise VadError(
+                f"{what} is smaller than the deepest feature stride {stride} of the layers used: "
+                f"use network inputs of at least {stride} px (or shallower --layer)"
+            )
+
+
 def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
     """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
-    detector = create("detectors", name, registry, seed=config.seed, **config.options_for(name))
+    detector = create("detectors", name, registry, seed=config.seed, **detector_options(name, config, registry, config.geometry()))
     source = detector.feature_source()
     if source is None:
         raise VadError(f"detector {name!r} offers no feature source, so --backbone {DETECTOR_SOURCE_PREFIX}{name} cannot use it")
@@ -155,6 +207,7 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
     registry = registry or get_registry()
     registry.check()
     check_options(config, registry)
+    geometry = config.geometry()
     detector_classes = {name: registry.load_class("detectors", name) for name in config.detectors}
     score_level = is_score_ensembler(config.ensemble, registry)
     needs_features = any(cls.input == "features" for cls in detector_classes.values())
@@ -167,10 +220,11 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
             f"({_ensemblers_of(registry, FeatureEnsembler)}); score-level ensemblers fuse detectors' scores "
             f"({_ensemblers_of(registry, ScoreEnsembler)})"
         )
+    check_geometry(geometry, sources)
     members = []
     for name, cls in detector_classes.items():
         for source in sources if cls.input == "features" else [None]:
-            detector = create("detectors", name, registry, seed=config.seed, **config.options_for(name))
+            detector = create("detectors", name, registry, seed=config.seed, **detector_options(name, config, registry, geometry))
             members.append(Member(name, detector, source))
     if score_level and len(members) < 2:
         raise VadError(f"--ensemble {config.ensemble} fuses several members; give two or more --detector or --backbone")
@@ -186,6 +240,10 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
         batch_size=config.batch_size,
         skip_bad=config.skip_bad,
         seed=config.seed,
+        calibration_method=config.calibration,
+        folds=config.folds,
+        holdout_fraction=config.holdout_fraction,
+        geometry=geometry,
     )
 
 
@@ -255,12 +313,14 @@ def model_document(model: AnomalyModel, registry: Registry | None = None) -> tup
         "vad_version": vad.__version__,
         "members": members,
         "postprocess": {"sigma": model.sigma},
+        **({"geometry": model.geometry.to_dict()} if model.geometry.active else {}),
         "threshold": {
             "name": model.threshold_name,
             "options": model.threshold.hparams if model.threshold is not None else {},
             "image": model.image_threshold,
             "pixel": model.pixel_threshold,
         },
+        "calibration": _json_safe(model.calibration),
         "seed": model.seed,
         "batch_size": model.batch_size,
     }
@@ -311,6 +371,8 @@ def model_from_document(document: dict[str, Any], tensors: dict[str, torch.Tenso
         seed=document.get("seed", 0),
         image_threshold=threshold_info.get("image"),
         pixel_threshold=threshold_info.get("pixel"),
+        calibration=document.get("calibration", {}),
+        geometry=Geometry.from_dict(document.get("geometry")),  # absent (older folders): as before
     )
 
 

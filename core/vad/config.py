@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "detector": "patchcore",
     "backbone": "tf_efficientnet_lite0",
     "ensemble_backbones": ("tf_efficientnet_lite0", "tf_efficientnet_lite2"),
-    "threshold": "k-sigma",
+    "threshold": "conformal",
     # metric columns that lead the `vad bench` table, in this order (the others follow by name)
     "table_metrics": ("image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"),
 }
@@ -53,7 +53,22 @@ class RunConfig:
     pretrained: bool = True
     threshold: str = DEFAULTS["threshold"]
     metrics: list[str] | None = None
-    validation_fraction: float = 0.2
+    #: A validation split taken by the data set (0: every training image trains the detector,
+    #: and thresholds are calibrated as ``calibration`` says).
+    validation_fraction: float = 0.0
+    #: How thresholds get normal scores the detector has not seen (:mod:`vad.calibration`).
+    calibration: str = "auto"
+    folds: int = 5
+    holdout_fraction: float = 0.2
+    #: Input geometry (:mod:`vad.geometry`): the network input size of every member
+    #: (``[H, W]``; with ``keep_aspect`` the shorter side), or ``resize`` then ``center_crop``;
+    #: ``tile`` px tiles ``tile_stride`` apart (default: no overlap). Saved in model.json.
+    image_size: list[int] | None = None
+    resize: list[int] | None = None
+    center_crop: list[int] | None = None
+    keep_aspect: bool = False
+    tile: int | None = None
+    tile_stride: int | None = None
     sigma: float = 4.0
     batch_size: int = 8
     device: str = "auto"
@@ -75,6 +90,20 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for YAML."""
         return dataclasses.asdict(self)
+
+    #: The fields of the input geometry (:mod:`vad.geometry`), as RunConfig and CLI name them.
+    GEOMETRY_FIELDS = ("image_size", "resize", "center_crop", "keep_aspect", "tile", "tile_stride")
+
+    def geometry(self):  # -> vad.geometry.Geometry (imported lazily: it imports torch)
+        """The validated input geometry these options ask for."""
+        from vad.geometry import Geometry
+
+        return Geometry.create(**{name: getattr(self, name) for name in self.GEOMETRY_FIELDS})
+
+    @property
+    def sets_geometry(self) -> bool:
+        """True when any geometry option is given."""
+        return any(getattr(self, name) not in (None, False) for name in self.GEOMETRY_FIELDS)
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
@@ -141,6 +170,18 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         raise VadError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
     if config.batch_size < 1:
         raise VadError(f"batch_size must be at least 1, got {config.batch_size}")
+    from vad.calibration import METHODS
+
+    if config.calibration not in METHODS:
+        raise VadError(f"unknown calibration {config.calibration!r}; choose one of {', '.join(METHODS)}")
+    if config.folds < 2:
+        raise VadError(f"folds must be at least 2, got {config.folds}")
+    if not 0 < config.holdout_fraction < 1:
+        raise VadError(f"holdout_fraction must be in (0, 1), got {config.holdout_fraction}")
     if not config.checkpoint_minutes >= 0:
         raise VadError(f"checkpoint_minutes must be >= 0, got {config.checkpoint_minutes}")
+    geometry = config.geometry()  # validates; sizes are saved as [H, W]
+    config.image_size, config.resize, config.center_crop = (
+        None if size is None else list(size) for size in (geometry.image_size, geometry.resize, geometry.center_crop)
+    )
     return config

@@ -7,7 +7,8 @@ then builds the component with its ``tiny_options`` and runs its contract:
 
 * :func:`check_detector`: predict before fit and bad batches are clear errors; fit on the tiny
   data set's training images; predict gives scores ``[B]`` and maps ``[B, h, w]`` (or None for
-  image-level detectors); the claimed ``tiny_image_auroc`` is reached;
+  image-level detectors); a detector offering ``leave_one_out`` scores a training image left out
+  no lower than in-sample; the claimed ``tiny_image_auroc`` is reached;
   ``cls(**hparams)`` + ``load_state(state())`` predicts the same; the model folder saves and
   loads; ONNX export matches where ``export_module()`` is offered; a detector's own feature
   source passes :func:`check_feature_source`;
@@ -223,6 +224,11 @@ def check_detector(cls: type, device: str = "cpu", onnx: bool = True, options: d
         _require(prediction.maps is None, owner, "says produces_maps = False but returns maps")
     with _raises_vad_error(owner, "predict on a batch of the wrong rank"):
         detector.predict(test[0])
+    if cls.leave_one_out:
+        in_sample = detector.predict(train[0])
+        left_out = detector.predict_left_out(train[0], torch.arange(len(train[0])))
+        _require(tuple(left_out.scores.shape) == tuple(in_sample.scores.shape) and bool(torch.isfinite(left_out.scores).all()), owner, "predict_left_out must give finite scores [B] like predict")
+        _require(bool((left_out.scores >= in_sample.scores - ROUND_TRIP_TOLERANCE * (1 + in_sample.scores.abs())).all()), owner, "a training image left out of fit must not look more normal than in it")
     auroc = _auroc(scores.detach().cpu().numpy(), labels)
     if cls.tiny_image_auroc is not None:
         _require(auroc >= cls.tiny_image_auroc, owner, f"claims image AUROC >= {cls.tiny_image_auroc} on the tiny data set, reached {auroc:.3f}")

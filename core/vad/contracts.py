@@ -307,6 +307,9 @@ class Detector(Component):
     training_passes: int = 1
     #: For ``input == "images"``: how images must be prepared.
     preprocessing: Preprocessing | None = None
+    #: True when :meth:`predict_left_out` scores training images as if each had been left out
+    #: of fit: vad then fits thresholds on those scores and trains on every image.
+    leave_one_out: ClassVar[bool] = False
     #: The image AUROC this detector reaches at least on :mod:`vad.testing`'s tiny data set
     #: with ``tiny_options``; the conformance kit checks it. None: no claim (e.g. a method that
     #: needs more training than a test can afford).
@@ -324,6 +327,12 @@ class Detector(Component):
     @abc.abstractmethod
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Scores ``[B]`` and maps ``[B, h, w]`` (or None) for one batch."""
+
+    def predict_left_out(self, batch: torch.Tensor, indices: torch.Tensor) -> Prediction:
+        """Like :meth:`predict`, for training images, each as if it had been left out of fit:
+        ``indices`` are the images' positions in the order ``fit`` saw them (0, 1, ...).
+        Offered when :attr:`leave_one_out` is True."""
+        raise NotImplementedError(f"{self.describe_owner()} cannot score training images as left out")
 
     def feature_source(self, **options: Any) -> DetectorFeatures | None:
         """A :class:`DetectorFeatures` over this detector's internals, if it offers one."""
@@ -406,7 +415,7 @@ class Dataset(Configurable, abc.ABC):
     role = "data set"
 
     class Options(Options):
-        validation_fraction: float = option(0.2, "Share of normal training images held out for thresholds and calibration.", ge=0, lt=1)
+        validation_fraction: float = option(0.0, "Share of normal training images held out as a validation split (0: every image trains; see vad.calibration).", ge=0, lt=1)
         seed: int = option(0, "Seed of the validation split.")
         skip_bad: bool = option(False, "Skip unreadable files and list them, instead of stopping.")
 

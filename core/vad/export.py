@@ -1,21 +1,26 @@
 """``vad export``: a saved model as one ONNX graph.
 
 Inside the graph (input ``images``: float32 ``[B, 3, H, W]``, RGB in [0, 1], at the fixed input
-size chosen at export, by default the network's own input size; the batch axis is dynamic):
+size chosen at export, by default the model's working size: the network's own input size, or
+the one its input geometry (:mod:`vad.geometry`) sets; the batch axis is dynamic):
 
-1. resize to the network's size exactly as :func:`vad.preprocess.to_batch` does (antialiased
+1. resize to the working size exactly as :func:`vad.preprocess.to_batch` does (antialiased
    bilinear etc.). ONNX's Resize has no antialiasing that matches torch, so the resize is
    exported as two constant matrices (rows then columns), which is the same linear operator;
    centre crop; clamp to [0, 1]; normalise with the backbone's mean and std;
-2. the feature source (backbone layers + aggregation, or a feature-level ensemble with its
+2. with tiles: the tiles cut by static slices (:meth:`vad.geometry.TileLayout.cut`);
+3. the feature source (backbone layers + aggregation, or a feature-level ensemble with its
    fitted PCA) traced as is;
-3. the detector's head from ``Detector.export_module()`` (PatchCore: the memory bank as a
-   constant and exact nearest neighbours by matmul);
-4. post-processing up to the network's input size: bilinear upsampling of the grid map and the
+4. the detector's head from ``Detector.export_module()`` (PatchCore: the memory bank as a
+   constant and exact nearest neighbours by matmul), on every tile;
+5. with tiles: the stitching (:meth:`vad.geometry.TileLayout.stitch`: two products with
+   constant matrices holding the upsampling, blending weights and placement) and the image
+   score as the stitched map's maximum, as :mod:`vad.model` does;
+6. post-processing up to the working size: bilinear upsampling of the grid map and the
    Gaussian blur (sigma from the model).
 
 Outputs: ``scores`` ``[B]`` (raw, compare with ``image_threshold``) and ``maps`` ``[B, h, w]`` at
-the network's input size (the cropped window with a centre crop). Left outside: decoding,
+the working size (the cropped window with a centre crop). Left outside: decoding,
 the resize of the maps back to each image's original size, and the thresholds, which are
 stored in the ONNX metadata and in the ``<file>.json`` written next to it.
 Not exportable: score-level ensembles of several detectors, and heads whose
@@ -67,6 +72,7 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
     """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel`."""
     import torch
 
+    from vad.contracts import Prediction
     from vad.postprocess import upsample_and_blur
 
     if len(model.members) != 1 or model.ensembler is not None:
@@ -82,10 +88,13 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
             f"detector {member.detector_name!r} cannot be exported to ONNX: its export_module() returns None "
             "(the head is not a traceable torch module)"
         )
-    preprocessing = member.preprocessing
+    geometry = model.geometry
+    preprocessing = model.input_preprocessing(member)
+    layout = geometry.layout()
     source = member.source
     resized = tuple(preprocessing.resize or preprocessing.size)
     input_size = tuple(input_size or resized)
+    geometry.check_image(input_size, f"the export input size {input_size}")
 
     class ExportGraph(torch.nn.Module):
         """Preprocessing + feature source + head + upsample/blur, for tracing."""
@@ -106,8 +115,13 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
                 top, left = (resized[0] - preprocessing.size[0]) // 2, (resized[1] - preprocessing.size[1]) // 2
                 x = x[:, :, top : top + preprocessing.size[0], left : left + preprocessing.size[1]]
             x = (x.clamp(0.0, 1.0) - self.mean) / self.std
+            if layout is not None:
+                x = layout.cut(x)
             inputs = source(x) if source is not None else x
             scores, maps = self.head(inputs)
+            if layout is not None:
+                stitched = layout.image_prediction(Prediction(scores, maps))
+                scores, maps = stitched.scores, stitched.maps
             maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
             return scores.float(), maps
 
@@ -140,17 +154,27 @@ def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | No
         except Exception as error:  # the tracer raises many types; say which part failed
             raise VadError(f"ONNX export failed while tracing the model: {type(error).__name__}: {error}") from error
     member = model.members[0]
+    preprocessing = model.input_preprocessing(member)
+    layout = model.geometry.layout()
+    tiling = None if layout is None else f"{layout.count} tiles of {layout.tile} px, stride {layout.stride}"
     description = {
         "input": {"name": "images", "shape": ["batch", 3, *input_size], "dtype": "float32", "range": "RGB in [0, 1]"},
         "outputs": {
-            "scores": "raw anomaly score per image; anomalous when >= image_threshold",
-            "maps": f"anomaly map per image at {list(member.preprocessing.size)} (resize it to the original image size)",
+            "scores": "raw anomaly score per image; anomalous when >= image_threshold"
+            + ("" if layout is None else " (the maximum of the stitched map)"),
+            "maps": f"anomaly map per image at {list(preprocessing.size)} (resize it to the original image size)",
         },
-        "inside_graph": ["resize to the network size", "centre crop" if member.preprocessing.crop else None, "normalisation", "feature source", "detector head", "bilinear upsampling", f"Gaussian blur sigma {model.sigma}"],
+        "inside_graph": [
+            "resize to the working size", "centre crop" if preprocessing.crop else None, "normalisation",
+            None if tiling is None else f"tiling: {tiling}", "feature source", "detector head",
+            None if tiling is None else "stitching (blended tile maps) and the score as its maximum",
+            "bilinear upsampling" if layout is None else None, f"Gaussian blur sigma {model.sigma}",
+        ],
         "outside_graph": ["image decoding", "resize of the maps to each image's original size", "thresholding"],
         "image_threshold": model.image_threshold,
         "pixel_threshold": model.pixel_threshold,
-        "preprocessing": member.preprocessing.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "geometry": model.geometry.to_dict(),
         "detector": member.detector_name,
         "opset": opset,
         **(metadata or {}),

@@ -3,15 +3,22 @@
 This module composes plugins; it holds no method. :class:`AnomalyModel` fits on training
 samples, chooses thresholds on validation samples, predicts maps at each image's original
 resolution and saves itself as a model folder (``model.json`` + ``tensors.safetensors``).
+
+The model's :class:`~vad.geometry.Geometry` (``--image-size``, ``--resize/--center-crop``,
+``--keep-aspect``, ``--tile``) applies to every member alike: it replaces each member's input
+size, and with tiles the members fit on and score tiles, whose maps are stitched into one map
+per image before thresholds, ensembles and post-processing see them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,11 +26,14 @@ import torch
 from vad import artifacts
 from vad.contracts import Detector, FeatureSource, Prediction, Preprocessing, Sample, ScoreEnsembler, Threshold
 from vad.errors import VadError
+from vad.geometry import Geometry
 from vad.images import BadImageError
 from vad.plugins import Registry
 from vad.postprocess import postprocess_maps
 from vad.preprocess import to_batch
-from vad.progress import track, warn
+from vad.progress import info, track, warn
+from vad.calibration import METHODS as CALIBRATIONS
+from vad.calibration import false_alarm_estimate, fold_of, split_hold_out
 from vad.training import CachedBatches, member_session
 
 #: Validation pixels used to fit a pixel threshold, at most (sampled with the run's seed).
@@ -81,8 +91,22 @@ def load_images(samples: Sequence[Sample], skip_bad: bool, skipped: list[Skipped
     return kept, images
 
 
+def network_inputs(
+    samples: Sequence[Sample], images: Sequence[np.ndarray], preprocessing: Preprocessing, geometry: Geometry, device: torch.device | str
+) -> torch.Tensor:
+    """Decoded images -> what a member sees: resized, cropped and normalised as ``preprocessing``
+    (the member's, with ``geometry`` applied) says, then cut into tiles when ``geometry`` tiles
+    (``[B * tiles, 3, tile, tile]``, image after image)."""
+    for sample, image in zip(samples, images):
+        geometry.check_image(image.shape[:2], sample.path)
+    batch = to_batch(images, preprocessing, device)
+    layout = geometry.layout()
+    return batch if layout is None else layout.cut(batch)
+
+
 class ImageBatches:
-    """Re-iterable preprocessed image batches of a sample list (one decode per pass)."""
+    """Re-iterable preprocessed image batches of a sample list (one decode per pass); with a
+    tiling ``geometry``, each batch holds the tiles of ``batch_size`` images."""
 
     def __init__(
         self,
@@ -92,13 +116,19 @@ class ImageBatches:
         device: torch.device,
         description: str,
         skip_bad: bool = False,
+        geometry: Geometry | None = None,
     ) -> None:
         self.samples, self.preprocessing, self.batch_size = list(samples), preprocessing, batch_size
         self.device, self.description, self.skip_bad = device, description, skip_bad
+        self.geometry = geometry or Geometry()
         self.skipped: list[SkippedImage] = []
 
     def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+        """Batches per pass (all images readable)."""
+        layout = self.geometry.layout()
+        per_image = 1 if layout is None else layout.count
+        full, rest = divmod(len(self.samples), self.batch_size)
+        return full * per_image + -(-rest * per_image // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.skipped = []
@@ -106,7 +136,9 @@ class ImageBatches:
         for start in track(starts, self.description):
             kept, images = load_images(self.samples[start : start + self.batch_size], self.skip_bad, self.skipped)
             if images:
-                yield to_batch(images, self.preprocessing, self.device)
+                inputs = network_inputs(kept, images, self.preprocessing, self.geometry, self.device)
+                for first in range(0, len(inputs), self.batch_size):  # tiles: batch_size at a time
+                    yield inputs[first : first + self.batch_size]
 
 
 class SourceBatches:
@@ -123,6 +155,12 @@ class SourceBatches:
             with torch.inference_mode():
                 features = self.source(batch)
             yield features.clone()  # usable outside inference mode (training heads)
+
+
+def _concatenated(predictions: list[Prediction]) -> Prediction:
+    """One Prediction of several batches' (in order)."""
+    maps = [p.maps for p in predictions]
+    return Prediction(torch.cat([p.scores for p in predictions]), None if any(m is None for m in maps) else torch.cat(maps))
 
 
 def _thresholds_where(keep: Callable[[type], bool]) -> str:
@@ -153,11 +191,31 @@ class Member:
             raise VadError(f"detector {self.detector_name!r} reads images but states no preprocessing")
         return self.detector.preprocessing
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Scores and grid maps for one preprocessed batch."""
+    def predict(self, images: torch.Tensor, left_out: torch.Tensor | None = None) -> Prediction:
+        """Scores and grid maps for one preprocessed batch; with ``left_out`` (the images'
+        positions among the training images) each training image as if left out of fit."""
         with torch.inference_mode():
             inputs = self.source(images) if self.source is not None else images
-            return self.detector.predict(inputs)
+            return self.detector.predict(inputs) if left_out is None else self.detector.predict_left_out(inputs, left_out)
+
+    def fresh(self) -> Member:
+        """An unfitted copy with the same options (a source that learns is copied too)."""
+        from vad.build import source_from_config
+
+        source = self.source
+        if source is not None and source.requires_fit:
+            source = source_from_config(source.config()).to(source.device)
+        return Member(self.detector_name, type(self.detector)(**self.detector.hparams).to(self.detector.device), source)
+
+
+@dataclass
+class Scored:
+    """Samples with their original sizes and each member's predictions on them, in order (per
+    tile, image after image, with a tiling geometry: stitched only when used, to keep memory low)."""
+
+    samples: list[Sample]
+    sizes: list[tuple[int, int]]
+    predictions: list[Prediction]
 
 
 @dataclass
@@ -186,6 +244,17 @@ class AnomalyModel:
     seed: int = 0
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    #: How the calibration scores are obtained (:mod:`vad.calibration`): auto, leave-one-out,
+    #: cross-fit or hold-out; ``folds`` for cross-fit, ``holdout_fraction`` for hold-out.
+    calibration_method: str = "auto"
+    folds: int = 5
+    holdout_fraction: float = 0.2
+    #: What calibration did: method, number of normal scores, the image threshold's expected
+    #: false-alarm rate with its interval (saved with the model, shown in the report).
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: The input geometry of every member (:mod:`vad.geometry`); empty: each member's own
+    #: preprocessing. ``fit`` decides what depends on the training images (``fit_size``).
+    geometry: Geometry = field(default_factory=Geometry)
     skipped: list[SkippedImage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -200,6 +269,11 @@ class AnomalyModel:
         """True when every member produces anomaly maps."""
         return all(member.detector.produces_maps for member in self.members)
 
+    def input_preprocessing(self, member: Member) -> Preprocessing:
+        """What ``member``'s images are turned into before tiling: its own preprocessing with
+        the model's geometry applied (the working size, resize and crop)."""
+        return self.geometry.preprocessing(member.preprocessing)
+
     def to(self, device: torch.device) -> AnomalyModel:
         """Move every component to ``device``."""
         self.device = device
@@ -211,52 +285,183 @@ class AnomalyModel:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, train: Sequence[Sample], validation: Sequence[Sample]) -> None:
-        """Fit sources and detectors on ``train``, then thresholds (and calibration) on ``validation``."""
+    def fit(self, train: Sequence[Sample], validation: Sequence[Sample] = ()) -> None:
+        """Fit sources and detectors, then thresholds (and a score ensemble's calibration) on
+        normal scores the detectors have not seen (see :mod:`vad.calibration`): the held-out
+        ``validation`` samples when given, else as ``calibration_method`` says."""
         if not train:
             raise VadError("the training set is empty: a detector needs normal training images")
+        self._resolve_geometry(train)
+        if self.ensembler is None and (self.threshold is None or not self.threshold.needs_validation):
+            self._fit_members(self.members, [*train, *validation])  # nothing to calibrate: every image trains
+            self.calibration = {"method": "none", "scores": 0}
+            if self.threshold is not None:
+                empty = np.zeros(0)
+                self.image_threshold = self.pixel_threshold = float(self.threshold.fit(empty, empty.astype(np.int64)))
+            return
+        method = self.resolve_calibration(bool(validation))
+        if method == "hold-out" and not validation:
+            train, validation = split_hold_out(train, self.holdout_fraction, self.seed)
         start = time.perf_counter()
-        for index, member in enumerate(self.members):
+        self._fit_members(self.members, train)
+        self.timings["fit_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if method == "hold-out":
+            scored = self._member_predictions(self.members, validation, "calibrate")
+        elif method == "leave-one-out":
+            scored = self._member_predictions(self.members, train, "left out", left_out=True)
+        else:
+            scored = self._cross_fit_predictions(train)
+        self.timings["calibration_seconds"] = time.perf_counter() - start
+        self._fit_thresholds(scored, method)
+
+    def _resolve_geometry(self, train: Sequence[Sample]) -> None:
+        """Decide what the geometry takes from the training images (``fit_size``: the first
+        readable training image's size) and say what the members will see."""
+        if not self.geometry.active:
+            return
+        for sample in train:
+            _, images = load_images([sample], self.skip_bad, [])
+            if images:
+                self.geometry = dataclasses.replace(self.geometry, fit_size=None).resolved(images[0].shape[:2])
+                info(f"input geometry: {self.geometry.describe()}")
+                return
+
+    def resolve_calibration(self, has_validation: bool) -> str:
+        """The calibration method ``auto`` stands for with these members (module docstring of
+        :mod:`vad.calibration`); checks that an explicit one is possible.
+
+        With tiles, the detectors' training "images" are tiles and leave-one-out leaves one
+        tile out. Overlapping tiles share pixels, so a tile left out would still be seen through
+        its neighbours: ``auto`` then cross-fits (folds over images, never splitting an image's
+        tiles) or holds images out, and an explicit leave-one-out is refused."""
+        method = self.calibration_method
+        if method not in CALIBRATIONS:
+            raise VadError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
+        if has_validation and method in ("auto", "hold-out"):
+            return "hold-out"
+        every_left_out = all(member.detector.leave_one_out for member in self.members)
+        if method == "leave-one-out" and not every_left_out:
+            names = [m.detector_name for m in self.members if not m.detector.leave_one_out]
+            raise VadError(f"calibration leave-one-out: {', '.join(names)} cannot score training images as left out; use cross-fit or hold-out")
+        overlapping = self.geometry.overlapping
+        if method == "leave-one-out" and overlapping:
+            raise VadError(
+                f"calibration leave-one-out leaves one tile out, but the tiles overlap ({self.geometry.describe()}; the last "
+                "row and column are aligned to the border): a left-out tile's pixels stay in its neighbours and its "
+                "scores would be too low; use cross-fit (folds over images) or hold-out, or tiles that do not overlap"
+            )
+        if method != "auto":
+            return method
+        if every_left_out and not overlapping:
+            return "leave-one-out"
+        single_pass = all(m.detector.training_passes == 1 and (m.source is None or not m.source.requires_fit) for m in self.members)
+        return "cross-fit" if single_pass else "hold-out"
+
+    def _fit_members(self, members: Sequence[Member], train: Sequence[Sample]) -> None:
+        for index, member in enumerate(members):
             seed_everything(self.seed)
-            images = ImageBatches(train, member.preprocessing, self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad)
+            images = ImageBatches(
+                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry
+            )
             with member_session(f"member{index}"):
                 if member.source is not None and member.source.requires_fit:
                     with member_session("source"):
                         member.source.fit(images)
                 inputs: Iterable[torch.Tensor] = images if member.source is None else SourceBatches(images, member.source)
                 member.detector.fit(CachedBatches(inputs) if member.detector.training_passes > 1 else inputs)
-            self.skipped.extend(images.skipped)
-        self.timings["fit_seconds"] = time.perf_counter() - start
-        self._fit_thresholds(validation)
+            self.skipped.extend(s for s in images.skipped if s not in self.skipped)
 
-    def _fit_thresholds(self, validation: Sequence[Sample]) -> None:
+    @property
+    def _tiles_per_image(self) -> int:
+        layout = self.geometry.layout()
+        return 1 if layout is None else layout.count
+
+    def _member_outputs(
+        self, members: Sequence[Member], samples: Sequence[Sample], images: Sequence[np.ndarray], left_out: torch.Tensor | None = None
+    ) -> list[Prediction]:
+        """Each member's prediction on decoded images: per image, or per tile (image after
+        image) with a tiling geometry, ``batch_size`` tiles per forward pass (as many as the
+        images of an untiled batch: the cost is the tiles' count times one tile's);
+        ``left_out``: the inputs' positions in fit order."""
+        batches: dict[Preprocessing, torch.Tensor] = {}
+        outputs = []
+        size = self.batch_size
+        for member in members:
+            preprocessing = self.input_preprocessing(member)
+            if preprocessing not in batches:
+                batches[preprocessing] = network_inputs(samples, images, preprocessing, self.geometry, self.device)
+            inputs = batches[preprocessing]
+            parts = [
+                member.predict(inputs[first : first + size], None if left_out is None else left_out[first : first + size])
+                for first in range(0, len(inputs), size)
+            ]
+            outputs.append(parts[0] if len(parts) == 1 else _concatenated(parts))
+        return outputs
+
+    def _image_level(self, prediction: Prediction) -> Prediction:
+        """A member's per-image prediction: tiles stitched (score: the stitched map's maximum),
+        or the prediction as is without tiles."""
+        layout = self.geometry.layout()
+        return prediction if layout is None else layout.image_prediction(prediction)
+
+    def _member_predictions(self, members: Sequence[Member], samples: Sequence[Sample], description: str, left_out: bool = False) -> Scored:
+        """Each member's predictions on the readable ``samples``; ``left_out``: ``samples`` are
+        the training images in fit order, scored as left out (with tiles: each tile, at its
+        position among the tiles in fit order)."""
+        kept: list[Sample] = []
+        sizes: list[tuple[int, int]] = []
+        per_member: list[list[Prediction]] = [[] for _ in members]
+        position, per_image = 0, self._tiles_per_image
+        for start in track(range(0, len(samples), self.batch_size), description):
+            chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [])
+            if not images:
+                continue
+            indices = torch.arange(position, position + len(images) * per_image) if left_out else None
+            position += len(images) * per_image
+            kept.extend(chunk)
+            sizes.extend(image.shape[:2] for image in images)
+            for predictions, prediction in zip(per_member, self._member_outputs(members, chunk, images, indices)):
+                predictions.append(prediction)
+        return Scored(kept, sizes, [_concatenated(predictions) for predictions in per_member])
+
+    def _cross_fit_predictions(self, train: Sequence[Sample]) -> Scored:
+        """Each training image scored by copies of the members fitted on the other folds."""
+        assignment = fold_of(len(train), self.folds, self.seed)
+        parts: list[Scored] = []
+        for fold in range(self.folds):
+            fitted_on = [s for s, f in zip(train, assignment) if f != fold]
+            held_out = [s for s, f in zip(train, assignment) if f == fold]
+            copies = [member.fresh() for member in self.members]
+            with member_session(f"fold{fold}"):
+                self._fit_members(copies, fitted_on)
+            parts.append(self._member_predictions(copies, held_out, f"cross-fit {fold + 1}/{self.folds}"))
+        return Scored(
+            [s for part in parts for s in part.samples],
+            [size for part in parts for size in part.sizes],
+            [_concatenated([part.predictions[index] for part in parts]) for index in range(len(self.members))],
+        )
+
+    def _fit_thresholds(self, scored: Scored, method: str) -> None:
+        samples = scored.samples
         if self.ensembler is not None:
-            if not validation:
-                raise VadError("a score-level ensemble is calibrated on validation normals, but the validation split is empty")
-            per_member = [self._predict_member_all(member, validation) for member in self.members]
-            self.ensembler.calibrate(per_member)
+            self.ensembler.calibrate([self._image_level(prediction) for prediction in scored.predictions])
+        self.calibration = {"method": method, "scores": len(samples)}
+        if method == "cross-fit":
+            self.calibration["folds"] = self.folds
         if self.threshold is None:
             return
-        if not validation:
-            if self.threshold.needs_validation:
-                raise VadError(
-                    "no validation images to fit the threshold on: raise --validation-fraction above 0, or use a "
-                    f"threshold that needs none ({_thresholds_where(lambda cls: not cls.needs_validation)})"
-                )
-            empty = np.zeros(0)
-            self.image_threshold = self.pixel_threshold = float(self.threshold.fit(empty, empty.astype(np.int64)))
-            return
-        labels = np.array([s.label for s in validation])
+        labels = np.array([s.label for s in samples])
         if self.threshold.needs_anomalous and not labels.any():
             raise VadError(
-                f"threshold {self.threshold_name!r} needs anomalous validation images, but the validation "
-                "split holds only normal images; use a threshold that fits normal-only data "
+                f"threshold {self.threshold_name!r} needs anomalous validation images, but the calibration "
+                "images are all normal; use a threshold that fits normal-only data "
                 f"({_thresholds_where(lambda cls: not cls.needs_anomalous)})"
             )
         scores, pixel_values, pixel_labels = [], [], []
         rng = np.random.default_rng(self.seed)
-        per_image = max(1, MAX_THRESHOLD_PIXELS // max(1, len(validation)))
-        for output in self.predict(validation, description="validation"):
+        per_image = max(1, MAX_THRESHOLD_PIXELS // max(1, len(samples)))
+        for output in self._fused_outputs(scored):
             scores.append(output.score)
             if output.map is not None:
                 values = output.map.ravel()
@@ -267,7 +472,9 @@ class AnomalyModel:
                     values, truth = values[pick], truth[pick]
                 pixel_values.append(values)
                 pixel_labels.append(truth)
-        self.image_threshold = float(self.threshold.fit(np.asarray(scores), labels[: len(scores)]))
+        self.image_threshold = float(self.threshold.fit(np.asarray(scores), labels))
+        normal = [score for score, label in zip(scores, labels) if not label]
+        self.calibration["image_false_alarm"] = false_alarm_estimate(normal, self.image_threshold)
         if pixel_values:
             values, truth = np.concatenate(pixel_values), np.concatenate(pixel_labels)
             if self.threshold.needs_anomalous and not truth.any():
@@ -276,31 +483,33 @@ class AnomalyModel:
             else:
                 self.pixel_threshold = float(self.threshold.fit(values, truth.astype(np.int64)))
 
-    # ------------------------------------------------------------------ predict
+    def _fused_outputs(self, scored: Scored) -> Iterator[Output]:
+        """Outputs (score, map at original size; no decision) from the members' predictions."""
+        reference = self.input_preprocessing(self.members[0])
+        per_image = self._tiles_per_image
+        for start in range(0, len(scored.samples), self.batch_size):
+            window = slice(start, start + self.batch_size)
+            rows = slice(start * per_image, (start + self.batch_size) * per_image)
+            batch = [self._image_level(Prediction(p.scores[rows], None if p.maps is None else p.maps[rows])) for p in scored.predictions]
+            fused = self.ensembler.combine(batch) if self.ensembler is not None else batch[0]
+            chunk = scored.samples[window]
+            maps = None
+            if fused.maps is not None:
+                maps = postprocess_maps(fused.maps, reference, scored.sizes[window], self.sigma)
+            scores = fused.scores.detach().float().cpu().numpy()
+            for index, sample in enumerate(chunk):
+                yield Output(sample, float(scores[index]), None, None if maps is None else maps[index])
 
-    def _predict_member_all(self, member: Member, samples: Sequence[Sample]) -> Prediction:
-        scores, maps = [], []
-        for batch in ImageBatches(samples, member.preprocessing, self.batch_size, self.device, f"calibrate {member.detector_name}", self.skip_bad):
-            prediction = member.predict(batch)
-            scores.append(prediction.scores)
-            if prediction.maps is not None:
-                maps.append(prediction.maps)
-        return Prediction(torch.cat(scores), torch.cat(maps) if maps else None)
+    # ------------------------------------------------------------------ predict
 
     def predict(self, samples: Sequence[Sample], description: str = "predict") -> Iterator[Output]:
         """Score every sample; maps come back at each image's original resolution."""
-        reference = self.members[0].preprocessing
+        reference = self.input_preprocessing(self.members[0])
         for start in track(range(0, len(samples), self.batch_size), description):
             kept, images = load_images(samples[start : start + self.batch_size], self.skip_bad, self.skipped)
             if not images:
                 continue
-            batches = {}
-            predictions = []
-            for member in self.members:
-                key = member.preprocessing
-                if key not in batches:
-                    batches[key] = to_batch(images, key, self.device)
-                predictions.append(member.predict(batches[key]))
+            predictions = [self._image_level(p) for p in self._member_outputs(self.members, kept, images)]
             prediction = self.ensembler.combine(predictions) if self.ensembler is not None else predictions[0]
             maps = None
             if prediction.maps is not None:

@@ -22,6 +22,7 @@ import numpy as np
 from vad import artifacts
 from vad.config import RunConfig
 from vad.build import backbone_specs, build_model, check_options, create_dataset
+from vad.calibration import false_alarm_warning, false_alarms_on
 from vad.contracts import DataSplits, Dataset, EvaluationData, Metric
 from vad.errors import VadError
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
@@ -40,6 +41,8 @@ class CategoryResult:
     skipped_metrics: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float | None] = field(default_factory=dict)
+    #: How the thresholds were calibrated and the false-alarm rate they imply (vad.calibration).
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def compute_metrics(
@@ -114,6 +117,28 @@ def _saved_model_folder(config: RunConfig, category: str) -> Path:
     raise VadError(f"--model {root}: no model.json there nor in {candidate}")
 
 
+def check_saved_geometry(config: RunConfig, categories: list[str]) -> None:
+    """``--model`` keeps the input geometry the model was fitted with: geometry options given
+    with it must ask for the same (or be left out), else a clear error before anything is written."""
+    import json
+
+    from vad.geometry import Geometry
+
+    if not config.sets_geometry:
+        return
+    requested = config.geometry()
+    for category in categories:
+        folder = _saved_model_folder(config, category)
+        document = json.loads((folder / artifacts.MODEL_JSON).read_text(encoding="utf-8"))
+        saved = Geometry.from_dict(document.get("geometry"))
+        if not saved.same_choices(requested):
+            raise VadError(
+                f"--model {folder} was fitted with the input geometry '{saved.describe()}', but this run asks for "
+                f"'{requested.describe()}': a saved model is used with the geometry it was fitted with; drop "
+                "--image-size/--resize/--center-crop/--keep-aspect/--tile/--tile-stride, or fit a new model"
+            )
+
+
 def run_category(
     config: RunConfig, splits: DataSplits, folder: Path, registry: Registry, model: AnomalyModel | None = None
 ) -> CategoryResult:
@@ -137,6 +162,13 @@ def run_category(
     timings["predict_s"] = time.perf_counter() - start
     timings["predict_ms_per_image"] = 1000 * timings["predict_s"] / max(1, len(outputs))
     data = evaluation_data(outputs, model)
+    calibration = dict(model.calibration)
+    good = data.labels == 0
+    if "image_false_alarm" in calibration and good.any():
+        calibration["test_false_alarm_range"] = false_alarms_on(int(good.sum()), calibration["image_false_alarm"])
+        calibration["test_false_alarm_observed"] = float(np.mean(data.scores[good] >= model.image_threshold))
+        if false_alarm_warning(calibration):
+            warn(f"[{splits.category}] {false_alarm_warning(calibration)}")
     values, skipped, computed = compute_metrics(data, config, registry, model.produces_maps)
     artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs))
     if model.skipped:
@@ -146,7 +178,7 @@ def run_category(
 
         start = time.perf_counter()
         curves = [curve for metric in computed for curve in metric.curves(data)]
-        write_category_report(category_folder, data, outputs, model, config, curves)
+        write_category_report(category_folder, data, outputs, model, config, curves, calibration)
         timings["report_s"] = time.perf_counter() - start
     return CategoryResult(
         splits.category,
@@ -154,6 +186,7 @@ def run_category(
         skipped,
         timings,
         {"image": model.image_threshold, "pixel": model.pixel_threshold},
+        calibration,
     )
 
 
@@ -181,6 +214,8 @@ def run(config: RunConfig, registry: Registry | None = None, resume: bool = Fals
     # here and leaves no half-made run folder behind.
     resolve_device(config.device)
     seed_everything(config.seed)
+    if config.model:
+        check_saved_geometry(config, categories)
     first_model = None if config.model else build_model(config, registry)
     if first_model is not None and any(member.source is not None for member in first_model.members):
         config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
@@ -237,6 +272,7 @@ def _finish(config: RunConfig, dataset: Dataset, folder: Path, results: list[Cat
             "mean": rows.get("mean", {}),
             "skipped_metrics": {r.category: r.skipped_metrics for r in results if r.skipped_metrics},
             "thresholds": {r.category: r.thresholds for r in results},
+            "calibration": {r.category: r.calibration for r in results},
             "timings": {r.category: r.timings for r in results},
             "dataset_skipped_files": [list(item) for item in getattr(dataset, "skipped", [])],
         },

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vad import artifacts
+from vad.calibration import false_alarm_warning
 
 if TYPE_CHECKING:
     from vad.config import RunConfig
@@ -523,7 +524,13 @@ def _write_overlay(
 
 
 def write_category_report(
-    folder: Path, data: EvaluationData, outputs: list[Output], model: AnomalyModel, config: RunConfig, curves: Sequence[Curve] = ()
+    folder: Path,
+    data: EvaluationData,
+    outputs: list[Output],
+    model: AnomalyModel,
+    config: RunConfig,
+    curves: Sequence[Curve] = (),
+    calibration: dict[str, Any] | None = None,
 ) -> None:
     """Plots of the metrics' ``curves`` and of the scores, overlays, raw TIFF maps
     (``--save-maps``) and ``index.json``; the files are drawn and written on a thread pool."""
@@ -543,6 +550,7 @@ def write_category_report(
         "overlays": [],
         "notes": [],
         "skipped_images": [[s.path, s.reason] for s in getattr(model, "skipped", [])],
+        "calibration": calibration or {},
     }
     if not outputs:
         index["notes"].append("no test image could be scored")
@@ -646,7 +654,39 @@ def run_warnings(folder: Path, config: RunConfig, metrics: dict[str, Any] | None
     for category, thresholds in (metrics.get("thresholds") or {}).items():
         if thresholds.get("image") is None:
             warnings.append(f"[{category}] no image threshold: decisions are left out")
+    for category, calibration in (metrics.get("calibration") or {}).items():
+        warning = false_alarm_warning(calibration)
+        if warning:
+            warnings.append(f"[{category}] {warning}")
     return warnings
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def describe_calibration(calibration: dict[str, Any]) -> str:
+    """One sentence: how the threshold was calibrated, on how many normal scores, the
+    false-alarm rate it implies (with its interval) and the rate observed on the test normals."""
+    method = calibration.get("method")
+    if not method:
+        return ""
+    if method == "none":
+        return "Thresholds given, not calibrated on scores."
+    folds = f" ({calibration['folds']} folds)" if calibration.get("folds") else ""
+    text = f"Thresholds calibrated by {method}{folds} on {calibration.get('scores', 0)} normal image scores"
+    estimate = calibration.get("image_false_alarm") or {}
+    if estimate.get("expected") is not None:
+        confidence = round(100 * estimate["confidence"])
+        text += (
+            f"; expected false-alarm rate on normal parts {_percent(estimate['expected'])} "
+            f"({confidence} % interval {_percent(estimate['low'])} to {_percent(estimate['high'])})"
+        )
+    on_test = calibration.get("test_false_alarm_range")
+    if on_test:
+        text += f"; on these {on_test['normals']} good test images expect {_percent(on_test['low'])} to {_percent(on_test['high'])}"
+        text += f", observed {_percent(calibration['test_false_alarm_observed'])}"
+    return text + "."
 
 
 def render_html(folder: Path, config: RunConfig) -> str:
@@ -691,6 +731,9 @@ def render_html(folder: Path, config: RunConfig) -> str:
             continue
         thresholds = f"image threshold {_fmt(index.get('image_threshold'))}, pixel threshold {_fmt(index.get('pixel_threshold'))}"
         parts.append(f'<p class="note">{index["images"]} test images; {thresholds}; <a href="{html.escape(category)}/scores.csv">scores.csv</a></p>')
+        calibration_text = describe_calibration(index.get("calibration") or {})
+        if calibration_text:
+            parts.append(f'<p class="note">{html.escape(calibration_text)}</p>')
         for path, reason in index.get("skipped_images", []):
             parts.append(f'<div class="warn">unreadable image skipped: {html.escape(path)} ({html.escape(reason)})</div>')
         for note in index.get("notes", []):

@@ -17,16 +17,9 @@ from vad.errors import VadError
 def _parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     if not text:
         return None
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        numbers = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        numbers = []
-    if len(numbers) == 1:
-        numbers *= 2
-    if len(numbers) != 2 or min(numbers) < 1:
-        raise VadError(f"--input-size expects HEIGHT,WIDTH (e.g. 256,256) or one number, got {text!r}")
-    return numbers[0], numbers[1]
+    from vad.geometry import parse_size  # imports torch: only when the command runs
+
+    return parse_size(text, "--input-size")
 
 
 def predict_command(
@@ -67,7 +60,7 @@ def export_command(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (runs/<run>/<category>/model), or a run folder with one model."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: <model folder>/model.onnx)."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Fixed input HEIGHT,WIDTH of the graph (default: the network's input size)."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Fixed input HEIGHT,WIDTH of the graph (default: the model's working size: the network's input size, or --image-size / --center-crop / the training images' size with --tile)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with torch on random images (scores within 1e-4)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
 ) -> None:

@@ -2,7 +2,9 @@
 
 It is PaDiM with an identity covariance: fit averages the training feature grids position by
 position (streaming, one grid in memory); predict returns the Euclidean distance map and its
-maximum as the image score.
+maximum as the image score. A training image left out of the mean is ``n / (n - 1)`` times as
+far from the mean of the others, so vad can calibrate thresholds on every training image
+(``leave_one_out``) instead of holding some back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class FeatureDistance(Detector):
 
     name = "feature-distance"
     input = "features"
+    leave_one_out = True
 
     class Options(Detector.Options):
         normalize: bool = option(False, "L2-normalise each patch feature first (compares directions, not magnitudes).")
@@ -28,6 +31,7 @@ class FeatureDistance(Detector):
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.mean: torch.Tensor | None = None
+        self.count = 0
 
     @property
     def fitted(self) -> bool:
@@ -45,7 +49,7 @@ class FeatureDistance(Detector):
             count += batch.shape[0]
         if total is None:
             raise VadError("feature-distance needs at least one training image")
-        self.mean = total / count
+        self.mean, self.count = total / count, count
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         if self.mean is None:
@@ -56,6 +60,13 @@ class FeatureDistance(Detector):
         maps = (features - self.mean.to(features.device)).norm(dim=1)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
+    def predict_left_out(self, batch: torch.Tensor, indices: torch.Tensor) -> Prediction:
+        """Training images against the mean of the others: ``|x - mean_without_x| = n/(n-1) |x - mean|``."""
+        if self.count < 2:
+            raise VadError("feature-distance scores a training image left out only with 2 or more training images")
+        prediction, factor = self.predict(batch), self.count / (self.count - 1)
+        return Prediction(scores=prediction.scores * factor, maps=prediction.maps * factor)
+
     def to(self, device):
         super().to(device)
         if self.mean is not None:
@@ -63,7 +74,7 @@ class FeatureDistance(Detector):
         return self
 
     def state(self) -> State:
-        return State(meta={}, tensors={} if self.mean is None else {"mean": self.mean})
+        return State(meta={"count": self.count}, tensors={} if self.mean is None else {"mean": self.mean})
 
     def load_state(self, state: State) -> None:
-        self.mean = state.tensors["mean"].to(self.device)
+        self.mean, self.count = state.tensors["mean"].to(self.device), int(state.meta.get("count", 0))

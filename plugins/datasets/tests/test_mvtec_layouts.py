@@ -17,10 +17,11 @@ def test_mvtec_counts_labels_and_masks(tmp_path, trees):
     trees.mvtec(tmp_path, "bottle", train=10, good=2, defects={"broken": 2, "crack": 1})
     trees.mvtec(tmp_path, "screw", train=3, good=1, defects={"scratch_head": 1})
     (tmp_path / "not_a_category").mkdir()
-    dataset = MVTecAD(root=str(tmp_path))
+    dataset = MVTecAD(root=str(tmp_path), validation_fraction=0.2)
     assert dataset.categories() == ["bottle", "screw"]
     splits = dataset.load("bottle")
-    assert (len(splits.train), len(splits.validation), len(splits.test)) == (8, 2, 5)  # the declared default 0.2, as a run
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (8, 2, 5)
+    assert len(MVTecAD(root=str(tmp_path)).load("bottle").validation) == 0  # by default every image trains
     assert splits.has_masks
     assert all(s.label == 0 and s.split == "train" for s in splits.train)
     assert splits.validation[0].split == "validation"
@@ -148,7 +149,7 @@ def test_options_are_declared_coerced_and_rebuild_the_data_set(tmp_path):
     assert dataset.options.validation_fraction == 0.25 and dataset.options.seed == 3 and dataset.options.skip_bad is True
     assert dataset.hparams == {"validation_fraction": 0.25, "seed": 3, "skip_bad": True}
     assert MVTecAD(root=str(tmp_path), **dataset.hparams).options == dataset.options
-    assert MVTecAD().options.validation_fraction == 0.2  # the contract's default (a run passes its own)
+    assert MVTecAD().options.validation_fraction == 0.0  # the contract's default: every image trains
 
 
 def test_mpdd_uses_the_mvtec_layout(tmp_path, trees):

@@ -173,3 +173,16 @@ def test_tiny_options_build_fit_and_every_option_is_described(cls, image_batches
     records = describe_options(cls.Options)
     assert [r["name"] for r in records] == list(cls.Options.fields())
     assert all(r["description"] for r in records)
+
+
+def test_members_scale_with_the_shared_input(members):
+    from vad_ensembles.features import ConcatEnsemble
+
+    ensemble = ConcatEnsemble(members)
+    own = [tuple(member.preprocessing.size) for member in members]
+    reference = tuple(ensemble.preprocessing.size)
+    assert [ensemble.member_size(i, reference) for i in range(len(members))] == own  # no input geometry: unchanged
+    doubled = (2 * reference[0], 2 * reference[1])
+    for index, size in enumerate(own):
+        scaled = ensemble.member_size(index, doubled)
+        assert all(s % 32 == 0 and abs(s - 2 * o) <= 16 for s, o in zip(scaled, size))

@@ -52,6 +52,9 @@ from vad_ensembles.pca import PCA, PCAFitter
 
 #: Relative aspect-ratio difference above which members are refused (resizing would distort).
 ASPECT_TOLERANCE = 0.02
+#: Scaled member input sizes are rounded to a multiple of this (the deepest stride of the
+#: shipped backbones' stages).
+SIZE_MULTIPLE = 32
 
 
 def _check_members(members: Any, name: str) -> list[FeatureSource]:
@@ -174,10 +177,20 @@ class FeatureEnsemble(FeatureEnsembler):
 
     # ------------------------------------------------------------------ features
 
+    def member_size(self, index: int, shared: tuple[int, int]) -> tuple[int, int]:
+        """Member ``index``'s input size for a shared input of ``shared`` px: its own size,
+        scaled as the shared input is scaled from the ensemble's own size (``vad run
+        --image-size``/``--tile``), rounded to a multiple of :data:`SIZE_MULTIPLE`."""
+        own, reference = self.members[index].preprocessing.size, self.preprocessing.size
+        if tuple(shared) == tuple(reference):
+            return tuple(own)
+        return tuple(max(SIZE_MULTIPLE, round(o * s / r / SIZE_MULTIPLE) * SIZE_MULTIPLE) for o, s, r in zip(own, shared, reference))
+
     def member_input(self, images: torch.Tensor, index: int) -> torch.Tensor:
-        """Member ``index``'s input from the shared [0, 1] batch: resized to its size, normalised its way."""
+        """Member ``index``'s input from the shared [0, 1] batch: resized to its size (scaled with
+        the shared input's), normalised its way."""
         prep = self.members[index].preprocessing
-        x = resize_batch(images, tuple(prep.size), prep.interpolation)
+        x = resize_batch(images, self.member_size(index, tuple(images.shape[-2:])), prep.interpolation)
         mean = torch.tensor(prep.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(prep.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         return (x - mean) / std

@@ -7,7 +7,7 @@ the pixel threshold), ``pixel_pro_anomalib`` (anomalib's single-threshold PRO, f
 ``au_pro`` (MVTec AD, option ``fpr_limit=0.3``) and ``au_spro`` (MVTec LOCO, structural /
 logical / mean, option ``fpr_limit=0.3``).
 
-Thresholds (``score >= threshold`` is anomalous): ``f1-optimal`` (labelled validation data),
+Thresholds (``score >= threshold`` is anomalous): ``conformal`` (``alpha=0.05``), ``f1-optimal`` (labelled validation data),
 ``max``, ``quantile`` (``q=0.99``), ``k-sigma`` (``k=3``) on normal validation scores, ``manual``
 (``value``).
 
@@ -26,6 +26,7 @@ _METRICS = [
     ("ImageF1Max", "image_f1_max", "Best image-level F1 over all thresholds, and that threshold (oracle)."),
     ("ImageF1", "image_f1", "Image-level F1 at the model's image threshold."),
     ("ImageAccuracy", "image_accuracy", "Image-level accuracy at the model's image threshold."),
+    ("ImageFalseAlarmRate", "image_false_alarm_rate", "Share of good test images flagged at the model's image threshold."),
     ("PixelAUROC", "pixel_auroc", "Pixel-level area under the full ROC curve (exact, sort-based)."),
     ("PixelAP", "pixel_ap", "Pixel-level average precision (exact, sort-based)."),
     ("PixelF1Max", "pixel_f1_max", "Best pixel-level F1 over all thresholds, and that threshold (oracle)."),
@@ -36,6 +37,7 @@ _METRICS = [
 ]
 
 _THRESHOLDS = [
+    ("ConformalThreshold", "conformal", "A guaranteed false-alarm rate alpha on normal parts (alpha=0.05), from held-out normal scores."),
     ("F1OptimalThreshold", "f1-optimal", "Best F1 on labelled validation data (needs anomalous validation samples)."),
     ("MaxThreshold", "max", "Just above the largest normal validation score."),
     ("QuantileThreshold", "quantile", "q-quantile of normal validation scores (q=0.99)."),

@@ -113,6 +113,24 @@ class ImageAccuracy(Metric):
         return image.accuracy_at(data.scores, data.labels, data.image_threshold)
 
 
+class ImageFalseAlarmRate(Metric):
+    """Share of good test images flagged at the model's image threshold (compare with the
+    false-alarm rate the calibration expects)."""
+
+    name = "image_false_alarm_rate"
+
+    def applicable(self, data):
+        """Needs the model's image threshold and good test images."""
+        if data.image_threshold is None:
+            return "the model has no image threshold"
+        return None if (np.asarray(data.labels) == 0).any() else "there are no good test images"
+
+    def compute(self, data):
+        """``mean(score >= image_threshold)`` over good test images."""
+        good = np.asarray(data.scores)[np.asarray(data.labels) == 0]
+        return float(np.mean(good >= data.image_threshold))
+
+
 # --------------------------------------------------------------------------- pixel level
 
 

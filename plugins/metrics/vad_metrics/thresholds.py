@@ -20,6 +20,8 @@ always kept by the caller.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from vad.contracts import Threshold
@@ -27,7 +29,9 @@ from vad.errors import VadError
 from vad.options import REQUIRED, option
 from vad_metrics.image import check_scores
 
-NORMAL_ONLY_RULES = "max, quantile, k-sigma (fitted on normal validation scores) or manual (--set manual.value=…)"
+NORMAL_ONLY_RULES = "conformal, max, quantile, k-sigma (fitted on normal validation scores) or manual (--set manual.value=…)"
+#: Fewer normal scores than this make k-sigma warn.
+FEW_SCORES = 30
 
 
 def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +63,29 @@ def k_sigma_threshold(scores, labels, k: float = 3.0) -> float:
     """``mean + k * std`` of the normal scores (population std)."""
     normal = _normal_scores(scores, labels, "k-sigma")
     return float(normal.mean() + k * normal.std())
+
+
+def conformal_threshold(scores, labels, alpha: float) -> float:
+    """The smallest float above the ``ceil((n + 1)(1 - alpha))``-th smallest of the ``n`` normal
+    scores: a new normal score (exchangeable with them) reaches it with probability at most
+    ``alpha``. With too few scores for ``alpha`` it warns, says which rate ``n`` scores certify,
+    and returns the ``max`` rule's threshold (which certifies ``1 / (n + 1)``)."""
+    from vad.calibration import conformal_rank, smallest_certifiable_alpha
+
+    normal = np.sort(_normal_scores(scores, labels, "conformal"))
+    n = normal.size
+    rank = conformal_rank(n, alpha)
+    if rank > n:
+        from vad.progress import warn
+
+        certified = smallest_certifiable_alpha(n)
+        warn(
+            f"conformal threshold: {n} normal calibration scores cannot certify a false-alarm rate of {alpha:g} "
+            f"(that needs at least {math.ceil(1 / alpha - 1)}); the threshold is above every score, which certifies "
+            f"{certified:.3g}; train on more normal images to reach {alpha:g}"
+        )
+        rank = n
+    return float(np.nextafter(normal[rank - 1], np.inf))
 
 
 def f1_optimal_threshold(scores, labels) -> float:
@@ -129,6 +156,20 @@ class QuantileThreshold(Threshold):
         return quantile_threshold(scores, labels, self.options.q)
 
 
+class ConformalThreshold(Threshold):
+    """A stated false-alarm rate alpha on normal parts: just above the ceil((n+1)(1-alpha))-th
+    smallest of n held-out normal scores (split conformal; the guarantee holds for exchangeable normals)."""
+
+    name = "conformal"
+
+    class Options(Threshold.Options):
+        alpha: float = option(0.05, "False-alarm rate to guarantee on normal parts, P(score >= threshold) <= alpha; needs n >= 1/alpha - 1 scores.", gt=0, lt=1)
+
+    def fit(self, scores, labels) -> float:
+        """See :func:`conformal_threshold`."""
+        return conformal_threshold(scores, labels, self.options.alpha)
+
+
 class KSigmaThreshold(Threshold):
     """mean + k * std of normal validation scores (option k, default 3)."""
 
@@ -138,7 +179,15 @@ class KSigmaThreshold(Threshold):
         k: float = option(3.0, "Standard deviations above the mean of the normal validation scores (seed 001: 3).")
 
     def fit(self, scores, labels) -> float:
-        """See :func:`k_sigma_threshold`."""
+        """See :func:`k_sigma_threshold`; warns when fitted on few scores."""
+        normal = _normal_scores(scores, labels, self.name)
+        if normal.size < FEW_SCORES:
+            from vad.progress import warn
+
+            warn(
+                f"k-sigma threshold fitted on {normal.size} normal scores: their mean and std are uncertain, and so is "
+                "its false-alarm rate (the report shows the interval); the conformal threshold states its rate"
+            )
         return k_sigma_threshold(scores, labels, self.options.k)
 
 

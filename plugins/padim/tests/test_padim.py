@@ -271,3 +271,20 @@ def test_onnx_export_matches_torch(tmp_path, reduction, fake_backbone, tiny_data
     export_onnx(model, tmp_path / "padim.onnx")
     images = [s.load_image() for s in tiny_dataset.test[:3]]
     assert check_parity(model, tmp_path / "padim.onnx", images, (64, 64)) < 1e-3
+
+
+def test_left_out_distances_equal_a_refit_without_the_image():
+    train = grids(1, seed=30, channels=5, batch=7)[0]  # 7 images, 5 channels, one 2x3 grid
+    detector = PaDiM(dim=5, reduction="none", eps=0.01)
+    detector.fit([train])
+    left_out = detector.predict_left_out(train, torch.arange(7))
+    count = 7
+    for image in range(count):
+        others = torch.cat([train[:image], train[image + 1 :]])
+        # the closed form scales the regulariser with the covariance: eps (n - 1) / (n - 2)
+        refit = PaDiM(dim=5, reduction="none", eps=0.01 * (count - 1) / (count - 2))
+        refit.fit([others])
+        expected = refit.predict(train[image : image + 1])
+        torch.testing.assert_close(left_out.maps[image : image + 1], expected.maps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(left_out.scores[image : image + 1], expected.scores, rtol=1e-4, atol=1e-4)
+    assert (left_out.maps > detector.predict(train).maps).all()  # held out, every point looks farther

@@ -55,7 +55,7 @@ from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
 from vad.options import option
 from vad.progress import warn
-from vad_padim.gaussian import GaussianAccumulator, covariance_bytes, mahalanobis_map
+from vad_padim.gaussian import GaussianAccumulator, covariance_bytes, left_out_distances, mahalanobis_map
 from vad_padim.reduction import ChannelScatter, random_channel_subset
 
 #: Version of the saved state; bump when the meaning of the saved tensors changes.
@@ -74,6 +74,7 @@ class PaDiM(Detector):
     name = "padim"
     input = "features"
     produces_maps = True
+    leave_one_out = True
     training_passes = 1
 
     class Options(Detector.Options):
@@ -303,6 +304,13 @@ class PaDiM(Detector):
             )
         embeddings = self._reduce(features, self.channel_index, self.pca_center, self.pca_projection)
         maps = mahalanobis_map(embeddings, self.mean, self.inverse_covariance)  # type: ignore[arg-type]
+        return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
+
+    def predict_left_out(self, batch: torch.Tensor, indices: torch.Tensor) -> Prediction:
+        """Training images scored by Gaussians refitted without each of them, in closed form
+        from the in-sample distances (:func:`vad_padim.gaussian.left_out_distances`); the
+        channel reduction stays the one fitted on every image."""
+        maps = left_out_distances(self.predict(batch).maps, self.train_images)
         return Prediction(scores=maps.flatten(1).amax(1), maps=maps)
 
     def export_module(self) -> nn.Module:

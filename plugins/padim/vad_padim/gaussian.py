@@ -104,3 +104,26 @@ def mahalanobis_map(embeddings: torch.Tensor, mean: torch.Tensor, inverse_covari
 def covariance_bytes(positions: int, dim: int) -> int:
     """Bytes of the stored float32 inverse covariances: ``4 * P * d * d``."""
     return 4 * positions * dim * dim
+
+
+def left_out_distances(distances: torch.Tensor, count: int) -> torch.Tensor:
+    """Mahalanobis distances of training embeddings to their Gaussian refitted without them.
+
+    For a training point ``x`` with in-sample squared distance ``m`` (to ``mu`` and the unbiased
+    ``Sigma`` of ``n`` points), leaving ``x`` out changes the mean to ``mu' = (n mu - x) / (n - 1)``
+    and the covariance to ``Sigma' = (n - 1)/(n - 2) Sigma - n / ((n - 1)(n - 2)) v v^T`` with
+    ``v = x - mu`` (a rank-one downdate). By Sherman-Morrison its squared distance is then
+
+        m' = n^2 (n - 2) m / ((n - 1) ((n - 1)^2 - n m)),
+
+    a closed form in ``m``: no refit, no matrix. The regulariser ``eps I`` is scaled with
+    ``Sigma`` (``eps (n - 1)/(n - 2)`` instead of ``eps``): a deviation of order ``eps / n``.
+    ``distances`` are the in-sample (not squared) distances; ``m`` stays below ``(n - 1)^2 / n``
+    for a point of the sample, and is clamped there against rounding.
+    """
+    if count < 3:
+        raise VadError(f"PaDiM's leave-one-out scores need at least 3 training images, got {count}")
+    n = float(count)
+    squared = distances.to(torch.float64).square().clamp(max=(n - 1) ** 2 / n * (1 - 1e-9))
+    left_out = n * n * (n - 2) * squared / ((n - 1) * ((n - 1) ** 2 - n * squared))
+    return left_out.sqrt().to(distances.dtype)

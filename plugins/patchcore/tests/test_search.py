@@ -298,3 +298,28 @@ def test_pruned_on_cuda_matches_the_cpu():
     _, on_cpu = PrunedExactSearch(bank).search(queries, 3)
     _, on_gpu = PrunedExactSearch(bank.cuda()).search(queries.cuda(), 3)
     assert torch.equal(on_cpu, on_gpu.cpu())
+
+
+@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("k", [1, 3])
+def test_search_excluding_finds_the_nearest_rows_of_other_images(backend, k):
+    bank = clustered(3000, 16, centres=20, seed=40)
+    sources = torch.randint(0, 30, (3000,), generator=torch.Generator().manual_seed(41))
+    queries = bank[:400] + 1e-3 * torch.randn(400, 16, generator=torch.Generator().manual_seed(42))  # own rows are nearest
+    owners = sources[:400]
+    distances, indices = NearestNeighbours(bank, backend).search_excluding(queries, owners, sources, k)
+    assert (sources[indices] != owners[:, None]).all()
+    full = torch.cdist(queries.double(), bank.double()).square()
+    full[sources[None, :] == owners[:, None]] = float("inf")
+    reference = full.topk(k, dim=1, largest=False)
+    torch.testing.assert_close(distances.double(), reference.values, rtol=1e-4, atol=1e-4)
+    assert (indices == reference.indices).all(1).double().mean() > 0.99
+
+
+def test_search_excluding_falls_back_when_the_owner_fills_the_neighbourhood():
+    bank = torch.cat([torch.zeros(40, 4), torch.ones(5, 4) * 3])  # 40 rows of image 0 at the query
+    sources = torch.tensor([0] * 40 + [1] * 5)
+    distances, indices = NearestNeighbours(bank, "torch").search_excluding(torch.zeros(2, 4), torch.tensor([0, 0]), sources, 2)
+    assert (indices >= 40).all() and torch.allclose(distances, torch.full((2, 2), 36.0))
+    with pytest.raises(VadError, match="needs at least 6 bank rows from other images, found 5"):
+        NearestNeighbours(bank, "torch").search_excluding(torch.zeros(1, 4), torch.tensor([0]), sources, 6)

@@ -12,9 +12,10 @@ The official ``ApproximateGreedyCoresetSampler`` (amazon-science/patchcore-inspe
    every point's distance to ``min(distance, ||x - selected||)``.
 
 :func:`approximate_greedy_coreset` returns exactly that selection (same indices for the same
-projection matrix and starting points). Its cost is ``count`` passes over ``[N, 128]``; the
-detector keeps ``N`` small (and the pass in the CPU cache) by selecting per chunk of patches,
-see :class:`vad_patchcore.detector.PatchCore`.
+projection matrix and starting points). Its cost is ``count`` passes over ``[N, 128]``, so
+over all N training patches it grows as ``N^2`` and holds every patch: :class:`StreamingCoreset`
+(the detector's default above ``coreset_chunk_patches`` patches) selects in two stages over
+bounded chunks and pools instead.
 
 Deviation from the official code, documented: when ``D <= projection_dim`` no projection is
 done (the official code projects *up* to 128 dims when ``D < 128``, which only adds noise).
@@ -23,6 +24,7 @@ done (the official code projects *up* to 128 dims when ``D < 128``, which only a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -95,3 +97,129 @@ def _greedy_loop(points: torch.Tensor, squared_norms: torch.Tensor, min_distance
         selected[step] = index
         torch.minimum(min_distances, _squared_distances(points, squared_norms, points[index]), out=min_distances)
     return selected.cpu()
+
+
+class StreamingCoreset:
+    """The bank of ``ratio`` of a stream of rows, in bounded memory: merge and reduce.
+
+    Rows are buffered up to ``chunk`` (C). A stream of at most C rows gets one ``select`` over
+    all of them (the official selection); ``chunk=0`` always does that (memory grows with the
+    stream). Beyond C, every full buffer is reduced as it fills (first stage): split into
+    ``oversample`` (m) blocks of about C / m rows, each block keeps its ``ceil(m * ratio * n)``
+    first greedy picks as candidates (so the first stage costs what one selection of
+    ``ratio`` per chunk costs). The candidates are pooled, and one ``select`` over the pool
+    (second stage) keeps ``ratio`` of the rows the pool stands for: a budget shared by the
+    whole pool, where a composable coreset gives every chunk the same share whatever its
+    diversity. When adding a chunk's candidates would take the pool above ``pool`` rows
+    (``0``: no limit), the pool is reduced first and its selection joins the bank; group
+    budgets are rounded cumulatively, so the bank has ``max(1, int(N * ratio))`` rows for N
+    streamed rows in every case (the official size). ``oversample <= 1`` gives the plain
+    composable coreset instead: each chunk reduced to its own ``max(1, int(n * ratio))`` rows.
+
+    ``select(rows, count)`` returns ``count`` of the rows (a copy), e.g. the approximate
+    greedy coreset. :attr:`held` counts the rows held at once (buffer, including a chunk
+    until its candidates are pooled; pool; bank; not the transient copies inside one
+    concatenation or selection) and :attr:`peak_held` its maximum, which stays below
+    ``C + B + max(pool, C) + bank`` for batches of at most B rows, whatever N (``N + B``
+    with ``chunk=0`` or ``ratio >= 1``).
+    """
+
+    def __init__(
+        self, ratio: float, chunk: int, oversample: float, pool: int, select: Callable[[torch.Tensor, int], torch.Tensor]
+    ) -> None:
+        self.ratio, self.chunk, self.oversample, self.pool_limit = ratio, chunk, oversample, pool
+        self.select = select
+        self.total = 0  # rows streamed
+        self.reduced = False  # a full chunk was reduced: no single selection any more
+        self._buffer: list[torch.Tensor] = []
+        self._buffered = 0
+        self._pool: list[torch.Tensor] = []
+        self._pooled = 0  # candidate rows in the pool
+        self._pool_sources = 0  # streamed rows the pool stands for
+        self._bank: list[torch.Tensor] = []
+        self._banked = 0  # rows in the bank
+        self._bank_sources = 0  # streamed rows the bank stands for
+        self.peak_held = 0
+
+    @property
+    def held(self) -> int:
+        """Rows held now: buffer, pool and bank."""
+        return self._buffered + self._pooled + self._banked
+
+    def _note(self) -> None:
+        self.peak_held = max(self.peak_held, self.held)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Stream ``[n, D]`` rows in."""
+        self._buffer.append(rows)
+        self._buffered += rows.shape[0]
+        self.total += rows.shape[0]
+        self._note()
+        if self.ratio >= 1.0 or not self.chunk:
+            return
+        while self._buffered >= self.chunk:
+            pending = torch.cat(self._buffer)
+            self._buffer = [pending]
+            self._reduce(pending[: self.chunk])  # counted as held until its candidates are pooled
+            rest = pending[self.chunk :]
+            self._buffer = [rest.clone()] if rest.shape[0] else []  # so the chunk's rows can be freed
+            self._buffered = rest.shape[0]
+            del pending, rest
+
+    def _reduce(self, rows: torch.Tensor) -> None:
+        """First stage for one chunk: its candidates into the pool (or, composable, its coreset into the bank)."""
+        self.reduced = True
+        n = rows.shape[0]
+        if self.oversample <= 1.0:
+            self._bank.append(self.select(rows, max(1, int(n * self.ratio))))
+            self._banked += self._bank[-1].shape[0]
+            self._bank_sources += n
+            self._note()
+            return
+        blocks = max(1, min(n, round(self.oversample * n / self.chunk)))
+        candidates = []
+        for block in torch.tensor_split(rows, blocks):
+            count = math.ceil(self.oversample * self.ratio * block.shape[0])
+            candidates.append(block.clone() if count >= block.shape[0] else self.select(block, count))
+        candidates = torch.cat(candidates) if len(candidates) > 1 else candidates[0]
+        if self.pool_limit and self._pool and self._pooled + candidates.shape[0] > self.pool_limit:
+            self._flush(final=False)
+        self._pool.append(candidates)
+        self._pooled += candidates.shape[0]
+        self._pool_sources += n
+        self._note()
+
+    def _flush(self, final: bool) -> None:
+        """Second stage: one selection over the pool, into the bank."""
+        sources = self._bank_sources + self._pool_sources
+        target = max(1, int(sources * self.ratio)) if final else int(sources * self.ratio)
+        count = target - self._banked
+        pool = torch.cat(self._pool) if len(self._pool) > 1 else self._pool[0]
+        self._pool, self._pooled, self._pool_sources = [], 0, 0
+        if count > 0:
+            self._bank.append(pool if count >= pool.shape[0] else self.select(pool, count))
+            self._banked += self._bank[-1].shape[0]
+        self._bank_sources = sources
+        del pool
+        self._note()
+
+    def finish(self) -> torch.Tensor:
+        """The bank ``[M, D]`` (call once, after the last :meth:`add`)."""
+        if self.total == 0:
+            raise ValueError("no rows were streamed")
+        if self.ratio >= 1.0:
+            return torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0].clone()
+        if not self.reduced:  # the whole stream fits one chunk: the official single selection
+            rows = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            self._buffer, self._buffered = [], 0
+            return self.select(rows, max(1, int(rows.shape[0] * self.ratio)))
+        if self._buffer:  # the last, partial chunk
+            rows = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            self._buffer = [rows]
+            self._reduce(rows)
+            self._buffer, self._buffered = [], 0
+            del rows
+        if self._pool:
+            self._flush(final=True)
+        bank, self._bank, self._banked = self._bank, [], 0
+        return torch.cat(bank) if len(bank) > 1 else bank[0]

@@ -55,7 +55,7 @@ import torch
 from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
 from vad.options import option
-from vad_patchcore.coreset import approximate_greedy_coreset
+from vad_patchcore.coreset import StreamingCoreset, approximate_greedy_coreset
 from vad_patchcore.knn import BACKENDS, NearestNeighbours
 from vad_patchcore.scoring import max_scores, most_anomalous, reweighted_scores
 
@@ -78,7 +78,9 @@ class PatchCore(Detector):
         coreset_ratio: float = option(0.1, "Fraction of training patches kept in the memory bank (1 keeps every patch).", gt=0, le=1)
         coreset_projection_dim: int | None = option(128, "Random-projection size for the coreset selection (null or 0: none; official 128).", ge=0)
         coreset_starting_points: int = option(10, "Random points whose mean distance starts the greedy selection (official 10).", ge=1)
-        coreset_chunk_patches: int = option(16384, "Training patches buffered per coreset chunk; bounds fit memory (0: one selection over all, as official).", ge=0)
+        coreset_chunk_patches: int = option(16384, "Training patches buffered per coreset chunk; up to this many, one selection over all (official); bounds fit memory (0: always one selection over all).", ge=0)
+        coreset_oversample: float = option(4.0, "Above one chunk, each chunk keeps this multiple of coreset_ratio for one final selection (1: union of per-chunk coresets).", ge=1)
+        coreset_pool_patches: int = option(32768, "Most first-stage candidates pooled for one final selection; more are reduced group by group (0: no limit).", ge=0)
         num_neighbors: int = option(1, "k of the patch score: mean distance to the k nearest bank items (paper 1).", ge=1)
         reweight: bool = option(False, "The paper's Eq. 7 image-score re-weighting (the official code does not apply it).")
         reweight_neighbors: int = option(9, "b of Eq. 7: bank neighbours of the most anomalous patch's nearest item.", ge=1)
@@ -96,6 +98,8 @@ class PatchCore(Detector):
         self.memory_bank: torch.Tensor | None = None
         self.train_patches = 0
         self.train_grid: tuple[int, int] | None = None
+        #: Most training patches ``fit`` held at once (buffer, candidate pool, bank; see StreamingCoreset).
+        self.fit_peak_patches = 0
         self._index: NearestNeighbours | None = None
         #: Seconds spent per stage (``fit_coreset``, ``fit_index``; accumulated over predicts: ``knn``, ``scoring``).
         self.timings: dict[str, float] = {}
@@ -170,11 +174,13 @@ class PatchCore(Detector):
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
         """Build the memory bank from training feature grids, streaming (see the module docstring)."""
         generator = torch.Generator().manual_seed(self.options.seed)
-        keep_all = self.options.coreset_ratio >= 1.0
-        chunk = self.options.coreset_chunk_patches
-        kept: list[torch.Tensor] = []
-        buffer: list[torch.Tensor] = []
-        buffered = total = 0
+        stream = StreamingCoreset(
+            self.options.coreset_ratio,
+            self.options.coreset_chunk_patches,
+            self.options.coreset_oversample,
+            self.options.coreset_pool_patches,
+            lambda rows, count: self._select(rows, count, generator),
+        )
         dim: int | None = None
         grid: tuple[int, int] | None = None
         self.timings["fit_coreset"] = 0.0
@@ -184,34 +190,21 @@ class PatchCore(Detector):
                 dim, grid = patches.shape[1], (int(batch.shape[2]), int(batch.shape[3]))
             elif patches.shape[1] != dim:
                 raise VadError(f"training feature grids changed from {dim} to {patches.shape[1]} channels between batches")
-            total += patches.shape[0]
-            if keep_all:
-                kept.append(patches)
-                continue
-            buffer.append(patches)
-            buffered += patches.shape[0]
-            while chunk and buffered >= chunk:
-                pending = torch.cat(buffer)
-                buffer = [pending[chunk:]] if pending.shape[0] > chunk else []
-                buffered = pending.shape[0] - chunk
-                kept.append(self._select(pending[:chunk], generator))
-                del pending
-        if total == 0:
+            stream.add(patches)
+        if stream.total == 0:
             raise VadError("PatchCore got an empty training set: it needs at least one normal training image")
-        if buffer:
-            kept.append(self._select(torch.cat(buffer), generator))
-        self.memory_bank = torch.cat(kept) if len(kept) > 1 else kept[0].clone()
-        self.train_patches, self.train_grid = total, grid
+        self.memory_bank = stream.finish()
+        self.train_patches, self.train_grid = stream.total, grid
+        self.fit_peak_patches = stream.peak_held
         self._index = None
-        del kept, buffer  # before the index adds its own copy of the bank
+        del stream  # before the index adds its own copy of the bank
         start = time.perf_counter()
         self._search_index()  # built here, so the first predict does not pay for it
         self.timings["fit_index"] = time.perf_counter() - start
 
-    def _select(self, patches: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The coreset rows of one chunk of patches (a copy, so the chunk can be freed)."""
+    def _select(self, patches: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` coreset rows of ``patches`` (a copy, so the patches can be freed)."""
         start = time.perf_counter()
-        count = max(1, int(patches.shape[0] * self.options.coreset_ratio))  # official: int(N * percentage)
         indices = approximate_greedy_coreset(
             patches,
             count,
@@ -279,13 +272,17 @@ class PatchCore(Detector):
         )
 
 
-def coreset_size(patches: int, ratio: float, chunk: int) -> int:
-    """Bank size :meth:`PatchCore.fit` produces from ``patches`` training patches (chunks of ``chunk``)."""
+def coreset_size(patches: int, ratio: float, chunk: int, oversample: float | None = None) -> int:
+    """Bank size :meth:`PatchCore.fit` produces from ``patches`` training patches (its
+    ``coreset_chunk_patches`` ``chunk`` and ``coreset_oversample`` ``oversample``, default
+    the option's)."""
+    if oversample is None:
+        oversample = PatchCore.Options.fields()["coreset_oversample"][2]
     if ratio >= 1.0:
         return patches
-    if not chunk or patches <= chunk:
-        return max(1, int(patches * ratio))
-    full, rest = divmod(patches, chunk)
+    if not chunk or patches <= chunk or oversample > 1.0:
+        return max(1, int(patches * ratio))  # official; the two-stage selection keeps the same size
+    full, rest = divmod(patches, chunk)  # oversample 1: the union of the chunks' coresets
     return full * max(1, int(chunk * ratio)) + (max(1, int(rest * ratio)) if rest else 0)
 
 

@@ -39,6 +39,11 @@ PRUNED_MIN_BANK = 2048
 #: The IVF-PQ backend fetches ``k * PQ_RERANK`` candidates and keeps the ``k`` nearest by exact
 #: distance (PQ distances are coarse; re-ranking recovers most of the recall for little time).
 PQ_RERANK = 8
+#: Leave-one-image-out searches ask the index for this many neighbours beyond k, then drop the
+#: query's own image's rows (see :meth:`NearestNeighbours.search_excluding`).
+EXCLUSION_MARGIN = 16
+#: Bank distances computed at once by the brute-force fallback of the excluding search.
+EXCLUSION_BLOCK = 1 << 24
 #: faiss wants at least this many training points per inverted list (it warns below).
 IVF_POINTS_PER_LIST = 39
 
@@ -287,3 +292,37 @@ class NearestNeighbours:
             distances, order = distances.topk(k, dim=1, largest=False)
             indices = indices.gather(1, order)
         return distances, indices
+
+    def search_excluding(self, queries: torch.Tensor, owners: torch.Tensor, sources: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`search` among the bank rows whose ``sources`` entry differs from the query's
+        ``owners`` entry (a training image scored without its own patches: leave-one-image-out).
+
+        The index is asked for ``k + EXCLUSION_MARGIN`` neighbours and the owner's rows are
+        dropped; queries with fewer than ``k`` others among them are searched by brute force over
+        the bank without their owner's rows, so the result is what an index built without them
+        would return (up to the approximate backends' own misses).
+        """
+        queries = queries.to(self.bank.device, torch.float32)
+        owners, sources = owners.to(self.bank.device), sources.to(self.bank.device)
+        others = int((sources != owners[:, None]).sum(1).min()) if queries.shape[0] else 0
+        if others < k:
+            raise VadError(f"leave-one-image-out search needs at least {k} bank rows from other images, found {others}")
+        wanted = min(k + EXCLUSION_MARGIN, self.bank.shape[0])
+        distances, indices = self.search(queries, wanted)
+        allowed = sources[indices] != owners[:, None]
+        # the first k allowed columns of each row, in ascending distance (stable sort keeps order)
+        rank = torch.argsort((~allowed).to(torch.int8), dim=1, stable=True)[:, :k]
+        distances, indices = distances.gather(1, rank), indices.gather(1, rank)
+        short = allowed.sum(1) < k
+        for owner in owners[short].unique().tolist():
+            kept = torch.nonzero(sources != owner).flatten()
+            others_bank = self.bank[kept]
+            rows_all = torch.nonzero(short & (owners == owner)).flatten()
+            step = max(1, EXCLUSION_BLOCK // max(1, kept.numel()))  # bounds the [rows, bank] block
+            for rows in rows_all.split(step):
+                block = torch.addmm((others_bank * others_bank).sum(1)[None], queries[rows], others_bank.T, alpha=-2.0)
+                found = kept[block.topk(k, dim=1, largest=False).indices]
+                indices[rows] = found
+                distances[rows] = self.bank[found].sub_(queries[rows, None, :]).square_().sum(-1)
+        order = distances.argsort(dim=1)  # the brute-force rows came in expanded-form order
+        return distances.gather(1, order), indices.gather(1, order)
