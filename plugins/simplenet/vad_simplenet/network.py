@@ -8,7 +8,8 @@
 * :func:`truncated_l1_loss`: ``mean(max(0, th - D(normal))) + mean(max(0, th + D(fake)))`` with
   ``th = 0.5`` (official ``dsc_margin``).
 * :func:`gaussian_fake_features`: normal features plus i.i.d. ``N(0, noise_std^2)`` noise
-  (official ``noise_std=0.015``, ``mix_noise=1``).
+  (official ``noise_std=0.015``, ``mix_noise=1``); the detector scales ``noise_std`` with
+  :func:`feature_std` unless told to use the official absolute value.
 
 Linear weights use Xavier-normal initialisation as the official ``init_weight``; all randomness
 comes from an explicit :class:`torch.Generator`, so training is reproducible for a seed.
@@ -76,6 +77,14 @@ def gaussian_fake_features(features: torch.Tensor, noise_std: float, generator: 
     """Synthetic anomalous features: ``features + N(0, noise_std^2)`` per element."""
     noise = torch.randn(features.shape, generator=generator, device=features.device, dtype=features.dtype)
     return features + noise_std * noise
+
+
+def feature_std(features: torch.Tensor) -> float:
+    """The scale of patch features ``[B, C, h, w]``: the root mean square over channels of each
+    channel's std over all patches (float64). A Xavier-initialised linear adaptor maps features
+    of this scale to adapted features whose per-element spread has this size in expectation."""
+    rows = features.detach().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).to(torch.float64)
+    return float(rows.var(dim=0, unbiased=False).mean().sqrt())
 
 
 def truncated_l1_loss(normal_logits: torch.Tensor, fake_logits: torch.Tensor, margin: float) -> torch.Tensor:
