@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from vad.config import RunConfig
 from vad.plugins import reset_registry
 
 
@@ -75,3 +76,12 @@ def run_vad(*args: str, pythonpath: Path | None = None, env: dict | None = None,
     folder = contextlib.nullcontext(cwd) if cwd is not None else tempfile.TemporaryDirectory(prefix="vad-cli-test-")
     with folder as where:
         return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=where)
+
+
+def tiny_config(tmp_path: Path, **changes) -> RunConfig:
+    """A run on the fakes' tiny data set: fake backbone, feature-distance detector, no report."""
+    base = dict(
+        dataset="tiny", backbones=["fake-backbone"], detectors=["feature-distance"], threshold="max",
+        output=str(tmp_path / "run"), device="cpu", report=False, categories=["tiny-a"],
+    )
+    return RunConfig(**{**base, **changes})

@@ -15,13 +15,14 @@ from typer.testing import CliRunner
 
 from vad import hookimpl
 from vad.build import build_model
-from vad.config import RunConfig, load_config
+from vad.config import load_config
 from vad.contracts import Detector, Prediction, Preprocessing, Sample, State
 from vad.errors import VadError
 from vad.geometry import Geometry, TileLayout, blend_window, keep_aspect_size, parse_size, stitch_operator, tile_starts
 from vad.model import AnomalyModel
 from vad.pipeline import run
 from vad.testing import make_tiny_splits
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "contrib" / "plugin-template"))
@@ -86,14 +87,6 @@ class SpyPlugin:
 def registry(vad_fakes, register_plugin):
     with register_plugin(vad_template, name="template-under-test"), register_plugin(ReportTestPlugin(), name="report-test"), register_plugin(SpyPlugin(), name="spy") as registry:
         yield registry
-
-
-def tiny_config(tmp_path: Path, **changes) -> RunConfig:
-    base = dict(
-        dataset="tiny", backbones=["fake-backbone"], detectors=["feature-distance"], threshold="max",
-        output=str(tmp_path / "run"), device="cpu", report=False, categories=["tiny-a"],
-    )
-    return RunConfig(**{**base, **changes})
 
 
 def memory_sample(image: np.ndarray, index: int = 0, split: str = "train") -> Sample:

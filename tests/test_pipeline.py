@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from vad import hookimpl
-from vad.config import RunConfig, load_config
+from vad.config import load_config
 from vad.contracts import Sample
 from vad.errors import VadError
 from vad.images import BadImageError
@@ -19,6 +19,7 @@ from vad.build import build_model
 from vad.model import AnomalyModel, resolve_device
 from vad.pipeline import run
 from vad.testing import make_tiny_splits
+from tests.conftest import tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "contrib" / "plugin-template"))
 import vad_template  # noqa: E402  (the template's detector, imported from its folder)
@@ -28,14 +29,6 @@ import vad_template  # noqa: E402  (the template's detector, imported from its f
 def registry(vad_fakes, register_plugin):
     with register_plugin(vad_template, name="template-under-test") as registry:
         yield registry
-
-
-def tiny_config(tmp_path: Path, **changes) -> RunConfig:
-    base = dict(
-        dataset="tiny", backbones=["fake-backbone"], detectors=["feature-distance"], threshold="max",
-        output=str(tmp_path / "run"), device="cpu", report=False, categories=["tiny-a"],
-    )
-    return RunConfig(**{**base, **changes})
 
 
 def read_scores(folder: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
-from vad_patchcore.coreset import approximate_greedy_coreset, project, random_projection
+from vad_patchcore.coreset import StreamingCoreset, approximate_greedy_coreset, project, random_projection
 from vad_patchcore.detector import PATCHCORE_STATE_VERSION, PatchCore, coreset_size
 from vad_patchcore.knn import NearestNeighbours
 from vad_patchcore.scoring import reweighted_scores
@@ -142,6 +142,96 @@ def test_streaming_chunks_bound_the_bank_and_equal_single_selection_when_small()
     official = PatchCore(coreset_ratio=0.1, coreset_chunk_patches=0)
     official.fit(train)
     assert torch.equal(whole.memory_bank, official.memory_bank)
+
+
+def labelled_rows(count: int, seed: int, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose first coordinate is their owner (so where a row went tells whose it is)."""
+    rows = torch.randn(count, dim, generator=torch.Generator().manual_seed(seed))
+    owners = torch.arange(count) // 10
+    rows[:, 0] = owners.float() * 100
+    return rows, owners
+
+
+def greedy_indices(rows: torch.Tensor, count: int) -> torch.Tensor:
+    return approximate_greedy_coreset(rows, count, projection_dim=None, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("oversample, pool", [(1.0, 0), (4.0, 0), (4.0, 150)])
+def test_merge_and_reduce_keeps_the_official_size_owners_and_bounded_memory(oversample, pool):
+    rows, owners = labelled_rows(1000, seed=0)
+    stream = StreamingCoreset(0.1, 200, oversample, pool, greedy_indices)
+    for start in range(0, 1000, 30):  # batches of 30 rows
+        stream.add(rows[start : start + 30], owners[start : start + 30])
+    bank, bank_owners = stream.finish()
+    if oversample == 1.0:  # composable: each chunk keeps its own int(n * ratio)
+        assert bank.shape[0] == 5 * 20
+    else:  # merge and reduce: one shared budget, the official size
+        assert bank.shape[0] == int(1000 * 0.1) == coreset_size(1000, 0.1, 200)
+    assert torch.equal(bank[:, 0], bank_owners.float() * 100)  # each row kept its owner
+    assert len({tuple(row.tolist()) for row in bank}) == bank.shape[0]  # rows of the stream, none twice
+    pooled = pool or math.ceil(oversample * 0.1 * 1000)  # without a limit the pool holds every candidate
+    assert stream.peak_held <= 200 + 30 + max(pooled, 200) + bank.shape[0]
+
+
+def test_merge_and_reduce_spends_the_budget_where_the_rows_are_diverse():
+    # chunk 1: 400 copies of 4 points; chunk 2: 400 distinct points. A composable coreset gives
+    # each chunk 40 rows; the shared budget puts nearly all of them in the diverse chunk.
+    generator = torch.Generator().manual_seed(1)
+    repeated = torch.randn(4, 8, generator=generator).repeat(100, 1)
+    diverse = torch.randn(400, 8, generator=generator)
+    rows, owners = torch.cat([repeated, diverse]), torch.cat([torch.zeros(400), torch.ones(400)]).long()
+    kept = {}
+    for oversample in (1.0, 4.0):
+        stream = StreamingCoreset(0.1, 400, oversample, 0, greedy_indices)
+        stream.add(rows, owners)
+        kept[oversample] = int((stream.finish()[1] == 1).sum())
+    assert kept[1.0] == 40 and kept[4.0] >= 76
+
+
+def test_leave_one_out_equals_a_bank_fitted_without_the_image():
+    train = grids(3, seed=0)  # 9 images
+    everything = PatchCore(coreset_ratio=1.0)
+    everything.fit(train)
+    images = torch.cat(train)
+    for position in (0, 4, 8):
+        without = PatchCore(coreset_ratio=1.0)
+        without.fit([torch.cat([images[:position], images[position + 1 :]])])
+        left_out = everything.predict_left_out(images[position : position + 1], torch.tensor([position]))
+        expected = without.predict(images[position : position + 1])
+        torch.testing.assert_close(left_out.maps, expected.maps)
+        torch.testing.assert_close(left_out.scores, expected.scores)
+    in_sample = everything.predict(images[:3])
+    assert torch.allclose(in_sample.scores, torch.zeros(3), atol=1e-5)  # its own patches are in the bank
+    assert (everything.predict_left_out(images[:3], torch.arange(3)).scores > 0.5).all()
+
+
+def test_leave_one_out_with_reweighting_and_a_coreset_leaves_the_image_s_rows_out():
+    train = grids(4, seed=0)
+    detector = PatchCore(coreset_ratio=0.3, reweight=True, reweight_neighbors=4, num_neighbors=2)
+    detector.fit(train)
+    assert detector.bank_sources.shape == (detector.memory_bank.shape[0],)
+    assert set(detector.bank_sources.tolist()) <= set(range(12))
+    images = torch.cat(train)
+    left_out = detector.predict_left_out(images, torch.arange(12))
+    assert torch.isfinite(left_out.scores).all()
+    assert (left_out.maps >= detector.predict(images).maps - 1e-5).all()
+
+
+def test_bank_sources_are_saved_and_old_states_cannot_score_left_out():
+    detector = PatchCore(coreset_ratio=0.5)
+    detector.fit(grids(2, seed=0))
+    state = detector.state()
+    restored = PatchCore(coreset_ratio=0.5)
+    restored.load_state(state)
+    assert torch.equal(restored.bank_sources, detector.bank_sources)
+    old = PatchCore(coreset_ratio=0.5)
+    old.load_state(State(meta=state.meta, tensors={"memory_bank": state.tensors["memory_bank"]}))
+    probe = grids(1, seed=0)[0]
+    torch.testing.assert_close(old.predict(probe).scores, detector.predict(probe).scores)
+    with pytest.raises(VadError, match="cannot score training images as left out; refit"):
+        old.predict_left_out(probe, torch.arange(3))
+    with pytest.raises(VadError, match="bank_sources"):
+        PatchCore().load_state(State(meta=state.meta, tensors={**state.tensors, "bank_sources": torch.zeros(2, dtype=torch.int64)}))
 
 
 def test_ratio_one_keeps_every_patch_and_training_patches_score_zero():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -116,11 +117,12 @@ class StreamingCoreset:
     streamed rows in every case (the official size). ``oversample <= 1`` gives the plain
     composable coreset instead: each chunk reduced to its own ``max(1, int(n * ratio))`` rows.
 
-    ``select(rows, count)`` returns ``count`` of the rows (a copy), e.g. the approximate
-    greedy coreset. :attr:`held` counts the rows held at once (buffer, including a chunk
-    until its candidates are pooled; pool; bank; not the transient copies inside one
-    concatenation or selection) and :attr:`peak_held` its maximum, which stays below
-    ``C + B + max(pool, C) + bank`` for batches of at most B rows, whatever N (``N + B``
+    Every row comes with an owner (an int64 label, e.g. the training image it came from) that
+    follows it into the bank. ``select(rows, count)`` returns the indices of ``count`` of the
+    rows, e.g. the approximate greedy coreset. :attr:`held` counts the rows held at once
+    (buffer, including a chunk until its candidates are pooled; pool; bank; not the transient
+    copies inside one concatenation or selection) and :attr:`peak_held` its maximum, which stays
+    below ``C + B + max(pool, C) + bank`` for batches of at most B rows, whatever N (``N + B``
     with ``chunk=0`` or ``ratio >= 1``).
     """
 
@@ -131,12 +133,12 @@ class StreamingCoreset:
         self.select = select
         self.total = 0  # rows streamed
         self.reduced = False  # a full chunk was reduced: no single selection any more
-        self._buffer: list[torch.Tensor] = []
+        self._buffer: list[Rows] = []
         self._buffered = 0
-        self._pool: list[torch.Tensor] = []
+        self._pool: list[Rows] = []
         self._pooled = 0  # candidate rows in the pool
         self._pool_sources = 0  # streamed rows the pool stands for
-        self._bank: list[torch.Tensor] = []
+        self._bank: list[Rows] = []
         self._banked = 0  # rows in the bank
         self._bank_sources = 0  # streamed rows the bank stands for
         self.peak_held = 0
@@ -149,43 +151,48 @@ class StreamingCoreset:
     def _note(self) -> None:
         self.peak_held = max(self.peak_held, self.held)
 
-    def add(self, rows: torch.Tensor) -> None:
-        """Stream ``[n, D]`` rows in."""
-        self._buffer.append(rows)
+    def _take(self, rows: Rows, count: int) -> Rows:
+        """``count`` of ``rows`` by ``select`` (copies, so the rows can be freed)."""
+        indices = self.select(rows.values, count).to(rows.values.device)
+        return Rows(rows.values[indices], rows.owners[indices.to(rows.owners.device)])
+
+    def add(self, rows: torch.Tensor, owners: torch.Tensor) -> None:
+        """Stream ``[n, D]`` rows in, with their owners ``[n]``."""
+        self._buffer.append(Rows(rows, owners))
         self._buffered += rows.shape[0]
         self.total += rows.shape[0]
         self._note()
         if self.ratio >= 1.0 or not self.chunk:
             return
         while self._buffered >= self.chunk:
-            pending = torch.cat(self._buffer)
+            pending = Rows.cat(self._buffer)
             self._buffer = [pending]
-            self._reduce(pending[: self.chunk])  # counted as held until its candidates are pooled
-            rest = pending[self.chunk :]
-            self._buffer = [rest.clone()] if rest.shape[0] else []  # so the chunk's rows can be freed
-            self._buffered = rest.shape[0]
+            self._reduce(pending.slice(0, self.chunk))  # counted as held until its candidates are pooled
+            rest = pending.slice(self.chunk, None).clone()  # so the chunk's rows can be freed
+            self._buffer = [rest] if len(rest) else []
+            self._buffered = len(rest)
             del pending, rest
 
-    def _reduce(self, rows: torch.Tensor) -> None:
+    def _reduce(self, rows: Rows) -> None:
         """First stage for one chunk: its candidates into the pool (or, composable, its coreset into the bank)."""
         self.reduced = True
-        n = rows.shape[0]
+        n = len(rows)
         if self.oversample <= 1.0:
-            self._bank.append(self.select(rows, max(1, int(n * self.ratio))))
-            self._banked += self._bank[-1].shape[0]
+            self._bank.append(self._take(rows, max(1, int(n * self.ratio))))
+            self._banked += len(self._bank[-1])
             self._bank_sources += n
             self._note()
             return
         blocks = max(1, min(n, round(self.oversample * n / self.chunk)))
         candidates = []
-        for block in torch.tensor_split(rows, blocks):
-            count = math.ceil(self.oversample * self.ratio * block.shape[0])
-            candidates.append(block.clone() if count >= block.shape[0] else self.select(block, count))
-        candidates = torch.cat(candidates) if len(candidates) > 1 else candidates[0]
-        if self.pool_limit and self._pool and self._pooled + candidates.shape[0] > self.pool_limit:
+        for block in rows.split(blocks):
+            count = math.ceil(self.oversample * self.ratio * len(block))
+            candidates.append(block.clone() if count >= len(block) else self._take(block, count))
+        pooled = Rows.cat(candidates)
+        if self.pool_limit and self._pool and self._pooled + len(pooled) > self.pool_limit:
             self._flush(final=False)
-        self._pool.append(candidates)
-        self._pooled += candidates.shape[0]
+        self._pool.append(pooled)
+        self._pooled += len(pooled)
         self._pool_sources += n
         self._note()
 
@@ -194,32 +201,61 @@ class StreamingCoreset:
         sources = self._bank_sources + self._pool_sources
         target = max(1, int(sources * self.ratio)) if final else int(sources * self.ratio)
         count = target - self._banked
-        pool = torch.cat(self._pool) if len(self._pool) > 1 else self._pool[0]
+        pool = Rows.cat(self._pool)
         self._pool, self._pooled, self._pool_sources = [], 0, 0
         if count > 0:
-            self._bank.append(pool if count >= pool.shape[0] else self.select(pool, count))
-            self._banked += self._bank[-1].shape[0]
+            self._bank.append(pool if count >= len(pool) else self._take(pool, count))
+            self._banked += len(self._bank[-1])
         self._bank_sources = sources
         del pool
         self._note()
 
-    def finish(self) -> torch.Tensor:
-        """The bank ``[M, D]`` (call once, after the last :meth:`add`)."""
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank ``[M, D]`` and its rows' owners ``[M]`` (call once, after the last :meth:`add`)."""
         if self.total == 0:
             raise ValueError("no rows were streamed")
         if self.ratio >= 1.0:
-            return torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0].clone()
+            bank = Rows.cat(self._buffer).clone() if len(self._buffer) == 1 else Rows.cat(self._buffer)
+            return bank.values, bank.owners
         if not self.reduced:  # the whole stream fits one chunk: the official single selection
-            rows = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            rows = Rows.cat(self._buffer)
             self._buffer, self._buffered = [], 0
-            return self.select(rows, max(1, int(rows.shape[0] * self.ratio)))
+            bank = self._take(rows, max(1, int(len(rows) * self.ratio)))
+            return bank.values, bank.owners
         if self._buffer:  # the last, partial chunk
-            rows = torch.cat(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+            rows = Rows.cat(self._buffer)
             self._buffer = [rows]
             self._reduce(rows)
             self._buffer, self._buffered = [], 0
             del rows
         if self._pool:
             self._flush(final=True)
-        bank, self._bank, self._banked = self._bank, [], 0
-        return torch.cat(bank) if len(bank) > 1 else bank[0]
+        bank = Rows.cat(self._bank)
+        self._bank, self._banked = [], 0
+        return bank.values, bank.owners
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Feature rows ``[n, D]`` and their owners ``[n]``, kept together through the selection."""
+
+    values: torch.Tensor
+    owners: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        return Rows(torch.cat([part.values for part in parts]), torch.cat([part.owners for part in parts]))
+
+    def slice(self, start: int, stop: int | None) -> Rows:
+        return Rows(self.values[start:stop], self.owners[start:stop])
+
+    def split(self, sections: int) -> list[Rows]:
+        return [Rows(v, o) for v, o in zip(torch.tensor_split(self.values, sections), torch.tensor_split(self.owners, sections))]
+
+    def clone(self) -> Rows:
+        return Rows(self.values.clone(), self.owners.clone())

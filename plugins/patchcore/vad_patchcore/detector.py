@@ -28,15 +28,20 @@ differ (defaults in brackets):
   random linear projection and starting points (anomalib instead uses a sparse JL projection
   and one random start). See :mod:`vad_patchcore.coreset`.
 
-Bounded memory. With ``coreset_ratio < 1`` the training patches are streamed: they are buffered
-up to ``coreset_chunk_patches`` (C) patches, each full chunk is reduced at once to its own
-``int(C * ratio)`` coreset, and the bank is the union of the chunk coresets. With
-``N <= C`` training patches this is exactly the official single selection; above, it is a
-composable coreset (its covering radius is the largest of the chunks' radii), and ``C`` also
-keeps each greedy pass in the CPU cache. ``coreset_chunk_patches=0`` selects over all patches
-at once (official behaviour, memory grows with N). So of ``fit``'s memory only the bank and
-the search index's copy of it grow with the training set; the formulas are in the plugin's
-README.
+Bounded memory. With ``coreset_ratio < 1`` the training patches are streamed through
+:class:`~vad_patchcore.coreset.StreamingCoreset`. Up to ``coreset_chunk_patches`` (C) patches
+it is exactly the official single selection. Above, it merges and reduces: every full chunk keeps
+``coreset_oversample`` times the ratio as candidates, and one selection over the pooled
+candidates keeps the ratio of *all* patches (the official bank size, one budget for the whole
+training set). ``coreset_oversample=1`` is the union of per-chunk coresets (the default before,
+which gave every chunk the same share and lost accuracy on textures);
+``coreset_chunk_patches=0`` is the official selection over all patches, whose memory grows with
+the training set. The measured comparison is ``benchmarks/coreset.py``; the formulas are in the
+plugin's README.
+
+Leave-one-out. Every bank row remembers the training image it came from (``bank_sources``), so
+``predict_left_out`` scores a training image against the bank without its own patches: the
+threshold calibration needs no held-out images (:mod:`vad.calibration`).
 
 Search. ``knn_backend`` picks one of :mod:`vad_patchcore.knn`'s strategies: exact ones (``auto``:
 the cell-pruned scan for large banks on the CPU) return the same neighbours and identical
@@ -73,6 +78,8 @@ class PatchCore(Detector):
     input = "features"
     produces_maps = True
     training_passes = 1
+    #: A training image is scored against the bank without its own patches (leave-one-image-out).
+    leave_one_out = True
 
     class Options(Detector.Options):
         coreset_ratio: float = option(0.1, "Fraction of training patches kept in the memory bank (1 keeps every patch).", gt=0, le=1)
@@ -96,6 +103,9 @@ class PatchCore(Detector):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.memory_bank: torch.Tensor | None = None
+        #: The training image (position in fit order) each bank row came from, int64 ``[M]``;
+        #: None for models saved before it was kept (they cannot score left out).
+        self.bank_sources: torch.Tensor | None = None
         self.train_patches = 0
         self.train_grid: tuple[int, int] | None = None
         #: Most training patches ``fit`` held at once (buffer, candidate pool, bank; see StreamingCoreset).
@@ -111,6 +121,8 @@ class PatchCore(Detector):
         super().to(device)
         if self.memory_bank is not None:
             self.memory_bank = self.memory_bank.to(self.device)
+        if self.bank_sources is not None:
+            self.bank_sources = self.bank_sources.to(self.device)
         self._index = None
         return self
 
@@ -131,7 +143,10 @@ class PatchCore(Detector):
                 "train_patches": int(self.train_patches),
                 "train_grid": None if self.train_grid is None else list(self.train_grid),
             },
-            tensors={"memory_bank": self.memory_bank.detach().to("cpu", torch.float32).contiguous()},
+            tensors={
+                "memory_bank": self.memory_bank.detach().to("cpu", torch.float32).contiguous(),
+                **({} if self.bank_sources is None else {"bank_sources": self.bank_sources.to("cpu", torch.int64).contiguous()}),
+            },
         )
 
     def load_state(self, state: State) -> None:
@@ -149,7 +164,11 @@ class PatchCore(Detector):
         expected = (state.meta.get("bank_size"), state.meta.get("feature_dim"))
         if expected != (bank.shape[0], bank.shape[1]):
             raise VadError(f"the saved PatchCore memory bank is {tuple(bank.shape)} but its metadata says {expected}; the model folder is damaged")
+        sources = state.tensors.get("bank_sources")
+        if sources is not None and tuple(sources.shape) != (bank.shape[0],):
+            raise VadError(f"the saved PatchCore bank_sources is {tuple(sources.shape)} for a bank of {bank.shape[0]} rows; the model folder is damaged")
         self.memory_bank = bank.to(self.device, torch.float32)
+        self.bank_sources = None if sources is None else sources.to(self.device, torch.int64)
         self.train_patches = int(state.meta.get("train_patches", 0))
         grid = state.meta.get("train_grid")
         self.train_grid = None if grid is None else (int(grid[0]), int(grid[1]))
@@ -183,6 +202,7 @@ class PatchCore(Detector):
         )
         dim: int | None = None
         grid: tuple[int, int] | None = None
+        images = 0
         self.timings["fit_coreset"] = 0.0
         for batch in batches:
             patches = self._patches(batch, "fit")
@@ -190,10 +210,12 @@ class PatchCore(Detector):
                 dim, grid = patches.shape[1], (int(batch.shape[2]), int(batch.shape[3]))
             elif patches.shape[1] != dim:
                 raise VadError(f"training feature grids changed from {dim} to {patches.shape[1]} channels between batches")
-            stream.add(patches)
+            owners = torch.arange(images, images + batch.shape[0], device=patches.device).repeat_interleave(batch.shape[2] * batch.shape[3])
+            images += int(batch.shape[0])
+            stream.add(patches, owners)
         if stream.total == 0:
             raise VadError("PatchCore got an empty training set: it needs at least one normal training image")
-        self.memory_bank = stream.finish()
+        self.memory_bank, self.bank_sources = stream.finish()
         self.train_patches, self.train_grid = stream.total, grid
         self.fit_peak_patches = stream.peak_held
         self._index = None
@@ -203,7 +225,7 @@ class PatchCore(Detector):
         self.timings["fit_index"] = time.perf_counter() - start
 
     def _select(self, patches: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-        """``count`` coreset rows of ``patches`` (a copy, so the patches can be freed)."""
+        """Indices of ``count`` coreset rows of ``patches``."""
         start = time.perf_counter()
         indices = approximate_greedy_coreset(
             patches,
@@ -212,9 +234,8 @@ class PatchCore(Detector):
             starting_points=self.options.coreset_starting_points,
             generator=generator,
         )
-        selected = patches[indices.to(patches.device)]
         self.timings["fit_coreset"] = self.timings.get("fit_coreset", 0.0) + time.perf_counter() - start
-        return selected
+        return indices
 
     # ------------------------------------------------------------------ predict
 
@@ -232,6 +253,19 @@ class PatchCore(Detector):
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Image scores ``[B]`` and patch-score maps ``[B, h, w]`` on the feature grid."""
+        return self._predict(batch, None)
+
+    def predict_left_out(self, batch: torch.Tensor, indices: torch.Tensor) -> Prediction:
+        """Training images (``indices``: their positions in fit order) scored against the bank
+        without their own patches, and with Eq. 7 re-weighting, without their own patches in
+        ``N_b(m*)`` either."""
+        if self.memory_bank is not None and self.bank_sources is None:
+            raise VadError("this PatchCore model was saved without the source image of each bank row, so it cannot score training images as left out; refit it")
+        if len(indices) != batch.shape[0]:
+            raise VadError(f"predict_left_out got {len(indices)} indices for {batch.shape[0]} images")
+        return self._predict(batch, indices.to(torch.int64))
+
+    def _predict(self, batch: torch.Tensor, left_out: torch.Tensor | None) -> Prediction:
         if self.memory_bank is None:
             raise VadError("PatchCore is not fitted: call fit() (or load a saved model) before predict()")
         patches = self._patches(batch, "predict")
@@ -242,15 +276,22 @@ class PatchCore(Detector):
             )
         size, _, height, width = batch.shape
         index = self._search_index()
+        owners = None if left_out is None else left_out.to(self.device)
         start = time.perf_counter()
-        squared, nearest = index.search(patches, self.options.num_neighbors)
+        if owners is None:
+            squared, nearest = index.search(patches, self.options.num_neighbors)
+        else:
+            squared, nearest = index.search_excluding(patches, owners.repeat_interleave(height * width), self.bank_sources, self.options.num_neighbors)
         middle = time.perf_counter()
         distances = squared if self.options.distance == "squared" else squared.sqrt()
         patch_scores = distances.mean(1).view(size, height * width)
         if self.options.reweight:
             nearest_first = nearest[:, 0].view(size, height * width)
             m_star = most_anomalous(patch_scores, nearest_first)
-            _, support = index.search(self.memory_bank[m_star], self.options.reweight_neighbors)
+            if owners is None:
+                _, support = index.search(self.memory_bank[m_star], self.options.reweight_neighbors)
+            else:
+                _, support = index.search_excluding(self.memory_bank[m_star], owners, self.bank_sources, self.options.reweight_neighbors)
             scores = reweighted_scores(
                 patch_scores, nearest_first, patches.view(size, height * width, -1), self.memory_bank, support
             )
