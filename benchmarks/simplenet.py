@@ -5,12 +5,11 @@ features: image AUROC / pixel AUROC / AU-PRO per category and their means, and f
 
     python benchmarks/simplenet.py [--output runs/bench-simplenet] [--data demo larger] [--features lite0 pca-global concat]
 
-Every cell is one ``vad run ... --calibration hold-out --no-report --device cpu`` in a fresh
+Every cell is one ``vad run ... --no-report --device cpu`` with default calibration in a fresh
 process (its folder under ``--output``; a cell whose ``metrics.json`` exists is read, not run
-again, so an interrupted benchmark continues). Hold-out calibration keeps the same 20 % of the
-training images from every detector, so all of them train on the same images (what SimpleNet,
-a trained detector, gets by default; PaDiM and PatchCore would otherwise calibrate by
-leave-one-out and train on every image). AUROC and AU-PRO need no threshold.
+again, so an interrupted benchmark continues): SimpleNet, a trained detector, holds 20 % of the
+training images out for its thresholds; PaDiM and PatchCore train on every image and calibrate
+by leave-one-out. AUROC and AU-PRO need no threshold.
 
 Rows:
 
@@ -60,7 +59,7 @@ def run_cell(folder: Path, data_args: list[str], detector: str, extra: list[str]
     metrics = folder / "metrics.json"
     if not metrics.is_file():
         command = [vad_executable(), "run", "--detector", detector, *features, *data_args, *extra,
-                   "--calibration", "hold-out", "--no-report", "--device", "cpu", "--output", str(folder)]
+                   "--no-report", "--device", "cpu", "--output", str(folder)]
         print("$", " ".join(command), file=sys.stderr, flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -82,7 +81,7 @@ def table(title: str, rows: list[tuple[str, str, dict]]) -> str:
             values = result["categories"][category]
             cells.append(" / ".join(number(values.get(m)) for m in METRICS))
         cells += [number(statistics.fmean(result["categories"][c][m] for c in categories)) for m in METRICS]
-        cells.append(f"{statistics.fmean(result['categories'][c]['fit_s'] for c in categories):.1f}")
+        cells.append(f"{statistics.fmean(result['timings'][c]['fit_s'] for c in categories):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -100,7 +99,7 @@ def main() -> None:
     tables = []
     for data in args.data:
         if data == "demo":
-            data_args, title = [], "Demo data (3 categories, 24 training images of 128 px, 19 train after the hold-out)"
+            data_args, title = [], "Demo data (3 categories, 24 training images of 128 px)"
         else:
             sys.path.insert(0, str(HERE))
             import larger_data
