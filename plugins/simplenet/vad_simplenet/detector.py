@@ -9,38 +9,31 @@ official ``RescaleSegmentor``); the image score is the maximum patch score.
 
 Every option's description gives its official value (``vad list detectors --details``).
 
-Deviations, on purpose (measured on the demo data, lite0 features, 19 training images after
-the 20 % hold-out, mean image AUROC / pixel AUROC / AU-PRO over brick, grass, gravel;
-``python benchmarks/simplenet.py`` gives the full tables, PaDiM's defaults there 0.906 / 0.961 / 0.871):
+Deviations, on purpose (the measurements are in ``docs/demo-results.md``, section "SimpleNet";
+``python benchmarks/simplenet.py`` reproduces them):
 
 * **Noise scaled to the features** (``noise_scale=relative``, the default). The official noise
   ``N(0, 0.015^2)`` is in the units of its features: 1536-d WideResNet-50 layer2+3 patch features,
-  averages of post-ReLU activations. EfficientNet-Lite patch features have a per-channel std of
-  2-3.5 on the demo data, and with 0.015 the fakes are indistinguishable from the normal features
-  except by the noise itself, which real defects do not carry: image AUROC 0.48-0.53, the maps
-  *anti*-correlated with the defects (pixel AUROC 0.33). Here the noise std is
-  ``noise_fraction * feature_std``, where ``feature_std = sqrt(mean_c var_c)`` over the patches of
-  the first training batch (:func:`~vad_simplenet.network.feature_std`), frozen for the fit and
-  saved with the model (``input.feature_std``), so refits, resumed fits and saved models use the
-  same noise. Why that scale: a Xavier-initialised square linear adaptor maps features with
-  per-channel variances ``var_c`` to adapted features whose per-element variance is
+  averages of post-ReLU activations. EfficientNet-Lite patch features are about ten times larger,
+  and with 0.015 the fakes differ from the normal features only by the noise itself, which real
+  defects do not carry: the maps come out *anti*-correlated with the defects. Here the noise std
+  is ``noise_fraction * feature_std``, where ``feature_std = sqrt(mean_c var_c)`` over the
+  patches of the first training batch (:func:`~vad_simplenet.network.feature_std`), frozen for
+  the fit and saved with the model (``input.feature_std``), so refits, resumed fits and saved
+  models use the same noise. Why that scale: a Xavier-initialised square linear adaptor maps
+  features with per-channel variances ``var_c`` to adapted features whose per-element variance is
   ``mean_c var_c`` in expectation, so ``noise_fraction`` is the noise-to-spread ratio the
   discriminator starts from, whatever the backbone, width, fusion or units.
 
-  Why 0.5 and not the official ratio: WideResNet-50's ImageNet weights cannot be loaded here, so
-  the ratio 0.015 / std is not measured; for averages of post-ReLU activations it is a few
-  percent. That ratio does not transfer: the noise must move a fake about as far from its source
-  as new normal patches lie from the training patches, or the discriminator learns that normal
-  patches it has not seen are fake. The median distance of a good test patch to its nearest
-  training patch is 0.65-0.93 x ``feature_std * sqrt(C)`` on the demo textures (0.67-0.90 on
-  the larger generated textures, 0.25 on its gear object; a fake with fraction f lies at
+  Why a fraction of tenths and not the official ratio (a few percent of post-ReLU averages,
+  not measurable here without WideResNet-50's weights): the noise must move a fake about as far
+  from its source as new normal patches lie from the training patches, or the discriminator
+  learns that normal patches it has not seen are fake. With tens of training images that
+  distance is most of ``feature_std * sqrt(C)`` (a fake with fraction f lies at
   ``f * feature_std * sqrt(C)``); the official 200-400 MVTec images of 288 px give far denser
-  training patches, hence its small noise. Sweep (demo, lite0, 20 epochs, image AUROC / pixel
-  AUROC / AU-PRO): fraction 0.05: 0.53 / 0.38 / 0.14; 0.1: 0.57 / 0.45 / 0.19; 0.2: 0.69 /
-  0.63 / 0.38; 0.3: 0.75 / 0.73 / 0.52; 0.5: 0.84 / 0.80 / 0.62; 1.0: 0.84 / 0.82 / 0.64;
-  at 160 epochs 0.5: 0.934 / 0.898 / 0.796 and 1.0: 0.924 / 0.858 / 0.737 (longer training
-  draws a finer boundary: the smaller noise wins). ``noise_scale=absolute`` gives the official
-  ``noise_std`` in feature units (for features of the official scale).
+  training patches, hence its small noise. Longer training draws a finer boundary, so at the
+  official 160 epochs a smaller fraction wins than at 20. ``noise_scale=absolute`` gives the
+  official ``noise_std`` in feature units (for features of the official scale).
 * The official loop evaluates on the *test set* after every meta-epoch and keeps the
   discriminator of the best test AUROC; that selects the model on test labels, so vad keeps
   the weights after the last epoch.
@@ -50,15 +43,11 @@ the 20 % hold-out, mean image AUROC / pixel AUROC / AU-PRO over brick, grass, gr
 
 As the official code (no longer deviations):
 
-* ``epochs=160`` (40 meta-epochs x 4 gan_epochs; the default was 20 for CPU time). Demo, lite0,
-  fraction 0.5: 20 epochs 0.844 / 0.795 / 0.619, 40: 0.878 / 0.838 / 0.716, 80: 0.913 / 0.868 /
-  0.757, 160: 0.934 / 0.898 / 0.796; fit time grows linearly (3 steps per epoch on the demo's 19
-  images: about 55 s per category on 2 idle CPU cores at 160 epochs, 7 s at 20). On a CPU,
-  ``--set simplenet.epochs=40`` trades 0.06 image AUROC for a quarter of the time.
+* ``epochs=160`` (40 meta-epochs x 4 gan_epochs; the default was 20 for CPU time). Accuracy
+  rises all the way to 160 and fit time grows linearly; on a CPU, ``--set simplenet.epochs=40``
+  gives up some accuracy for a quarter of the time.
 * ``batch_size=8`` images per step, reshuffled every epoch, as the official loader
-  (``shuffle=True``); on the demo it makes no measurable difference (20 / 40 epochs in the given
-  order: 0.844 / 0.803 / 0.610 and 0.875 / 0.843 / 0.716). ``batch_size=null`` keeps vad's batches
-  in order.
+  (``shuffle=True``); ``batch_size=null`` keeps vad's batches in order.
 * The discriminator's cosine schedule (``CosineAnnealingLR`` to 0.4 x ``dsc_lr``) exists in the
   official code behind ``--cos_lr``, which the published ``run.sh`` does not pass: the official
   lr is constant, and so is the default here (``cosine_lr=true`` turns the schedule on).
