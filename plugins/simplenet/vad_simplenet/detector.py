@@ -79,7 +79,7 @@ class SimpleNet(TrainedDetector):
     class Options(TrainedDetector.Options):
         epochs: int = option(160, "Passes over the training features (official 160 = 40 meta-epochs x 4 gan_epochs).", ge=1)
         noise_scale: Literal["relative", "absolute"] = option("relative", "relative (deviation): noise std = noise_fraction x feature_std, the RMS channel std of the first training batch (saved with the model); absolute: noise_std in feature units (official).")
-        noise_fraction: float = option(0.5, "Noise std as a fraction of feature_std with noise_scale=relative (deviation; demo lite0 image AUROC 0.93 at 0.5, 0.53 at 0.05).", gt=0)
+        noise_fraction: float = option(0.3, "Noise std as a fraction of feature_std with noise_scale=relative (deviation; see docs/demo-results.md for the sweep).", gt=0)
         noise_std: float = option(0.015, "Noise std in feature units with noise_scale=absolute (official 0.015, for WideResNet-50 features).", gt=0)
         batch_size: int | None = option(8, "Images per optimiser step, reshuffled every epoch (official: 8, shuffled); null: vad's batches in the order given.", ge=1)
         cosine_lr: bool = option(False, "Cosine-anneal the discriminator's lr to 0.4 x over the epochs (official --cos_lr, off in the published run.sh).")
