@@ -10,14 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from vad.contracts import Curve, EvaluationData, Metric
-from vad.options import option
 from vad_metrics import image, pixel, pro
-
-
-class FprLimitOptions(Metric.Options):
-    """The integration limit of the area metrics."""
-
-    fpr_limit: float = option(0.3, "Integrate the curve up to this false positive rate, then normalise (official 0.3).", gt=0, le=1)
+from vad_metrics.pro import FprLimitOptions
 
 
 # --------------------------------------------------------------------------- image level

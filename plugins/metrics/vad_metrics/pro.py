@@ -45,7 +45,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vad.contracts import Metric
 from vad.errors import VadError
+from vad.options import option
 
 #: 8-connectivity, as the official MVTec AD / 3D-AD evaluation code.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
@@ -86,15 +88,16 @@ def points_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> tuple[np.ndarray
     return x[:end], y[:end]
 
 
-def check_fpr_limit(fpr_limit: float) -> float:
-    """``fpr_limit`` as a float in (0, 1], or a VadError saying what is allowed."""
-    try:
-        value = float(fpr_limit)
-    except (TypeError, ValueError):
-        raise VadError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise VadError(f"fpr_limit must lie in (0, 1] (the official default is 0.3), got {value}")
-    return value
+class FprLimitOptions(Metric.Options):
+    """The integration limit of the area metrics (declared once: the metrics' option and the
+    functions' argument check)."""
+
+    fpr_limit: float = option(0.3, "Integrate the curve up to this false positive rate, then normalise (official 0.3).", gt=0, le=1)
+
+
+def check_fpr_limit(fpr_limit: float, owner: str) -> float:
+    """``fpr_limit`` as a float in (0, 1], checked by its declaration, or a VadError naming ``owner``."""
+    return FprLimitOptions.parse({"fpr_limit": fpr_limit}, owner=owner).fpr_limit
 
 
 # --------------------------------------------------------------------------- the curve
@@ -265,7 +268,7 @@ def au_pro(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None
     same shapes or None for images without defects. Raises VadError without negative pixels or
     without any anomalous pixel.
     """
-    fpr_limit = check_fpr_limit(fpr_limit)
+    fpr_limit = check_fpr_limit(fpr_limit, "au_pro")
     fprs, pros = pro_curve(anomaly_maps, masks, fpr_limit)
     return area_under_curve(fprs, pros, fpr_limit)
 
@@ -329,7 +332,7 @@ def au_spro(anomaly_maps, regions_per_image, fpr_limit: float = 0.3) -> float:
     See :func:`spro_contributions` for ``regions_per_image``. The structural / logical split is
     made by the caller: evaluate each kind's anomalous images together with all good images.
     """
-    fpr_limit = check_fpr_limit(fpr_limit)
+    fpr_limit = check_fpr_limit(fpr_limit, "au_spro")
     negatives, positives, weights, num_regions = spro_contributions(anomaly_maps, regions_per_image)
     fprs, spros = overlap_curve(negatives, positives, weights, num_regions, fpr_limit)
     return area_under_curve(fprs, spros, fpr_limit)
