@@ -37,13 +37,7 @@ def category_rows(config, registry, category: str) -> list[dict]:
     model = build_model(config, registry)
     model.fit(splits.train, splits.validation)
     method = model.calibration["method"]
-    if method == "leave-one-out":
-        scored = model._member_predictions(model.members, splits.train, "left out", left_out=True)
-    elif method == "hold-out":
-        scored = model._member_predictions(model.members, splits.validation, "calibrate")
-    else:
-        scored = model._cross_fit_predictions(splits.train)
-    calibration = np.array([output.score for output in model._fused_outputs(scored)])
+    calibration = model.normal_calibration_scores
     outputs = list(model.predict(splits.test, description=f"test {category}"))
     scores = np.array([o.score for o in outputs])
     labels = np.array([o.sample.label for o in outputs])

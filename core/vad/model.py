@@ -252,6 +252,9 @@ class AnomalyModel:
     #: What calibration did: method, number of normal scores, the image threshold's expected
     #: false-alarm rate with its interval (saved with the model, shown in the report).
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: The normal calibration images' scores the image threshold was fitted on (after ``fit``;
+    #: not saved), so other rules can be compared on the same scores.
+    normal_calibration_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: The input geometry of every member (:mod:`vad.geometry`); empty: each member's own
     #: preprocessing. ``fit`` decides what depends on the training images (``fit_size``).
     geometry: Geometry = field(default_factory=Geometry)
@@ -473,8 +476,8 @@ class AnomalyModel:
                 pixel_values.append(values)
                 pixel_labels.append(truth)
         self.image_threshold = float(self.threshold.fit(np.asarray(scores), labels))
-        normal = [score for score, label in zip(scores, labels) if not label]
-        self.calibration["image_false_alarm"] = false_alarm_estimate(normal, self.image_threshold)
+        self.normal_calibration_scores = np.asarray(scores)[labels == 0]
+        self.calibration["image_false_alarm"] = false_alarm_estimate(list(self.normal_calibration_scores), self.image_threshold)
         if pixel_values:
             values, truth = np.concatenate(pixel_values), np.concatenate(pixel_labels)
             if self.threshold.needs_anomalous and not truth.any():
