@@ -99,6 +99,31 @@ def test_a_plugin_that_raises_on_import_is_reported_and_skipped(fake_distributio
     assert "good" in registry.plugins
 
 
+def test_an_unknown_name_names_the_plugins_that_failed_to_load(fake_distributions, monkeypatch):
+    monkeypatch.setenv("VAD_LOAD_PLUGINS", "good,broken")
+    registry = Registry().load()
+    with pytest.raises(UnknownNameError) as caught:
+        registry.get("detectors", "broken-detector")
+    message = str(caught.value)
+    assert message.startswith("unknown detector 'broken-detector'.") and "Available: good-detector." in message
+    assert "plugin 'broken' (distribution vad-broken) failed to load: RuntimeError: boom at import; see `vad plugins`" in message
+
+
+def test_with_nothing_installed_a_plugin_whose_hook_raised_is_named():
+    def broken(register):
+        raise ImportError("No module named 'faiss'")
+
+    broken.__name__ = "vad_register_detectors"
+    registry = _registry_with(type("P", (), {"vad_register_detectors": staticmethod(hookimpl(broken))})())
+    with pytest.raises(UnknownNameError) as caught:
+        registry.get("detectors", "patchcore")
+    assert "no detector is installed" in str(caught.value)
+    assert (
+        "plugin 'under-test' (distribution vad-under-test) failed to load: "
+        "vad_register_detectors raised ImportError: No module named 'faiss'" in str(caught.value)
+    )
+
+
 def test_duplicate_names_are_an_error_naming_both_distributions(fake_distributions):
     registry = Registry().load()
     with pytest.raises(PluginConflictError) as caught:

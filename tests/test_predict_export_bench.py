@@ -19,7 +19,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from vad.errors import VadError
+from vad.errors import SOME_FAILED, VadError
 from vad.testing import make_tiny_splits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
@@ -147,7 +147,7 @@ def test_run_report_predict_export_end_to_end(registry, cli, tmp_path):
     saturation = shot.max(axis=2).astype(int) - shot.min(axis=2)
     assert (saturation > 100).mean() > 0.01, "no coloured heat maps visible in the screenshot"
 
-    # ---- predict: JSON lines, CSV, overlays; a corrupt file is skipped and reported
+    # ---- predict: JSON lines, CSV, overlays; a corrupt file gets a row with its error (exit code 3)
     model = run / "tiny-a" / "model"
     images = tmp_path / "new"
     images.mkdir()
@@ -157,12 +157,15 @@ def test_run_report_predict_export_end_to_end(registry, cli, tmp_path):
         Image.fromarray(sample.load_image()).save(images / f"part{index}.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = cli("predict", "--model", str(model), str(images), "--overlays", str(tmp_path / "overlays"))
-    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.exit_code == 3, (result.output, result.exception)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [Path(r["path"]).name for r in records] == [f"part{i}.png" for i in range(4)]
-    assert "broken.png" in result.output  # the warning names it
+    assert [Path(r["path"]).name for r in records] == ["broken.png"] + [f"part{i}.png" for i in range(4)]
+    broken, records = records[0], records[1:]
+    assert broken["score"] is None and broken["anomalous"] is None and "broken.png" in broken["error"]
+    assert "1 input(s) could not be scored" in result.stderr
     threshold = json.loads((model / "model.json").read_text())["threshold"]["image"]
     for record in records:
+        assert record["error"] is None
         assert record["anomalous"] == (record["score"] >= threshold)
         assert decode_png(Path(record["overlay"])).shape[0] > 50
     out_csv = tmp_path / "scores.csv"
@@ -203,10 +206,14 @@ def test_export_resizes_inside_the_graph_like_torch(registry, tmp_path):
 
     folder, _ = run(RunConfig(dataset="tiny", backbones=["fake-backbone"], detectors=["report-distance"], threshold="report-max", device="cpu", categories=["tiny-a"], report=False, output=str(tmp_path / "r")), registry)
     model = AnomalyModel.load(folder / "tiny-a" / "model", "cpu", registry)
-    export_onnx(model, tmp_path / "m.onnx", input_size=(100, 90))
     rng = np.random.default_rng(1)
-    images = [rng.integers(0, 256, (100, 90, 3), dtype=np.uint8) for _ in range(3)]
-    assert check_parity(model, tmp_path / "m.onnx", images, (100, 90)) < 1e-4
+    description = export_onnx(model, tmp_path / "any.onnx")  # any size: resized inside
+    assert description["input"]["shape"] == ["batch", 3, "height", "width"]
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(100, 90, 3), (64, 64, 3), (37, 50, 3), (130, 201, 3)]]
+    assert check_parity(model, tmp_path / "any.onnx", images) < 1e-4
+    description = export_onnx(model, tmp_path / "pinned.onnx", input_size=(100, 90))  # one size, static shapes
+    assert description["input"]["shape"] == ["batch", 3, 100, 90]
+    assert check_parity(model, tmp_path / "pinned.onnx", images[:1] * 2) < 1e-4
 
 
 def test_export_refuses_heads_without_export_module_and_missing_onnx(registry, cli, tmp_path, monkeypatch):
@@ -234,26 +241,36 @@ def test_predict_fails_only_when_nothing_could_be_scored(registry, cli, tmp_path
 
 def test_bench_sweeps_resumes_and_reports_failed_cells(registry, cli, tmp_path):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(
-        "dataset: tiny\ndevice: cpu\nthreshold: report-max\n"
-        "detectors: [report-distance, no-such-detector]\nbackbones: [fake-backbone]\ncategories: [tiny-a]\n"
-    )
+    grid.write_text("dataset: tiny\ndevice: cpu\nthreshold: report-max\ndetectors: [report-distance]\nbackbones: [fake-backbone]\ncategories: [tiny-a, tiny-zzz]\n")
     result = cli("bench", "--grid", str(grid), "--output", str(tmp_path / "bench"))
-    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.exit_code == SOME_FAILED, (result.output, result.exception)  # a cell failed: not a success
     with open(tmp_path / "bench" / "bench.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["done", "failed"]
-    assert "no-such-detector" in rows[1]["error"] and rows[0]["error"] == ""
+    assert "tiny-zzz" in rows[1]["error"] and rows[0]["error"] == ""
     assert float(rows[0]["fit_s"]) >= 0 and float(rows[0]["predict_ms_per_image"]) > 0
     assert "image_auroc" in rows[0] and rows[0]["image_auroc"]
     assert "| report-distance |" in (tmp_path / "bench" / "bench.md").read_text()
     finished = tmp_path / "bench" / "cells" / "report-distance__none__fake-backbone__tiny-a" / "metrics.json"
     before = finished.stat().st_mtime_ns
     result = cli("bench", "--grid", str(grid), "--output", str(tmp_path / "bench"))
-    assert result.exit_code == 0
+    assert result.exit_code == SOME_FAILED
     assert finished.stat().st_mtime_ns == before  # not rerun
     with open(tmp_path / "bench" / "bench.csv") as handle:
         assert [r["status"] for r in csv.DictReader(handle)] == ["cached", "failed"]
+
+
+def test_bench_checks_every_cell_before_running_the_first(registry, cli, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "dataset: tiny\ndevice: cpu\nthreshold: report-max\ndetectors: [report-distance, no-such-detector]\n"
+        "backbones: [fake-backbone]\ncategories: [tiny-a]\noptions: {report-distance: {no_such_option: 1}}\n"
+    )
+    result = cli("bench", "--grid", str(grid), "--output", str(tmp_path / "bench"))
+    message = str(result.exception)
+    assert isinstance(result.exception, VadError) and "nothing was run" in message
+    assert "no-such-detector" in message and "no_such_option" in message
+    assert not (tmp_path / "bench").exists()
 
 
 def test_bench_grid_errors_are_clear(tmp_path):
@@ -313,7 +330,7 @@ def test_demo_data_patchcore_run_report_predict_export(cli, tmp_path):
 
     onnx_file = tmp_path / "brick.onnx"
     # the demo images are 128 px: the graph resizes them to lite0's 224 px itself
-    result = cli("export", "--model", str(model), "--output", str(onnx_file), "--input-size", "128")
+    result = cli("export", "--model", str(model), "--output", str(onnx_file))
     assert result.exit_code == 0, (result.output, result.exception)
     import onnxruntime
 

@@ -94,7 +94,7 @@ def test_tiff_keeps_float32_values():
 
 def test_html_lists_warnings_and_escapes_names(tmp_path: Path):
     (tmp_path / "metrics.json").write_text(
-        json.dumps({"skipped_metrics": {"c<1>": {"au_spro": "no LOCO regions"}}, "thresholds": {"c<1>": {"image": None}}, "dataset_skipped_files": [["bad.png", "truncated"]]})
+        json.dumps({"skipped_metrics": {"c<1>": {"au_spro": "no LOCO regions"}}, "thresholds": {"c<1>": {"image": None}}, "skipped_files": {"c<1>": [["bad.png", "truncated"]]}})
     )
     (tmp_path / "results.json").write_text(json.dumps({"columns": ["image_auroc"], "rows": {"c<1>": {"image_auroc": 0.5}, "mean": {"image_auroc": 0.5}}}))
     page = render_html(tmp_path, RunConfig(pretrained=False, backbones=["b"]))

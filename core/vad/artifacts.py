@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vad.errors import VadError
+from vad.errors import DamagedModelError, VadError
 
 if TYPE_CHECKING:
     import torch
@@ -94,26 +94,160 @@ def write_model_folder(folder: str | os.PathLike, model_json: dict[str, Any], te
 
 
 def read_model_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read ``model.json`` and its tensors, checking the format and its version."""
+    """Read ``model.json`` (see :func:`read_model_document`) and its tensors; a missing or
+    unreadable tensors file is a :class:`DamagedModelError` naming it."""
+    from safetensors import SafetensorError
+
+    folder = Path(folder)
+    document = read_model_document(folder)
+    tensors_path = folder / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise DamagedModelError(folder, TENSORS_FILE, "is missing")
+    try:
+        tensors = load_tensors(tensors_path)
+    except (SafetensorError, OSError) as error:
+        raise DamagedModelError(folder, TENSORS_FILE, f"cannot be read, it is cut short or not a safetensors file ({error})") from error
+    return document, tensors
+
+
+def read_model_document(folder: str | os.PathLike) -> dict[str, Any]:
+    """``model.json`` of a model folder, checked before a model is rebuilt from it: its format
+    and version, and that every entry loading reads has the form vad writes
+    (:data:`MODEL_DOCUMENT_SHAPE`), so that a damaged file is a clear error, not a traceback."""
     folder = Path(folder)
     json_path = folder / MODEL_JSON
     if not json_path.is_file():
         raise VadError(f"{folder} is not a vad model folder: {MODEL_JSON} is missing")
     try:
         document = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise VadError(f"{json_path} is not valid JSON: {error}") from error
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
+        raise DamagedModelError(folder, MODEL_JSON, f"is not valid JSON ({error})") from error
+    if not isinstance(document, dict):
+        raise DamagedModelError(folder, MODEL_JSON, f"holds {_json_name(document)}, not the object vad writes")
     if document.get("format") != MODEL_FORMAT:
-        raise VadError(f"{json_path} is not a vad model (format {document.get('format')!r})")
+        raise DamagedModelError(folder, MODEL_JSON, f"is not a vad model (its format is {document.get('format')!r}, not {MODEL_FORMAT!r})")
     version = document.get("format_version")
     if version not in READABLE_FORMAT_VERSIONS:
         raise VadError(
             f"{folder} was saved in model format version {version}; this vad reads versions "
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Re-fit the model with this version of vad, or install the vad that saved it."
         )
-    tensors_path = folder / TENSORS_FILE
-    tensors = load_tensors(tensors_path) if tensors_path.is_file() else {}
-    return document, tensors
+    problem = _shape_problem(document, MODEL_DOCUMENT_SHAPE)
+    if problem:
+        raise DamagedModelError(folder, MODEL_JSON, problem)
+    return document
+
+
+# --------------------------------------------------------------------------- model.json's shape
+
+
+def _source_shape(source: Any) -> Any:
+    """A saved feature source (its ``config()``, see :mod:`vad.build`): the entries depend on its kind."""
+    from vad.contracts import DetectorFeatures
+    from vad.features import PatchFeatures
+
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == PatchFeatures.name:
+        return {"kind": str, "hparams": {"backbone": {"spec": str, "hparams": dict}}, "meta?": dict}
+    if kind == DetectorFeatures.kind:
+        return {"kind": str, "detector": str, "hparams": {"detector": dict}, "meta?": dict}
+    return {"kind": str, "hparams": {"members": [_source_shape]}, "meta?": dict}  # a feature ensemble
+
+
+_SIZE = (None, [int])
+_NUMBER_OR_NULL = (float, None)
+
+#: The entries of ``model.json`` that loading reads, in the form :func:`vad.build.model_document`
+#: writes them. A shape is a JSON type (``dict``, ``list``, ``str``, ``int``, ``float`` which
+#: takes integers too, ``bool``, ``None``), a tuple of alternatives, a dict (an object with
+#: these entries; a key ending in ``?`` may be left out; other entries are allowed), a
+#: one-item list (a non-empty list of such items) or a function of the value giving its shape.
+MODEL_DOCUMENT_SHAPE: dict[str, Any] = {
+    "format": str,
+    "format_version": int,
+    "members": [
+        {
+            "detector": {"name": str, "hparams": dict, "meta?": dict},
+            "source?": _source_shape,
+        }
+    ],
+    "ensembler?": (None, {"name": str, "options": dict, "meta?": dict}),
+    "threshold?": {"name?": (str, None), "options?": dict, "image?": _NUMBER_OR_NULL, "pixel?": _NUMBER_OR_NULL},
+    "postprocess?": {"sigma?": float},
+    "geometry?": (
+        None,
+        {
+            "image_size?": _SIZE, "resize?": _SIZE, "center_crop?": _SIZE, "fit_size?": _SIZE,
+            "keep_aspect?": bool, "tile?": (int, None), "tile_stride?": (int, None),
+        },
+    ),
+    "calibration?": {
+        "method?": str,
+        "scores?": int,
+        "folds?": int,
+        "image_false_alarm?": {
+            "scores?": int, "expected?": _NUMBER_OR_NULL, "low?": _NUMBER_OR_NULL, "high?": _NUMBER_OR_NULL, "confidence": float,
+        },
+    },
+    "seed?": int,
+    "batch_size?": int,
+}
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _json_name(value: Any) -> str:
+    """How a JSON value's type is called in messages ("an object", "a list", ...)."""
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _shape_name(shape: Any) -> str:
+    """How the JSON type a shape stands for is called in messages."""
+    if shape is None or isinstance(shape, type):
+        return _JSON_NAMES[shape if shape is not None else type(None)]
+    return "an object" if isinstance(shape, dict) else "a list"
+
+
+def _has_type(value: Any, shape: Any) -> bool:
+    """True when ``value`` is of the JSON type ``shape`` stands for (true/false is no number)."""
+    if shape is None:
+        return value is None
+    if isinstance(shape, (dict, list)):
+        return isinstance(value, type(shape))
+    if isinstance(value, bool):
+        return shape is bool
+    return isinstance(value, (int, float) if shape is float else shape)
+
+
+def _shape_problem(value: Any, shape: Any, where: str = "") -> str | None:
+    """Why the entry ``where`` (``value``) does not have ``shape`` (as :data:`MODEL_DOCUMENT_SHAPE`
+    spells it); None when it has. The document itself is an object, checked before."""
+    if callable(shape) and not isinstance(shape, type):
+        shape = shape(value)
+    alternatives = shape if isinstance(shape, tuple) else (shape,)
+    matching = [option for option in alternatives if _has_type(value, option)]
+    if not matching:
+        return f"has {_json_name(value)} as {where!r}, where vad writes {' or '.join(map(_shape_name, alternatives))}"
+    shape = matching[0]
+    if isinstance(shape, dict):
+        for key, entry_shape in shape.items():
+            name = key.removesuffix("?")
+            path = f"{where}.{name}" if where else name
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return f"has no entry {path!r}"
+            problem = _shape_problem(value[name], entry_shape, path)
+            if problem:
+                return problem
+    if isinstance(shape, list):
+        if not value:
+            return f"has an empty list as {where!r}"
+        for index, item in enumerate(value):
+            problem = _shape_problem(item, shape[0], f"{where}[{index}]")
+            if problem:
+                return problem
+    return None
 
 
 def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

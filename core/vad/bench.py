@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vad import artifacts
+from vad import artifacts, runfolder
 from vad.config import DEFAULTS
 from vad.errors import VadError
 from vad.results import csv_table, markdown_table
@@ -107,11 +107,41 @@ def _dataset_categories(base: dict[str, Any]) -> list[str]:
     return create_dataset(config, registry).categories()
 
 
-def cell_config(base: dict[str, Any], cell: Cell, folder: Path) -> Any:
-    """The RunConfig of one cell."""
+def cell_config(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = None) -> Any:
+    """The RunConfig of one cell, with the grid's options for the components this cell uses
+    (a grid sets options for every detector it sweeps; each cell takes its own)."""
+    from vad.build import CORE_OPTION_GROUPS, used_components
     from vad.config import RunConfig
+    from vad.plugins import get_registry
 
-    return RunConfig(**{**base, "detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)})
+    registry = registry or get_registry()
+    config = RunConfig(**{**base, "detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)})
+    used = set(CORE_OPTION_GROUPS).union(*used_components(config, registry).values())
+    config.options = {group: values for group, values in config.options.items() if group in used or group.partition(":")[0] in used}
+    return config
+
+
+def check_cells(base: dict[str, Any], cells: list[Cell], output: Path, registry: Any = None) -> None:
+    """Every cell's names and the grid's options, checked before the first cell runs: a typo
+    in the grid fails the sweep at once, not after hours of cells."""
+    from vad.build import check_names, check_options
+    from vad.config import RunConfig
+    from vad.plugins import get_registry
+
+    registry = registry or get_registry()
+    problems = []
+    for cell in cells:
+        try:
+            config = cell_config(base, cell, output / "cells" / cell.id, registry)
+            check_names(config, registry)
+        except VadError as error:
+            problems.append(f"{cell.id}: {error}")
+    try:
+        check_options(RunConfig(**base), registry, used_only=False)
+    except VadError as error:
+        problems.append(f"options: {error}")
+    if problems:
+        raise VadError("the grid names what is not installed or allowed; nothing was run:\n  " + "\n  ".join(dict.fromkeys(problems)))
 
 
 def _flatten(metrics_json: dict[str, Any]) -> dict[str, Any]:
@@ -129,17 +159,16 @@ def run_cell(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = Non
     from vad.pipeline import run
 
     metrics_file = folder / "metrics.json"
-    if metrics_file.is_file():
+    if runfolder.is_complete(folder):
         try:
             return CellResult(cell, "cached", _flatten(json.loads(metrics_file.read_text(encoding="utf-8"))))
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: run the cell again
+    (folder / "error.txt").unlink(missing_ok=True)  # the last attempt's; this one writes its own
     try:
-        config = cell_config(base, cell, folder)
-        run(config, registry)
-        result = CellResult(cell, "done", _flatten(json.loads(metrics_file.read_text(encoding="utf-8"))))
-        (folder / "error.txt").unlink(missing_ok=True)
-        return result
+        config = cell_config(base, cell, folder, registry)
+        run(config, registry, overwrite=True)  # an unfinished or failed attempt is redone
+        return CellResult(cell, "done", _flatten(json.loads(metrics_file.read_text(encoding="utf-8"))))
     except KeyboardInterrupt:
         raise
     except Exception as error:  # one broken cell must not stop the sweep
@@ -205,10 +234,11 @@ def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tup
 
     base, cells = load_grid(grid)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     ids = [c.id for c in cells]
     if len(set(ids)) != len(ids):
         raise VadError("the grid has duplicate cells; list each detector, ensemble, backbone and category once")
+    check_cells(base, cells, output, registry)
+    output.mkdir(parents=True, exist_ok=True)
     results = []
     for number, cell in enumerate(cells, 1):
         info(f"[bench {number}/{len(cells)}] {cell.id}")

@@ -91,9 +91,36 @@ def backbone_specs(config: RunConfig, registry: Registry) -> list[str]:
 # --------------------------------------------------------------------------- options
 
 
-def check_options(config: RunConfig, registry: Registry) -> None:
+def used_components(config: RunConfig, registry: Registry) -> dict[str, set[str]]:
+    """``{kind: registered names}`` a run with ``config`` uses (augmentations are chosen inside
+    detectors' options, so every installed one counts as usable)."""
+    specs = backbone_specs(config, registry)
+    detectors = set(config.detectors) | {s[len(DETECTOR_SOURCE_PREFIX) :] for s in specs if s.startswith(DETECTOR_SOURCE_PREFIX)}
+    return {
+        "detectors": detectors,
+        "backbones": {_backbone_entry(s, registry)[0] for s in specs if not s.startswith(DETECTOR_SOURCE_PREFIX)},
+        "datasets": {config.dataset},
+        "ensemblers": {config.ensemble} if config.ensemble else set(),
+        "thresholds": {config.threshold},
+        "metrics": set(config.metrics or registry.entries("metrics")),
+        "augmentations": set(registry.entries("augmentations")),
+    }
+
+
+def check_names(config: RunConfig, registry: Registry) -> None:
+    """Every component ``config`` names is installed (an unknown name lists what is, with the
+    nearest match); checked before anything is built or written."""
+    for kind, names in used_components(config, registry).items():
+        for name in sorted(names):
+            registry.get(kind, name)
+
+
+def check_options(config: RunConfig, registry: Registry, *, used_only: bool = True) -> None:
     """Every ``--set NAME.KEY=VALUE`` names a registered component (or a core group) and a value
-    its declaration allows; checked before anything is built or written."""
+    its declaration allows, and (``used_only``) a component this run uses: an option for a
+    component the run does not use would silently do nothing. Checked before anything is built
+    or written."""
+    used = used_components(config, registry) if used_only else None
     for group, values in config.options.items():
         if group in CORE_OPTION_GROUPS:
             ReportOptions.parse(values, owner="report")
@@ -110,6 +137,17 @@ def check_options(config: RunConfig, registry: Registry) -> None:
             raise VadError(f"--set {group}.…: no installed plugin registers {group!r}{hint}; see `vad plugins` for what is installed")
         for cls in declarations:
             cls.Options.parse(values, owner=cls.describe_owner())
+        if used is not None and not any(group in names or _backbone_entry(group, registry)[0] in names for names in used.values()):
+            raise VadError(
+                f"--set {group}.…: this run does not use {group!r}, so the option would have no effect "
+                f"({_what_is_used(used)}); choose it for the run, or drop the option"
+            )
+
+
+def _what_is_used(used: dict[str, set[str]]) -> str:
+    """A short account of the components a run uses, for messages."""
+    kinds = ("detectors", "backbones", "ensemblers", "thresholds", "datasets")
+    return "; ".join(f"{kind}: {', '.join(sorted(used[kind]))}" for kind in kinds if used[kind])
 
 
 # --------------------------------------------------------------------------- from a configuration

@@ -16,7 +16,7 @@ import typer
 
 from vad import __version__, results_cli
 from vad.config import DEFAULTS
-from vad.errors import VadError
+from vad.errors import USER_ERROR, VadError
 from vad.plugins import KINDS, get_registry
 
 app = typer.Typer(
@@ -79,7 +79,8 @@ def run_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default 8)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default runs/<dataset>-<time>)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default runs/<dataset>-<time>, never shared); a folder holding a run is refused unless --overwrite or --resume."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output (complete or not); only vad run folders are ever replaced."),
     model: Optional[str] = typer.Option(None, "--model", help="Reuse a saved model folder (or a run folder) instead of fitting; it keeps the input geometry it was fitted with."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and list them, instead of stopping."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also write raw anomaly maps as float32 TIFF (MVTec evaluation layout)."),
@@ -132,16 +133,16 @@ def run_command(
         "report": False if no_report else None,
         "options": parse_set(set_option or []) or None,
     }
-    _run_and_print(load_config(str(config) if config else None, overrides))
+    _run_and_print(load_config(str(config) if config else None, overrides), overwrite=overwrite)
 
 
-def _run_and_print(config, resume: bool = False) -> None:
+def _run_and_print(config, resume: bool = False, overwrite: bool = False) -> None:
     """Run, print the results table; Ctrl-C says what is left and how to resume (exit 130)."""
     from vad.pipeline import RunInterrupted, run
     from vad.results import table_with_mean, to_markdown
 
     try:
-        folder, results = run(config, resume=resume)
+        folder, results = run(config, resume=resume, overwrite=overwrite)
     except RunInterrupted as interrupted:
         typer.secho(str(interrupted), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from interrupted
@@ -293,6 +294,8 @@ def _register_plugin_commands() -> None:
 
 
 _commands_registered = False
+#: Click's UsageError (vendored by newer typer, imported by older): the base of the BadParameter typer exports.
+UsageError = typer.BadParameter.__base__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,10 +305,22 @@ def main(argv: list[str] | None = None) -> None:
         _register_plugin_commands()
         _commands_registered = True
     try:
-        app(args=argv, prog_name="vad")
+        code = app(args=argv, prog_name="vad", standalone_mode=False)
+    except UsageError as error:  # a malformed command line: one line and the help to read
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+        typer.secho(f"error: {error.format_message()}{hint}", fg=typer.colors.RED, err=True)
+        sys.exit(USER_ERROR)
+    except typer.Abort:  # Ctrl-C outside a run
+        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)
     except VadError as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR)
+    except OSError as error:  # the file system said no: permissions, a full disk, a path that vanished
+        where = f": {error.filename}" if error.filename else ""
+        typer.secho(f"error: {error.strerror or error}{where}", fg=typer.colors.RED, err=True)
+        sys.exit(USER_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

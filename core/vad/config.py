@@ -119,7 +119,15 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
         name, dot, option_name = key.rpartition(".")
         if not sep or not dot or not name or not option_name:
             raise VadError(f"--set expects NAME.KEY=VALUE (e.g. {DEFAULTS['detector']}.seed=1), got {assignment!r}")
-        options.setdefault(name, {})[option_name] = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise VadError(
+                f"--set {key}: the value {raw!r} is not valid YAML ({problem}); quote strings and close brackets, "
+                f"e.g. --set '{key}=[1, 2]'"
+            ) from error
+        options.setdefault(name, {})[option_name] = value
     return options
 
 

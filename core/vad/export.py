@@ -1,13 +1,17 @@
 """``vad export``: a saved model as one ONNX graph.
 
-Inside the graph (input ``images``: float32 ``[B, 3, H, W]``, RGB in [0, 1], at the fixed input
-size chosen at export, by default the model's working size: the network's own input size, or
-the one its input geometry (:mod:`vad.geometry`) sets; the batch axis is dynamic):
+Input ``images``: float32 ``[B, 3, H, W]``, RGB in [0, 1] (the decoded 8-bit image divided by
+255, channels first) and nothing else done to it. Batch, height and width are dynamic: images of
+any size go in as they are (one size per batch) and the graph resizes them exactly as vad does;
+``--input-size H,W`` pins one size instead (static shapes, for runtimes that need them). Inside
+the graph:
 
-1. resize to the working size exactly as :func:`vad.preprocess.to_batch` does (antialiased
-   bilinear etc.). ONNX's Resize has no antialiasing that matches torch, so the resize is
-   exported as two constant matrices (rows then columns), which is the same linear operator;
-   centre crop; clamp to [0, 1]; normalise with the backbone's mean and std;
+1. resize to the working size (the network's own input size, or the one its input geometry,
+   :mod:`vad.geometry`, sets) exactly as :func:`vad.preprocess.to_batch` does (antialiased
+   bilinear etc.). torch's antialiased interpolation has no ONNX export and ONNX's Resize does
+   not match it, so the resize is two matrix products, rows then columns, with matrices the graph
+   builds from the input's height and width (:func:`resize_operator`); centre crop; clamp to
+   [0, 1]; normalise with the backbone's mean and std;
 2. with tiles: the tiles cut by static slices (:meth:`vad.geometry.TileLayout.cut`);
 3. the feature source (backbone layers + aggregation, or a feature-level ensemble with its
    fitted PCA) traced as is;
@@ -20,9 +24,11 @@ the one its input geometry (:mod:`vad.geometry`) sets; the batch axis is dynamic
    Gaussian blur (sigma from the model).
 
 Outputs: ``scores`` ``[B]`` (raw, compare with ``image_threshold``) and ``maps`` ``[B, h, w]`` at
-the working size (the cropped window with a centre crop). Left outside: decoding,
-the resize of the maps back to each image's original size, and the thresholds, which are
-stored in the ONNX metadata and in the ``<file>.json`` written next to it.
+the working size (the cropped window with a centre crop). Left outside: decoding, the resize of
+the maps back to each image's original size, and the thresholds, which are stored in the ONNX
+metadata and in the ``<file>.json`` written next to it, with the exact preprocessing. With
+``--keep-aspect`` vad refuses images of another aspect ratio; the graph cannot refuse, it
+resizes them too (the description says which ratio the model expects).
 Not exportable: score-level ensembles of several detectors, and heads whose
 ``export_module()`` returns None.
 """
@@ -52,24 +58,67 @@ def require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def resize_matrix(size_in: int, size_out: int, interpolation: str):
-    """The ``[size_out, size_in]`` matrix of :func:`vad.preprocess.resize_batch` along one axis.
+def _resize_mode(interpolation: str) -> str:
+    """The ``F.interpolate`` mode :func:`vad.preprocess.resize_batch` uses for ``interpolation``."""
+    from vad.preprocess import _MODES
 
-    Resizing is linear and separable, so resizing the identity gives the operator itself.
+    return _MODES.get(interpolation, "bilinear")
+
+
+def _triangle(distance):
+    """PIL's (and torch's antialiased) bilinear filter at ``|distance|``."""
+    return (1.0 - distance).clamp(min=0.0)
+
+
+def _keys_cubic(distance):
+    """PIL's (and torch's antialiased) bicubic filter at ``|distance|``: Keys' cubic, a = -0.5."""
+    import torch
+
+    a = -0.5
+    inner = ((a + 2.0) * distance - (a + 3.0)) * distance * distance + 1.0
+    outer = (((distance - 5.0) * distance + 8.0) * distance - 4.0) * a
+    return torch.where(distance < 1.0, inner, torch.where(distance < 2.0, outer, torch.zeros_like(distance)))
+
+
+def resize_operator(length, size_out: int, interpolation: str):
+    """The ``[size_out, length]`` float32 matrix of :func:`vad.preprocess.resize_batch` along an
+    axis of ``length`` samples (an int, or a traced size: the matrix is built from tensor
+    operations only, so the graph builds it for each input's own size).
+
+    It follows torch's kernels: antialiased bilinear and bicubic (the filter widened by the
+    shrink factor when shrinking, weights normalised over the samples inside the axis), legacy
+    nearest (``floor(i * length / size_out)``), and area (adaptive average pooling).
     """
     import torch
 
-    from vad.preprocess import resize_batch
+    mode = _resize_mode(interpolation)
+    samples = torch.arange(length, dtype=torch.float32)
+    count = torch.ones_like(samples).sum()  # ``length`` as a tensor, so a trace keeps it dynamic
+    outputs = torch.arange(size_out, dtype=torch.float32)
+    if mode == "nearest":
+        source = torch.minimum(torch.floor(outputs * (count / size_out)), count - 1)
+        return (samples[None, :] == source[:, None]).float()
+    if mode == "area":
+        start, end = torch.floor(outputs * count / size_out), torch.ceil((outputs + 1) * count / size_out)
+        inside = (samples[None, :] >= start[:, None]) & (samples[None, :] < end[:, None])
+        return inside.float() / (end - start)[:, None]
+    scale = count / size_out
+    distance = (samples[None, :] + 0.5 - scale * (outputs[:, None] + 0.5)) / torch.clamp(scale, min=1.0)
+    weights = (_keys_cubic if mode == "bicubic" else _triangle)(distance.abs())
+    return weights / weights.sum(dim=1, keepdim=True)
 
-    # size_in images of [size_in, 2]: image k is the k-th unit vector along the axis. (Width 2,
-    # not 1: torch's antialiased kernels mis-handle width-1 inputs; the width is kept as is.)
-    identity = torch.eye(size_in)[:, None, :, None].expand(-1, -1, -1, 2).contiguous()
-    resized = resize_batch(identity, (size_out, 2), interpolation)  # [size_in, 1, size_out, 2]
-    return resized[:, 0, :, 0].T.contiguous()
+
+def _resize_statement(preprocessing: Any) -> str:
+    """The exact resize vad applies, for the description: to what size, with which call."""
+    mode = _resize_mode(preprocessing.interpolation)
+    resized = preprocessing.resize or preprocessing.size
+    arguments = f"mode={mode!r}" + (", align_corners=False, antialias=True" if mode in ("bilinear", "bicubic") else "")
+    return f"resize to {resized[0]}x{resized[1]} as torch.nn.functional.interpolate({arguments}) does"
 
 
-def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
-    """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel`."""
+def build_export_module(model: Any):
+    """The traceable ``torch.nn.Module`` for a loaded :class:`vad.model.AnomalyModel` (inputs of
+    any size)."""
     import torch
 
     from vad.contracts import Prediction
@@ -88,13 +137,10 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
             f"detector {member.detector_name!r} cannot be exported to ONNX: its export_module() returns None "
             "(the head is not a traceable torch module)"
         )
-    geometry = model.geometry
     preprocessing = model.input_preprocessing(member)
-    layout = geometry.layout()
+    layout = model.geometry.layout()
     source = member.source
     resized = tuple(preprocessing.resize or preprocessing.size)
-    input_size = tuple(input_size or resized)
-    geometry.check_image(input_size, f"the export input size {input_size}")
 
     class ExportGraph(torch.nn.Module):
         """Preprocessing + feature source + head + upsample/blur, for tracing."""
@@ -102,15 +148,13 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
         def __init__(self) -> None:
             super().__init__()
             self.head = head
-            self.register_buffer("rows", resize_matrix(input_size[0], resized[0], preprocessing.interpolation))
-            self.register_buffer("cols", resize_matrix(input_size[1], resized[1], preprocessing.interpolation))
             self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
 
         def forward(self, images: torch.Tensor):
-            x = images
-            if tuple(input_size) != resized:
-                x = torch.matmul(torch.matmul(self.rows, x), self.cols.T)
+            rows = resize_operator(images.shape[-2], resized[0], preprocessing.interpolation)
+            cols = resize_operator(images.shape[-1], resized[1], preprocessing.interpolation)
+            x = torch.matmul(torch.matmul(rows, images), cols.T)
             if preprocessing.crop:
                 top, left = (resized[0] - preprocessing.size[0]) // 2, (resized[1] - preprocessing.size[1]) // 2
                 x = x[:, :, top : top + preprocessing.size[0], left : left + preprocessing.size[1]]
@@ -125,11 +169,14 @@ def build_export_module(model: Any, input_size: tuple[int, int] | None = None):
             maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
             return scores.float(), maps
 
-    return ExportGraph().eval(), input_size
+    return ExportGraph().eval()
 
 
 def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | None = None, metadata: dict[str, Any] | None = None, opset: int = OPSET) -> dict[str, Any]:
-    """Trace and write ``output`` (atomically) plus ``output.json``; returns the description."""
+    """Trace and write ``output`` (atomically) plus ``output.json``; returns the description.
+
+    The graph takes images of any height and width, or of ``input_size`` only when given.
+    """
     import io
     import json
     import warnings
@@ -140,46 +187,26 @@ def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | No
 
     onnx, _ = require_onnx()
     model.to(torch.device("cpu"))
-    module, input_size = build_export_module(model, input_size)
-    example = torch.rand(2, 3, *input_size)
+    module = build_export_module(model)
+    member = model.members[0]
+    preprocessing = model.input_preprocessing(member)
+    resized = tuple(preprocessing.resize or preprocessing.size)
+    if input_size is not None:
+        model.geometry.check_image(input_size, f"the export input size {input_size}")
+    axes = {0: "batch"} if input_size is not None else {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
         try:
             torch.onnx.export(
-                module, (example,), buffer, dynamo=False, opset_version=opset,
+                module, (torch.rand(2, 3, *(input_size or resized)),), buffer, dynamo=False, opset_version=opset,
                 input_names=["images"], output_names=["scores", "maps"],
-                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}, "maps": {0: "batch"}},
+                dynamic_axes={"images": axes, "scores": {0: "batch"}, "maps": {0: "batch"}},
             )
         except Exception as error:  # the tracer raises many types; say which part failed
             raise VadError(f"ONNX export failed while tracing the model: {type(error).__name__}: {error}") from error
-    member = model.members[0]
-    preprocessing = model.input_preprocessing(member)
-    layout = model.geometry.layout()
-    tiling = None if layout is None else f"{layout.count} tiles of {layout.tile} px, stride {layout.stride}"
-    description = {
-        "input": {"name": "images", "shape": ["batch", 3, *input_size], "dtype": "float32", "range": "RGB in [0, 1]"},
-        "outputs": {
-            "scores": "raw anomaly score per image; anomalous when >= image_threshold"
-            + ("" if layout is None else " (the maximum of the stitched map)"),
-            "maps": f"anomaly map per image at {list(preprocessing.size)} (resize it to the original image size)",
-        },
-        "inside_graph": [
-            "resize to the working size", "centre crop" if preprocessing.crop else None, "normalisation",
-            None if tiling is None else f"tiling: {tiling}", "feature source", "detector head",
-            None if tiling is None else "stitching (blended tile maps) and the score as its maximum",
-            "bilinear upsampling" if layout is None else None, f"Gaussian blur sigma {model.sigma}",
-        ],
-        "outside_graph": ["image decoding", "resize of the maps to each image's original size", "thresholding"],
-        "image_threshold": model.image_threshold,
-        "pixel_threshold": model.pixel_threshold,
-        "preprocessing": preprocessing.to_dict(),
-        "geometry": model.geometry.to_dict(),
-        "detector": member.detector_name,
-        "opset": opset,
-        **(metadata or {}),
-    }
-    description["inside_graph"] = [step for step in description["inside_graph"] if step]
+    description = describe_graph(model, input_size, opset)
+    description.update(metadata or {})
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in {"vad": json.dumps(description, default=str), "image_threshold": str(model.image_threshold), "pixel_threshold": str(model.pixel_threshold)}.items():
         entry = proto.metadata_props.add()
@@ -190,23 +217,97 @@ def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | No
     return description
 
 
-def check_parity(model: Any, onnx_file: str | Path, images: list[Any], input_size: tuple[int, int]) -> float:
-    """Largest absolute score difference between onnxruntime and the torch model on ``images``.
+def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -> dict[str, Any]:
+    """What the graph of :func:`export_onnx` expects, does and leaves to the caller: the ONNX
+    metadata and ``<file>.json``, exact enough to use the graph without reading vad's code."""
+    member = model.members[0]
+    preprocessing = model.input_preprocessing(member)
+    geometry = model.geometry
+    layout = geometry.layout()
+    size, resized = tuple(preprocessing.size), tuple(preprocessing.resize or preprocessing.size)
+    tiling = None if layout is None else f"{layout.count} tiles of {layout.tile} px, stride {layout.stride}"
+    crop = f"centre crop to {size[0]}x{size[1]}" if preprocessing.crop else None
+    steps = [
+        _resize_statement(preprocessing), crop,
+        f"clamp to [0, 1], then (x - mean) / std with mean {list(preprocessing.mean)} and std {list(preprocessing.std)} (R, G, B)",
+        None if tiling is None else f"tiling: {tiling}", "feature source", "detector head",
+        None if tiling is None else "stitching (blended tile maps) and the score as its maximum",
+        "bilinear upsampling" if layout is None else None, f"Gaussian blur sigma {model.sigma}",
+    ]
+    map_resize = "resize of the maps to each image's original size: vad uses torch.nn.functional.interpolate(mode='bilinear', align_corners=False), no antialiasing"
+    if preprocessing.crop:
+        map_resize += f" (the maps cover the central {size[0]}x{size[1]} window of the image resized to {resized[0]}x{resized[1]}; vad fills the rest with the map's minimum)"
+    description: dict[str, Any] = {
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, "height", "width"] if input_size is None else ["batch", 3, *input_size],
+            "dtype": "float32",
+            "range": "RGB in [0, 1]: the decoded 8-bit image divided by 255, channels first (R, G, B); nothing else done to it",
+            "sizes": (
+                f"any height and width, one size per batch: the graph resizes to {resized[0]}x{resized[1]} itself"
+                if input_size is None else f"{input_size[0]}x{input_size[1]} only (pinned at export); the graph resizes to {resized[0]}x{resized[1]} itself"
+            ),
+        },
+        "outputs": {
+            "scores": "raw anomaly score per image; anomalous when >= image_threshold"
+            + ("" if layout is None else " (the maximum of the stitched map)"),
+            "maps": f"anomaly map per image at {list(size)} (resize it to the original image size)",
+        },
+        "inside_graph": [step for step in steps if step],
+        "outside_graph": ["image decoding to RGB and division by 255", map_resize, "thresholding: score >= image_threshold, map >= pixel_threshold"],
+        "image_threshold": model.image_threshold,
+        "pixel_threshold": model.pixel_threshold,
+        "preprocessing": preprocessing.to_dict(),
+        "geometry": geometry.to_dict(),
+        "detector": member.detector_name,
+        "opset": opset,
+    }
+    if geometry.keep_aspect:
+        fit = geometry.fit_size
+        description["input"]["aspect_ratio"] = (
+            f"the training images' ({fit[0]}x{fit[1]}): vad refuses images whose aspect ratio gives another working size "
+            f"than {size[0]}x{size[1]}; the graph resizes every image, so check the ratio before"
+        )
+    return description
 
-    ``images`` are RGB uint8 arrays of exactly ``input_size``; the torch side runs the model's
-    own prediction path on them.
-    """
+
+def parity_images(model: Any, input_size: tuple[int, int] | None = None, seed: int = 0) -> list[Any]:
+    """Random RGB uint8 images for :func:`check_parity`: two of ``input_size`` for a graph pinned
+    to it; else one at the size the graph resizes to, one larger and one smaller (odd sizes, so
+    both resize directions and uneven scales are checked), of the sizes the model's geometry accepts."""
+    import numpy as np
+
+    preprocessing = model.input_preprocessing(model.members[0])
+    height, width = preprocessing.resize or preprocessing.size
+    sizes = [input_size] * 2 if input_size else [(height, width), (height * 3 // 2 + 1, width * 3 // 2 + 1), (height * 2 // 3 + 1, width * 2 // 3 + 1)]
+    rng = np.random.default_rng(seed)
+    images = []
+    for size in sizes:
+        try:
+            model.geometry.check_image(size)
+        except VadError:
+            continue
+        images.append(rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8))
+    return images
+
+
+def check_parity(model: Any, onnx_file: str | Path, images: list[Any]) -> float:
+    """Largest absolute score difference between onnxruntime and the torch model on ``images``
+    (RGB uint8 arrays of any sizes): the graph gets each image as its description says (divided
+    by 255, channels first), the torch side runs the model's own prediction path."""
     import numpy as np
 
     from vad.contracts import Sample
 
     _, onnxruntime = require_onnx()
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    batch = np.stack([image.astype(np.float32) / 255.0 for image in images]).transpose(0, 3, 1, 2)
-    onnx_scores, _ = session.run(None, {"images": np.ascontiguousarray(batch)})
+    onnx_scores = np.array([
+        session.run(["scores"], {"images": np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)})[0][0]
+        for image in images
+    ], dtype=np.float64)
     samples = [
         Sample(path=f"parity-{i}", label=0, category="export", split="test", image_loader=lambda image=image: image)
         for i, image in enumerate(images)
     ]
     torch_scores = np.array([o.score for o in model.predict(samples, description="parity check")])
-    return float(np.max(np.abs(torch_scores - onnx_scores.astype(np.float64))))
+    return float(np.max(np.abs(torch_scores - onnx_scores)))

@@ -25,7 +25,8 @@ import torch
 
 from vad import artifacts
 from vad.contracts import Detector, FeatureSource, Prediction, Preprocessing, Sample, ScoreEnsembler, Threshold
-from vad.errors import VadError
+from vad.errors import DamagedModelError, UnknownNameError, VadError
+from vad.options import OptionError
 from vad.geometry import Geometry
 from vad.images import BadImageError
 from vad.plugins import Registry
@@ -295,14 +296,15 @@ class AnomalyModel:
         if not train:
             raise VadError("the training set is empty: a detector needs normal training images")
         self._resolve_geometry(train)
-        if self.ensembler is None and (self.threshold is None or not self.threshold.needs_validation):
+        if not self.needs_calibration:
             self._fit_members(self.members, [*train, *validation])  # nothing to calibrate: every image trains
             self.calibration = {"method": "none", "scores": 0}
             if self.threshold is not None:
                 empty = np.zeros(0)
                 self.image_threshold = self.pixel_threshold = float(self.threshold.fit(empty, empty.astype(np.int64)))
             return
-        method = self.resolve_calibration(bool(validation))
+        self.check_calibration(len(train), len(validation))
+        method = self.resolve_calibration(bool(validation), len(train))
         if method == "hold-out" and not validation:
             train, validation = split_hold_out(train, self.holdout_fraction, self.seed)
         start = time.perf_counter()
@@ -330,9 +332,35 @@ class AnomalyModel:
                 info(f"input geometry: {self.geometry.describe()}")
                 return
 
-    def resolve_calibration(self, has_validation: bool) -> str:
+    @property
+    def needs_calibration(self) -> bool:
+        """True when thresholds or a score ensemble need normal scores the detectors have not seen."""
+        return self.ensembler is not None or (self.threshold is not None and self.threshold.needs_validation)
+
+    def check_calibration(self, train_count: int, validation_count: int) -> None:
+        """A clear error, before anything is fitted, when the calibration cannot get scores the
+        detectors have not seen from ``train_count`` training (and ``validation_count``
+        validation) images; what to do instead."""
+        if not self.needs_calibration or validation_count:
+            return
+        method = self.resolve_calibration(False, train_count)
+        needed = self.folds if method == "cross-fit" else 2
+        if train_count >= needed:
+            return
+        what = f"the score ensemble {self.ensembler_name!r}" if self.ensembler is not None else f"the {self.threshold_name!r} threshold"
+        instead = (
+            "" if self.ensembler is not None
+            else "; or use a fixed threshold, which needs no calibration: --threshold manual --set manual.value=SCORE"
+        )
+        raise VadError(
+            f"{train_count} training image(s): calibrating {what} needs normal scores the detector has not seen, "
+            f"and {method} calibration needs at least {needed} training images. Add normal training images{instead}"
+        )
+
+    def resolve_calibration(self, has_validation: bool, train_count: int | None = None) -> str:
         """The calibration method ``auto`` stands for with these members (module docstring of
-        :mod:`vad.calibration`); checks that an explicit one is possible.
+        :mod:`vad.calibration`); checks that an explicit one is possible. ``auto`` cross-fits
+        only with at least ``folds`` training images (else it holds images out).
 
         With tiles, the detectors' training "images" are tiles and leave-one-out leaves one
         tile out. Overlapping tiles share pixels, so a tile left out would still be seen through
@@ -359,7 +387,8 @@ class AnomalyModel:
         if every_left_out and not overlapping:
             return "leave-one-out"
         single_pass = all(m.detector.training_passes == 1 and (m.source is None or not m.source.requires_fit) for m in self.members)
-        return "cross-fit" if single_pass else "hold-out"
+        enough_for_folds = train_count is None or train_count >= self.folds
+        return "cross-fit" if single_pass and enough_for_folds else "hold-out"
 
     def _fit_members(self, members: Sequence[Member], train: Sequence[Sample]) -> None:
         for index, member in enumerate(members):
@@ -538,4 +567,12 @@ class AnomalyModel:
         from vad.build import model_from_document
 
         document, tensors = artifacts.read_model_folder(folder)
-        return model_from_document(document, tensors, registry).to(torch.device(device))
+        try:
+            model = model_from_document(document, tensors, registry)
+        except UnknownNameError:
+            raise  # a plugin that is not installed: the folder is fine
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OptionError) as error:
+            raise DamagedModelError(
+                folder, f"{artifacts.MODEL_JSON} / {artifacts.TENSORS_FILE}", f"do not hold what its components need ({type(error).__name__}: {error})"
+            ) from error
+        return model.to(torch.device(device))

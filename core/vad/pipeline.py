@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from vad import artifacts
+from vad import artifacts, runfolder
 from vad.config import RunConfig
-from vad.build import backbone_specs, build_model, check_options, create_dataset
+from vad.build import backbone_specs, build_model, check_names, check_options, create_dataset
+from vad.datacheck import check_splits
 from vad.calibration import false_alarm_warning, false_alarms_on
 from vad.contracts import DataSplits, Dataset, EvaluationData, Metric
 from vad.errors import VadError
@@ -117,21 +118,18 @@ def _saved_model_folder(config: RunConfig, category: str) -> Path:
     raise VadError(f"--model {root}: no model.json there nor in {candidate}")
 
 
-def check_saved_geometry(config: RunConfig, categories: list[str]) -> None:
-    """``--model`` keeps the input geometry the model was fitted with: geometry options given
-    with it must ask for the same (or be left out), else a clear error before anything is written."""
-    import json
-
+def check_saved_models(config: RunConfig, categories: list[str]) -> None:
+    """``--model``: every category has a readable saved model (:func:`vad.artifacts.read_model_document`),
+    and geometry options given with it ask for the geometry it was fitted with (or are left out);
+    checked before anything is written."""
     from vad.geometry import Geometry
 
-    if not config.sets_geometry:
-        return
-    requested = config.geometry()
+    requested = config.geometry() if config.sets_geometry else None
     for category in categories:
         folder = _saved_model_folder(config, category)
-        document = json.loads((folder / artifacts.MODEL_JSON).read_text(encoding="utf-8"))
+        document = artifacts.read_model_document(folder)
         saved = Geometry.from_dict(document.get("geometry"))
-        if not saved.same_choices(requested):
+        if requested is not None and not saved.same_choices(requested):
             raise VadError(
                 f"--model {folder} was fitted with the input geometry '{saved.describe()}', but this run asks for "
                 f"'{requested.describe()}': a saved model is used with the geometry it was fitted with; drop "
@@ -194,8 +192,15 @@ def run_category(
 CHECKPOINTS_DIR = "checkpoints"
 
 
-def run(config: RunConfig, registry: Registry | None = None, resume: bool = False) -> tuple[Path, list[CategoryResult]]:
+def run(
+    config: RunConfig, registry: Registry | None = None, resume: bool = False, overwrite: bool = False
+) -> tuple[Path, list[CategoryResult]]:
     """Run every chosen category; returns the run folder and the results.
+
+    Everything that can be checked is checked before the run folder is touched: names, options,
+    the composed model, the data set's layout and every image and mask (:mod:`vad.datacheck`).
+    The folder is then claimed (:mod:`vad.runfolder`: locked, refused when it holds a run
+    unless ``overwrite`` or ``resume``) and marked complete only after its last file.
 
     With ``resume`` (``config.output`` an earlier run's folder): categories whose model was
     saved are evaluated with it, an interrupted training continues from its last checkpoint,
@@ -205,30 +210,52 @@ def run(config: RunConfig, registry: Registry | None = None, resume: bool = Fals
 
     registry = registry or get_registry()
     registry.check()
+    check_names(config, registry)
     check_options(config, registry)
     dataset = create_dataset(config, registry)
     categories = config.categories or dataset.categories()
     if not categories:
         raise VadError(f"data set {config.dataset!r} has no categories under {config.root}")
-    # Compose the first model before anything is written: a bad device, name or option fails
-    # here and leaves no half-made run folder behind.
     resolve_device(config.device)
     seed_everything(config.seed)
     if config.model:
-        check_saved_geometry(config, categories)
+        check_saved_models(config, categories)
     first_model = None if config.model else build_model(config, registry)
     if first_model is not None and any(member.source is not None for member in first_model.members):
         config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
-    folder = Path(config.output) if config.output else default_output(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.output = str(folder)
-    artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    info(f"run folder: {folder}")
-    try:
-        results = _run_categories(config, dataset, categories, folder, registry, first_model, resume)
-    except KeyboardInterrupt as interrupt:
-        raise RunInterrupted(folder) from interrupt
-    return _finish(config, dataset, folder, results)
+    checked = {category: _checked_splits(dataset, category, config, first_model) for category in categories}
+    splits = {category: pair[0] for category, pair in checked.items()}
+    output = Path(config.output) if config.output else None
+    with runfolder.claim(output, default_output(config), overwrite=overwrite, resume=resume) as claimed:
+        folder = claimed.path
+        config.output = str(folder)
+        artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        info(f"run folder: {folder}")
+        try:
+            results = _run_categories(config, splits, folder, registry, first_model, resume)
+        except KeyboardInterrupt as interrupt:
+            raise RunInterrupted(folder) from interrupt
+        _finish(config, folder, results, {category: pair[1] for category, pair in checked.items() if pair[1]})
+        claimed.finish()
+    return folder, results
+
+
+def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: AnomalyModel | None) -> tuple[DataSplits, list[tuple[str, str]]]:
+    """One category's samples, every image and mask decoded once (:mod:`vad.datacheck`), and
+    the files left out with ``--skip-bad`` (``(path, reason)``: by the data set's header check
+    or by decoding; each is listed on the terminal). A model to fit must be able to calibrate
+    its thresholds with the images left."""
+    known = len(getattr(dataset, "skipped", []))
+    splits = dataset.load(category)
+    skipped = [tuple(item) for item in getattr(dataset, "skipped", [])[known:]]
+    if skipped:
+        warn(f"[{category}] --skip-bad: left out {len(skipped)} unreadable file(s): " + "; ".join(f"{p} ({r})" for p, r in skipped))
+    splits, bad = check_splits(splits, config.skip_bad)
+    if not splits.train and not config.model:
+        raise VadError(f"[{category}] no usable training images are left: a detector needs normal training images")
+    if model is not None:
+        model.check_calibration(len(splits.train), len(splits.validation))
+    return splits, [*skipped, *((b.path, b.reason) for b in bad)]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -242,26 +269,25 @@ class RunInterrupted(KeyboardInterrupt):
         )
 
 
-def _run_categories(config: RunConfig, dataset: Dataset, categories: list[str], folder: Path, registry: Registry, first_model: AnomalyModel | None, resume: bool) -> list[CategoryResult]:
+def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Path, registry: Registry, first_model: AnomalyModel | None, resume: bool) -> list[CategoryResult]:
     results = []
-    for category in categories:
-        splits = dataset.load(category)
-        info(f"[{category}] {len(splits.train)} train, {len(splits.validation)} validation, {len(splits.test)} test images")
+    for category, category_splits in splits.items():
+        info(f"[{category}] {len(category_splits.train)} train, {len(category_splits.validation)} validation, {len(category_splits.test)} test images")
         saved = folder / category / "model"
         if resume and not config.model and (saved / artifacts.MODEL_JSON).is_file():
             info(f"[{category}] --resume: the model was saved before, evaluating it")
-            results.append(run_category(dataclasses.replace(config, model=str(saved)), splits, folder, registry))
+            results.append(run_category(dataclasses.replace(config, model=str(saved)), category_splits, folder, registry))
         else:
             checkpoints = folder / category / CHECKPOINTS_DIR
             with session(checkpoints, resume=resume, every_minutes=config.checkpoint_minutes):
-                results.append(run_category(config, splits, folder, registry, first_model))
+                results.append(run_category(config, category_splits, folder, registry, first_model))
             shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
         first_model = None
     return results
 
 
-def _finish(config: RunConfig, dataset: Dataset, folder: Path, results: list[CategoryResult]) -> tuple[Path, list[CategoryResult]]:
-    """The run's tables, ``metrics.json`` and report."""
+def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skipped_files: dict[str, list[tuple[str, str]]]) -> None:
+    """The run's tables, ``metrics.json`` (with the files ``--skip-bad`` left out) and report."""
     per_category = {r.category: {**r.metrics, **{k: v for k, v in r.timings.items() if k != "predict_s"}} for r in results}
     write_results_table(folder, per_category)
     columns, rows = table_with_mean(per_category)
@@ -274,11 +300,10 @@ def _finish(config: RunConfig, dataset: Dataset, folder: Path, results: list[Cat
             "thresholds": {r.category: r.thresholds for r in results},
             "calibration": {r.category: r.calibration for r in results},
             "timings": {r.category: r.timings for r in results},
-            "dataset_skipped_files": [list(item) for item in getattr(dataset, "skipped", [])],
+            "skipped_files": {category: [list(item) for item in items] for category, items in skipped_files.items()},
         },
     )
     if config.report:
         from vad.report import write_run_report
 
         write_run_report(folder, results, config)
-    return folder, results

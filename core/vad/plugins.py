@@ -65,6 +65,10 @@ class PluginInfo:
             "error": self.error,
         }
 
+    def failure(self) -> str:
+        """One line saying that this plugin failed to load and why."""
+        return f"plugin {self.name!r} (distribution {self.distribution}) failed to load: {self.error}"
+
 
 @dataclass
 class Entry:
@@ -211,7 +215,7 @@ class Registry:
         if (kind, name) in self._conflicts:
             raise _conflict_error(kind, name, self._conflicts[(kind, name)])
         if name not in table:
-            raise UnknownNameError(_SINGULAR[kind], name, table)
+            raise UnknownNameError(_SINGULAR[kind], name, table, failed_plugins=[info.failure() for info in self.failures])
         return table[name]
 
     def load_class(self, kind: str, name: str) -> Any:

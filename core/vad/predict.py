@@ -5,8 +5,13 @@ For each image: the raw score, the decision at the model's stored image threshol
 maximum and, with ``--overlays DIR``, a PNG strip image | anomaly map | predicted mask at the
 stored pixel threshold (colour scale: see :mod:`vad.report`; here from each image's own
 minimum to twice the threshold minus it, so red always means "above the threshold").
-Records go out as JSON lines (default) or CSV. Unreadable images are reported and skipped;
-the call fails only when no image at all could be scored.
+Records go out as JSON lines (default) or CSV, one per image in input order, then one per input
+that matched nothing. An input that could not be scored (unreadable file, an image the model's
+geometry refuses, an input that matched nothing) keeps its row, with an ``error`` message and
+empty score and decision, and the command exits with code 3 (:data:`vad.errors.SOME_FAILED`);
+it fails (exit code 2) only when no image at all could be scored. A model without a stored
+threshold scores but leaves decisions (or the overlays' masks) empty, with a warning saying how
+to get one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 from vad.errors import VadError
 from vad.images import IMAGE_EXTENSIONS
 
-FIELDS = ["path", "score", "anomalous", "image_threshold", "map_max", "overlay"]
+FIELDS = ["path", "score", "anomalous", "image_threshold", "map_max", "overlay", "error"]
 FORMATS = ("jsonl", "csv")
 
 
@@ -64,11 +69,35 @@ def make_samples(paths: Iterable[str]) -> list[Any]:
 
 @dataclass
 class PredictResult:
-    """What ``predict_images`` produced."""
+    """What ``predict_images`` produced: one record per image and per input that matched nothing."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        """The records of inputs that could not be scored (an ``error`` message, no score)."""
+        return [record for record in self.records if record["error"] is not None]
+
+
+def threshold_warnings(model: Any, folder: str | Path, overlays: bool) -> list[str]:
+    """One warning per threshold ``model`` lacks: the image threshold (decisions are left empty)
+    and, with ``overlays`` of a model with maps, the pixel threshold (the predicted-mask panels
+    are left empty); each says how to get one (thresholds are fitted by ``vad run`` and stored in
+    ``model.json``; a score at or above one counts as anomalous)."""
+    from vad.artifacts import MODEL_JSON
+
+    document = Path(folder) / MODEL_JSON
+    missing = [("image", model.image_threshold, "every decision ('anomalous') is left empty")]
+    if overlays and model.produces_maps:
+        missing.append(("pixel", model.pixel_threshold, "the overlays' predicted-mask panels are left empty"))
+    return [
+        f"the model has no {level} threshold (threshold.{level} in {document} is null or missing), so {consequence}; "
+        f"to get one, fit the model again with a threshold rule (`vad run ... --threshold conformal`, or "
+        f"`--threshold manual --set manual.value=V` for a fixed score), or write a number into threshold.{level} "
+        f"of {document} (scores at or above it count as anomalous)"
+        for level, value, consequence in missing
+        if value is None
+    ]
 
 
 def _overlay_name(path: str, used: set[str]) -> str:
@@ -83,25 +112,50 @@ def _overlay_name(path: str, used: set[str]) -> str:
     return name
 
 
+def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
+    """``{path: reason}`` for the images that cannot be scored as far as their file headers tell:
+    an unreadable header, or a size the model's geometry refuses (``--keep-aspect``: another
+    aspect ratio), which would stop the whole call if found while scoring a batch."""
+    from vad.images import image_size
+
+    refused = {}
+    for path in paths:
+        try:
+            model.geometry.check_image(image_size(path), path)
+        except VadError as error:
+            refused[path] = str(error)
+    return refused
+
+
+def _failure(path: str, error: str, model: Any) -> dict[str, Any]:
+    """The record of an input that could not be scored."""
+    return {"path": path, "score": None, "anomalous": None, "image_threshold": model.image_threshold, "map_max": None, "overlay": None, "error": error}
+
+
 def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | None = None) -> PredictResult:
-    """Score the images named by ``inputs`` with a loaded :class:`vad.model.AnomalyModel`."""
+    """Score the images named by ``inputs`` with a loaded :class:`vad.model.AnomalyModel`.
+
+    Inputs that cannot be scored get a record with an ``error``; a :class:`VadError` when no
+    image at all could be scored.
+    """
     import numpy as np
 
     from vad import artifacts
     from vad.report import color_range, overlay_strip, png_bytes
 
     paths, unmatched = collect_images(inputs)
-    result = PredictResult(unmatched=unmatched)
     if not paths:
         raise VadError(
             "no image found for " + ", ".join(repr(i) for i in inputs)
             + f" (files, folders searched for {', '.join(IMAGE_EXTENSIONS)}, or glob patterns)"
         )
+    errors = _refused_from_headers(model, paths)
     model.skip_bad = True
     model.skipped = []
     used: set[str] = set()
     overlay_folder = Path(overlays) if overlays else None
-    for output in model.predict(make_samples(paths), description="predict"):
+    scored: dict[str, dict[str, Any]] = {}
+    for output in model.predict(make_samples(p for p in paths if p not in errors), description="predict"):
         record: dict[str, Any] = {
             "path": output.sample.path,
             "score": output.score,
@@ -109,6 +163,7 @@ def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | Non
             "image_threshold": model.image_threshold,
             "map_max": None if output.map is None else float(np.max(output.map)),
             "overlay": None,
+            "error": None,
         }
         if overlay_folder is not None:
             image = output.sample.load_image()
@@ -122,9 +177,15 @@ def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | Non
             target = overlay_folder / _overlay_name(output.sample.path, used)
             artifacts.atomic_write_bytes(target, png_bytes(strip))
             record["overlay"] = str(target)
-        result.records.append(record)
-    result.skipped = [(s.path, s.reason) for s in model.skipped]
-    return result
+        scored[record["path"]] = record
+    errors.update((skipped.path, skipped.reason) for skipped in model.skipped)
+    nothing_there = f"no image found there (not an image file, a folder with {', '.join(IMAGE_EXTENSIONS)} files, or a glob pattern matching files)"
+    failures = {path: errors[path] for path in paths if path not in scored} | {item: f"{item}: {nothing_there}" for item in unmatched}
+    if not scored:
+        reasons = list(failures.values())
+        more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        raise VadError(f"no image could be scored: {'; '.join(reasons[:3])}{more}")
+    return PredictResult([scored[item] if item in scored else _failure(item, failures[item], model) for item in [*paths, *unmatched]])
 
 
 def format_records(records: list[dict[str, Any]], fmt: str) -> str:

@@ -648,9 +648,9 @@ def run_warnings(folder: Path, config: RunConfig, metrics: dict[str, Any] | None
     for category, skipped in (metrics.get("skipped_metrics") or {}).items():
         for name, reason in skipped.items():
             warnings.append(f"[{category}] metric {name} skipped: {reason}")
-    files = metrics.get("dataset_skipped_files") or []
-    if files:
-        warnings.append(f"{len(files)} unreadable data set file(s) skipped: " + ", ".join(str(f[0]) for f in files[:10]) + (" ..." if len(files) > 10 else ""))
+    for category, files in (metrics.get("skipped_files") or {}).items():
+        shown = ", ".join(f"{f[0]} ({f[1]})" for f in files[:10])
+        warnings.append(f"[{category}] {len(files)} unusable file(s) left out (--skip-bad): {shown}" + (" ..." if len(files) > 10 else ""))
     for category, thresholds in (metrics.get("thresholds") or {}).items():
         if thresholds.get("image") is None:
             warnings.append(f"[{category}] no image threshold: decisions are left out")

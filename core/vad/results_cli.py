@@ -1,7 +1,8 @@
 """``vad predict``, ``vad export`` and ``vad bench``: using and comparing fitted models.
 
 ``add_commands(app)`` attaches the three commands to the ``vad`` Typer app. Heavy imports
-(torch, onnx) happen inside the commands, so ``vad --help`` stays fast.
+(torch, onnx) happen inside the commands, so ``vad --help`` stays fast. ``vad predict`` exits
+with :data:`SOME_FAILED` (3) when some inputs could not be scored.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from vad.errors import VadError
+from vad.errors import SOME_FAILED, VadError
 
 
 def _parse_size(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -30,62 +31,74 @@ def predict_command(
     overlays: Optional[Path] = typer.Option(None, "--overlays", help="Folder for heat-map overlay PNGs (image | anomaly map | mask at the threshold)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Score new images with a saved model: score, decision at the stored threshold, overlays."""
+    """Score new images with a saved model: score, decision at the stored threshold, overlays.
+
+    An input that cannot be scored (unreadable image, no match) gets a row with an 'error' and
+    empty score. Exit codes: 0 all scored; 3 some inputs failed (their rows say why); 2 error
+    (no image could be scored, bad model or options).
+    """
     from vad import artifacts
     from vad.model import AnomalyModel, resolve_device
-    from vad.predict import FORMATS, format_records, predict_images, resolve_model_folder
+    from vad.predict import FORMATS, format_records, predict_images, resolve_model_folder, threshold_warnings
     from vad.progress import info, warn
 
     if fmt not in FORMATS:
         raise VadError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    loaded = AnomalyModel.load(resolve_model_folder(model), resolve_device(device))
+    folder = resolve_model_folder(model)
+    loaded = AnomalyModel.load(folder, resolve_device(device))
+    for message in threshold_warnings(loaded, folder, overlays is not None):
+        warn(message)
     result = predict_images(loaded, inputs, overlays)
-    for item in result.unmatched:
-        warn(f"{item}: no image found there (skipped)")
-    if result.skipped:
-        warn(f"{len(result.skipped)} unreadable image(s) skipped: " + "; ".join(f"{p} ({r})" for p, r in result.skipped))
-    if not result.records:
-        raise VadError("no image could be scored: every input was unreadable (see the warnings above)")
     text = format_records(result.records, fmt)
+    scored = len(result.records) - len(result.failed)
     if output:
         artifacts.atomic_write_text(output, text)
-        info(f"{len(result.records)} image(s) scored; records in {output}")
+        info(f"{scored} image(s) scored; records in {output}")
     else:
         typer.echo(text, nl=False)
     if overlays:
         info(f"overlays in {overlays}")
+    if result.failed:
+        warn(f"{len(result.failed)} input(s) could not be scored (rows with an error): " + "; ".join(r["error"] for r in result.failed))
+        raise typer.Exit(SOME_FAILED)
 
 
 def export_command(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (runs/<run>/<category>/model), or a run folder with one model."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="Export format (onnx)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: <model folder>/model.onnx)."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Fixed input HEIGHT,WIDTH of the graph (default: the model's working size: the network's input size, or --image-size / --center-crop / the training images' size with --tile)."),
-    check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with torch on random images (scores within 1e-4)."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Pin the graph's input to HEIGHT,WIDTH (static shapes, for runtimes that need them); default: images of any size, resized inside the graph as vad does."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with torch on random images of several sizes (scores within 1e-4)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
 ) -> None:
-    """Export a saved model to ONNX: preprocessing + feature source + head (+ upsample, blur)."""
+    """Export a saved model to ONNX: resize + normalisation + feature source + head (+ upsample, blur).
+
+    The graph takes float32 RGB images in [0, 1] (decoded image / 255), channels first, of any
+    size; the exact preprocessing and what is left to the caller are in <file>.json and the ONNX metadata.
+    """
     if fmt.lower() != "onnx":
         raise VadError(f"--format {fmt!r} is not supported: use onnx")
-    from vad.export import PARITY_TOLERANCE, check_parity, export_onnx, require_onnx
+    from vad.export import PARITY_TOLERANCE, check_parity, export_onnx, parity_images, require_onnx
     from vad.progress import info
 
     require_onnx()
-    import numpy as np
-
     from vad.model import AnomalyModel
     from vad.predict import resolve_model_folder
 
     folder = resolve_model_folder(model)
     loaded = AnomalyModel.load(folder, "cpu")
     target = output or folder / "model.onnx"
-    description = export_onnx(loaded, target, _parse_size(input_size), opset=opset)
+    pinned = _parse_size(input_size)
+    description = export_onnx(loaded, target, pinned, opset=opset)
     info(f"ONNX graph written to {target} (description in {target}.json)")
+    graph_input = description["input"]
+    info(f"input {graph_input['name']!r}: {graph_input['dtype']} {graph_input['shape']}, {graph_input['range']}; {graph_input['sizes']}")
+    if "aspect_ratio" in graph_input:
+        info(f"aspect ratio: {graph_input['aspect_ratio']}")
+    info("inside the graph: " + "; ".join(description["inside_graph"]))
+    info("left to the caller: " + "; ".join(description["outside_graph"]))
     if check:
-        size = description["input"]["shape"][2:]
-        rng = np.random.default_rng(0)
-        images = [rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8) for _ in range(2)]
-        difference = check_parity(loaded, target, images, tuple(size))
+        difference = check_parity(loaded, target, parity_images(loaded, pinned))
         if difference > PARITY_TOLERANCE:
             raise VadError(f"the ONNX graph differs from the torch model: largest score difference {difference:.3g} > {PARITY_TOLERANCE}")
         info(f"parity with torch: largest score difference {difference:.2e} (tolerance {PARITY_TOLERANCE})")
@@ -106,6 +119,9 @@ def bench_command(
     typer.echo(f"bench folder: {folder} ({len(results) - len(failed)} cells finished, {len(failed)} failed)")
     if results and len(failed) == len(results):
         raise VadError("every cell of the sweep failed; see the error column and <cell>/error.txt")
+    if failed:
+        typer.secho(f"{len(failed)} cell(s) failed (see the error column and <cell>/error.txt); rerun the command to retry them", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(SOME_FAILED)
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -80,3 +80,12 @@ def test_loco_wrong_root(tmp_path):
     with pytest.raises(LayoutError, match="defects_config.json") as error:
         MVTecLOCO(root=str(tmp_path)).categories()
     assert "mvtec-loco" in str(error.value)
+
+
+def test_loco_category_with_the_wrong_inside_says_what_is_missing(tmp_path, trees):
+    trees.loco(tmp_path)
+    (tmp_path / "pushpins" / "train").rename(tmp_path / "pushpins" / "training")
+    with pytest.raises(LayoutError, match=r"category folder .*pushpins has no train/good/ \(found in .*pushpins: ground_truth/, test/, training/, validation/, 1 file\)"):
+        MVTecLOCO(root=str(tmp_path)).load("pushpins")
+    with pytest.raises(LayoutError, match=r"no category folder found under .*: a category folder holds train/good/, but .*pushpins has no train/good/"):
+        MVTecLOCO(root=str(tmp_path)).categories()

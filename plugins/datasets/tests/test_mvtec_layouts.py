@@ -193,3 +193,39 @@ def test_multi_view_categories_and_views(tmp_path, trees):
     assert not side.has_masks and all(s.mask_loader is None for s in side.test)
     with pytest.raises(UnknownCategoryError, match="Did you mean 'flange/top'"):
         dataset.load("flange/tpo")
+
+
+def test_a_category_folder_with_the_wrong_inside_says_what_is_missing(tmp_path, trees):
+    for folder in ("good", "bad"):  # <root>/fabric/{good,bad} instead of train/good, test/...
+        trees.write_image(tmp_path / "fabric" / folder / "000.png")
+    with pytest.raises(LayoutError, match=r"category folder .*fabric has no train/good/ \(found in .*fabric: bad/, good/\)") as error:
+        MVTecAD(root=str(tmp_path)).load("fabric")
+    assert "Expected layout for --dataset mvtec" in str(error.value)
+    with pytest.raises(LayoutError, match=r"no category folder found under .*: a category folder holds train/good/, but .*fabric has no train/good/ \(found"):
+        MVTecAD(root=str(tmp_path)).categories()
+    trees.mvtec(tmp_path, "bottle")  # beside a good category: still what fabric lacks, not "unknown category"
+    with pytest.raises(LayoutError, match=r"category folder .*fabric has no train/good/ \(found in .*fabric: bad/, good/\)"):
+        MVTecAD(root=str(tmp_path)).load("fabric")
+    (tmp_path / "carpet" / "train" / "normal").mkdir(parents=True)
+    with pytest.raises(LayoutError, match=r"carpet has no train/good/ \(found in .*carpet/train: normal/\)"):
+        MVTecAD(root=str(tmp_path)).load("carpet")
+
+
+def test_btad_mvtec3d_and_multi_view_categories_with_the_wrong_inside(tmp_path, trees):
+    trees.mvtec(tmp_path / "btad", "01", normal="ok")
+    (tmp_path / "btad" / "01" / "train" / "ok").rename(tmp_path / "btad" / "01" / "train" / "good")
+    with pytest.raises(LayoutError, match=r"category folder .*01 has no train/ok/ \(found in .*01/train: good/\)"):
+        BTAD(root=str(tmp_path / "btad")).load("01")
+    trees.mvtec3d(tmp_path / "3d")
+    for image in (tmp_path / "3d" / "bagel" / "train" / "good" / "rgb").iterdir():
+        image.rename(tmp_path / "3d" / "bagel" / "train" / "good" / image.name)
+    (tmp_path / "3d" / "bagel" / "train" / "good" / "rgb").rmdir()
+    with pytest.raises(LayoutError, match=r"category folder .*bagel has no train/good/rgb/ \(found in .*bagel/train/good: 5 files\)"):
+        MVTec3D(root=str(tmp_path / "3d")).load("bagel")
+    trees.mvtec(tmp_path / "views" / "flange", "top")
+    trees.mvtec(tmp_path / "views" / "flange", "side")
+    (tmp_path / "views" / "flange" / "side" / "train").rename(tmp_path / "views" / "flange" / "side" / "training")
+    with pytest.raises(LayoutError, match=r"category folder .*flange/side has no train/good/ \(found in .*side: ground_truth/, test/, training/\)"):
+        MultiView(root=str(tmp_path / "views")).load("flange/side")
+    with pytest.raises(UnknownCategoryError, match="Did you mean 'flange/top'"):  # a product folder holds its views
+        MultiView(root=str(tmp_path / "views")).load("flange")

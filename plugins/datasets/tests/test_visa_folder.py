@@ -108,3 +108,22 @@ def test_folder_errors(tmp_path, trees):
         FolderDataset(root=str(root), mask_dir="masks")
     with pytest.raises(LayoutError, match="abnormal dir .*nope does not exist"):
         FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs=["nope"]).load("parts")
+
+
+def test_visa_category_with_the_wrong_inside_says_what_is_missing(tmp_path, trees):
+    trees.visa(tmp_path)
+    (tmp_path / "candle" / "Data" / "Images").rename(tmp_path / "candle" / "Images")  # Data/ level left out
+    with pytest.raises(LayoutError, match=r"category folder .*candle has no Data/Images/Normal/ \(found in .*candle/Data: Masks/\); the split file names .*Normal/0000.JPG"):
+        VisA(root=str(tmp_path)).load("candle")
+    (tmp_path / "candle" / "Images").rename(tmp_path / "candle" / "Data" / "Images")
+    next((tmp_path / "candle" / "Data" / "Images" / "Normal").iterdir()).unlink()  # a single file missing keeps its message
+    with pytest.raises(LayoutError, match="is named in the split file but missing"):
+        VisA(root=str(tmp_path)).load("candle")
+
+
+def test_folder_missing_dirs_say_what_the_root_holds(tmp_path, trees):
+    root = _folder_tree(tmp_path / "parts", trees)
+    with pytest.raises(LayoutError, match=r"normal_dir .*parts/good does not exist \(found in .*parts: burr/, dent/, masks/, ok/\)"):
+        FolderDataset(root=str(root)).load("parts")
+    with pytest.raises(LayoutError, match=r"mask dir .*parts/gt does not exist \(found in .*parts: burr/"):
+        FolderDataset(root=str(root), normal_dir="ok", abnormal_dirs=["dent"], mask_dirs="gt").load("parts")

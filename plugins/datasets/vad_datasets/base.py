@@ -87,6 +87,31 @@ def subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def found_instead(path: Path) -> str:
+    """What the nearest existing folder on the way to the missing ``path`` holds, for messages:
+    ``(found in /data/fabric: bad/, good/)``."""
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as error:  # e.g. not readable
+        return f"({folder} cannot be listed: {error.strerror})"
+    if not entries:
+        return f"({folder} is empty)"
+    folders = [f"{p.name}/" for p in entries if p.is_dir()]
+    shown = folders[:8] + ([f"{len(folders) - 8} more folders"] if len(folders) > 8 else [])
+    files = len(entries) - len(folders)
+    if files:
+        shown.append(f"{files} file{'s' if files > 1 else ''}")
+    return f"(found in {folder}: {', '.join(shown)})"
+
+
+def lacks(folder: Path, missing: str) -> str:
+    """``<folder> has no <missing>/ (found in ...)``: what a folder lacks and what it holds instead."""
+    return f"{folder} has no {missing}/ {found_instead(folder / missing)}"
+
+
 def index_by_stem(folder: Path) -> dict[str, Path]:
     """``{file name without extension: path}`` for the mask-like files in ``folder``."""
     return {p.stem: p for p in list_images(folder, MASK_EXTENSIONS)}
@@ -170,10 +195,49 @@ class FileDataset(Dataset):
         )
 
     def check_category(self, category: str) -> None:
-        """Raise a suggestion-bearing error unless ``category`` is present."""
+        """Raise unless ``category`` is present: a category folder that lacks the layout says
+        what is missing inside it; an unknown name gets the nearest one."""
+        marker = self.category_marker()
+        folder = self.root_path() / category
+        # (a folder holding categories is a multi-view product: its views are the categories)
+        if marker and folder.is_dir() and not self.is_category(folder) and not any(map(self.is_category, subfolders(folder))):
+            raise self.layout_error(f"category folder {lacks(folder, marker)}.")
         available = self.categories()
         if category not in available:
             raise self.unknown_category(category, available)
+
+    # -- categories found by a marker folder ------------------------------------
+
+    def category_marker(self) -> str | None:
+        """The folder inside a category folder that makes it one (``train/good``); None for data
+        sets that find their categories otherwise (a split file, options)."""
+        return None
+
+    def is_category(self, folder: Path) -> bool:
+        """True when ``folder`` holds :meth:`category_marker`."""
+        return (folder / self.category_marker()).is_dir()
+
+    def no_category_error(self, root: Path, what: str = "category") -> LayoutError:
+        """No folder under ``root`` holds the marker: say what the folders there lack, or that
+        the root itself is one category."""
+        marker = self.category_marker()
+        problem = f"no {what} folder found under {root}"
+        folders = subfolders(root)
+        if self.is_category(root):
+            problem += f". {root} itself looks like one {what}: pass its parent folder as --root and --category {root.name}"
+        elif folders:
+            details = "; ".join(lacks(folder, marker) for folder in folders[:3])
+            more = f"; and {len(folders) - 3} more folders" if len(folders) > 3 else ""
+            problem += f": a {what} folder holds {marker}/, but {details}{more}"
+        return self.layout_error(f"{problem}.")
+
+    def categories(self) -> list[str]:
+        """Folders under the root that hold :meth:`category_marker` (data sets without one override this)."""
+        root = self.root_path()
+        found = [folder.name for folder in subfolders(root) if self.is_category(folder)]
+        if not found:
+            raise self.no_category_error(root)
+        return found
 
     # -- indexing ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from vad.contracts import DataSplits, Sample
 from vad.images import IMAGE_EXTENSIONS
 from vad.options import option
 
-from vad_datasets.base import FileDataset, mask_loader, split_validation
+from vad_datasets.base import FileDataset, found_instead, mask_loader, split_validation
 
 
 def _as_list(value: str | tuple[str, ...] | None) -> list[str]:
@@ -74,9 +74,14 @@ class FolderDataset(FileDataset):
 
         return str(examples.folder(folder / "parts"))
 
-    def _dir(self, value: str) -> Path:
+    def _existing_dir(self, option_name: str, value: str) -> Path:
+        """The folder an option names (relative to the root unless absolute); a missing one is
+        an error saying what the nearest existing folder holds instead."""
         path = Path(value).expanduser()
-        return path if path.is_absolute() else self.root_path() / path
+        path = path if path.is_absolute() else self.root_path() / path
+        if not path.is_dir():
+            raise self.layout_error(f"{option_name} {path} does not exist {found_instead(path)}.")
+        return path
 
     def categories(self) -> list[str]:
         """One category: ``category`` or the root folder's name."""
@@ -88,15 +93,11 @@ class FolderDataset(FileDataset):
         options = self.options
         extensions = tuple(_as_list(options.extensions)) or IMAGE_EXTENSIONS
         mask_dirs = _as_list(options.mask_dirs)
-        normal_dir = self._dir(options.normal_dir)
-        if not normal_dir.is_dir():
-            raise self.layout_error(f"normal_dir {normal_dir} does not exist.")
+        normal_dir = self._existing_dir("normal_dir", options.normal_dir)
         normals = self.images(normal_dir, extensions)
         test: list[Sample] = []
         if options.normal_test_dir:
-            test_dir = self._dir(options.normal_test_dir)
-            if not test_dir.is_dir():
-                raise self.layout_error(f"normal_test_dir {test_dir} does not exist.")
+            test_dir = self._existing_dir("normal_test_dir", options.normal_test_dir)
             test_normals = self.images(test_dir, extensions)
         else:
             normals, test_normals = split_validation(normals, options.test_fraction, options.seed + 1)
@@ -105,14 +106,10 @@ class FolderDataset(FileDataset):
         test.extend(self.sample(p, label=0, category=category, split="test") for p in test_normals)
 
         for index, abnormal in enumerate(_as_list(options.abnormal_dirs)):
-            abnormal_dir = self._dir(abnormal)
-            if not abnormal_dir.is_dir():
-                raise self.layout_error(f"abnormal dir {abnormal_dir} does not exist.")
+            abnormal_dir = self._existing_dir("abnormal dir", abnormal)
             mask_dir = None
             if mask_dirs:
-                mask_dir = self._dir(mask_dirs[index if len(mask_dirs) > 1 else 0])
-                if not mask_dir.is_dir():
-                    raise self.layout_error(f"mask dir {mask_dir} does not exist.")
+                mask_dir = self._existing_dir("mask dir", mask_dirs[index if len(mask_dirs) > 1 else 0])
             for path in self.images(abnormal_dir, extensions):
                 mask = None
                 if mask_dir is not None:

@@ -86,13 +86,9 @@ class MVTecLOCO(FileDataset):
 
         return str(examples.loco(folder))
 
-    def categories(self) -> list[str]:
-        """Categories present under the root."""
-        root = self.root_path()
-        found = [d.name for d in subfolders(root) if (d / "train" / "good").is_dir()]
-        if not found:
-            raise self.layout_error(f"no category folder found under {root}.")
-        return found
+    def category_marker(self) -> str:
+        """``train/good``: what makes a folder one category."""
+        return "train/good"
 
     def regions_of(self, image: Path, mask_dir: Path, config: dict[int, dict[str, Any]], config_path: Path) -> tuple[list[Path], tuple[Region, ...]]:
         """Annotation files of one test image and their regions with saturation areas."""

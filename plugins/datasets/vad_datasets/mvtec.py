@@ -65,20 +65,9 @@ class MVTecAD(FileDataset):
         """``<root>/<category>``."""
         return self.root_path() / category
 
-    def is_category(self, folder: Path) -> bool:
-        """True when ``folder`` looks like one category of this layout."""
-        return (folder / "train" / self.normal_name).is_dir()
-
-    def categories(self) -> list[str]:
-        """Categories present under the root (any folder with ``train/<normal>``)."""
-        root = self.root_path()
-        found = [d.name for d in subfolders(root) if self.is_category(d)]
-        if not found:
-            hint = ""
-            if self.is_category(root):
-                hint = f" {root} itself looks like one category: pass its parent folder as --root and --category {root.name}."
-            raise self.layout_error(f"no category folder found under {root}.{hint}")
-        return found
+    def category_marker(self) -> str:
+        """``train/<normal>``: what makes a folder one category."""
+        return f"train/{self.normal_name}"
 
     def view_of(self, category: str) -> str | None:
         """The camera view a category stands for (multi-view data sets), else None."""
@@ -186,7 +175,7 @@ each view: test/good, test/<defect>, optional ground_truth/<defect>/<name>_mask.
             else:
                 found.extend(f"{folder.name}/{view.name}" for view in subfolders(folder) if self.is_category(view))
         if not found:
-            raise self.layout_error(f"no view folder found under {root}.")
+            raise self.no_category_error(root, "view")
         return found
 
     def view_of(self, category: str) -> str | None:
@@ -218,13 +207,9 @@ class MVTec3D(FileDataset):
 
         return str(examples.mvtec3d(folder))
 
-    def categories(self) -> list[str]:
-        """Categories present under the root."""
-        root = self.root_path()
-        found = [d.name for d in subfolders(root) if (d / "train" / "good" / "rgb").is_dir()]
-        if not found:
-            raise self.layout_error(f"no category folder found under {root}.")
-        return found
+    def category_marker(self) -> str:
+        """``train/good/rgb``: what makes a folder one category."""
+        return "train/good/rgb"
 
     def load(self, category: str) -> DataSplits:
         """Train / validation / test samples of ``category``."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from vad.contracts import DataSplits, Sample
 from vad.options import option
 
-from vad_datasets.base import FileDataset, mask_loader
+from vad_datasets.base import FileDataset, LayoutError, lacks, mask_loader
 
 VISA_CATEGORIES = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
@@ -73,6 +73,14 @@ class VisA(FileDataset):
             raise self.layout_error(f"none of the objects in the split file ({', '.join(names)}) has a folder under {root}.")
         return found
 
+    def missing_image_error(self, path: Path, category_folder: Path) -> LayoutError:
+        """An image the split file names is missing: a folder missing inside the category folder
+        is named with what the category folder holds instead."""
+        if path.parent.is_dir() or not path.is_relative_to(category_folder):
+            return self.layout_error(f"{path} is named in the split file but missing.")
+        missing = path.parent.relative_to(category_folder).as_posix()
+        return self.layout_error(f"category folder {lacks(category_folder, missing)}; the split file names {path}.")
+
     def load(self, category: str) -> DataSplits:
         """Train rows -> train / validation; test rows -> test (masks for anomalies)."""
         self.check_category(category)
@@ -83,7 +91,7 @@ class VisA(FileDataset):
         for row in rows:
             path = root / row["image"]
             if not path.is_file():
-                raise self.layout_error(f"{path} is named in the split file but missing.")
+                raise self.missing_image_error(path, root / category)
             if not self.readable(path):
                 continue
             anomalous = row["label"].strip().lower() == "anomaly"

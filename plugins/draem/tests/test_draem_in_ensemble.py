@@ -45,4 +45,4 @@ def test_draem_member_is_trained_fused_saved_and_reloaded(vad_fakes, tmp_path):
 
 def test_a_detector_without_features_is_a_clear_error(vad_fakes, tmp_path):
     with pytest.raises(VadError, match="offers no feature source"):
-        build_model(config(tmp_path, backbones=["fake-backbone", "detector:patchcore"]))
+        build_model(config(tmp_path, backbones=["fake-backbone", "detector:patchcore"], options={}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -272,8 +273,9 @@ def test_save_load_same_scores(tmp_path):
     detector = PatchCore(coreset_ratio=0.2, reweight=True)
     detector.fit(train)
     state = detector.state()
-    artifacts.write_model_folder(tmp_path / "model", {"meta": state.meta, "hparams": detector.hparams}, state.tensors)
-    document, tensors = artifacts.read_model_folder(tmp_path / "model")
+    artifacts.atomic_write_json(tmp_path / "detector.json", {"meta": state.meta, "hparams": detector.hparams})
+    artifacts.save_tensors(tmp_path / "detector.safetensors", state.tensors)
+    document, tensors = json.loads((tmp_path / "detector.json").read_text()), artifacts.load_tensors(tmp_path / "detector.safetensors")
     restored = PatchCore(**document["hparams"])
     restored.load_state(State(document["meta"], tensors))
     assert restored.hparams == detector.hparams
