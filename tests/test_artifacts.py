@@ -113,3 +113,13 @@ def test_every_source_kind_vad_writes_passes_the_check(tmp_path):
     document = {"members": [{**MINIMAL["members"][0], "source": source} for source in sources], "ensembler": None, "geometry": None}
     folder = artifacts.write_model_folder(tmp_path / "m", document, {})
     assert artifacts.read_model_folder(folder)[0]["members"][2]["source"]["kind"] == "pca-global"
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    from vad import artifacts
+
+    artifacts.atomic_write_text(tmp_path / "a.txt", "x")
+    artifacts.write_model_folder(tmp_path / "m", {"members": []}, {})
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == artifacts.FILE_MODE
+    assert (tmp_path / "m").stat().st_mode & 0o777 == artifacts.FOLDER_MODE
+    assert (tmp_path / "m" / "model.json").stat().st_mode & 0o777 == artifacts.FILE_MODE

@@ -115,3 +115,13 @@ def test_run_bad_device(tmp_path):
     result = run_vad("run", "--device", "tpu", "--category", "brick", "--output", str(tmp_path / "r"))
     assert result.returncode == 2 and "device" in result.stderr
     assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_messages_are_text_not_markup(capsys, monkeypatch):
+    from vad.progress import info, warn
+
+    monkeypatch.setenv("VAD_LOG", "rich")
+    info("[brick] 24 train")
+    warn("[grass] skipped [bold]x[/bold]")
+    err = capsys.readouterr().err
+    assert "[brick] 24 train" in err and "[grass] skipped [bold]x[/bold]" in err

@@ -33,6 +33,10 @@ def files(tmp_path: Path) -> Path:
     for i in range(3):
         _image(tmp_path / "one" / "test" / f"{i}.png", seed=i + 1)
         _image(tmp_path / "one" / "bad" / f"{i}.png", seed=i + 9)
+    for i in range(2):  # two training images
+        _image(tmp_path / "two" / "good" / f"{i}.png", seed=20 + i)
+    (tmp_path / "two" / "test").symlink_to(tmp_path / "one" / "test")
+    (tmp_path / "two" / "bad").symlink_to(tmp_path / "one" / "bad")
     _image(tmp_path / "image.png")
     return tmp_path
 
@@ -69,6 +73,11 @@ CATALOGUE = {
     "output holds no run": ([*RUN, "--output", "{tmp}/foreign", "--overwrite"], "not a vad run folder"),
     "missing saved model": ([*RUN, "--model", "{tmp}/nowhere"], "no model.json"),
     "one training image": (["run", "--no-report", *ONE_IMAGE], "at least 2 training images"),
+    "one training image, manual threshold needs no calibration": (["run", "--no-report", *ONE_IMAGE, "--threshold", "manual", "--set", "manual.value=1", "--metric", "nope"], "unknown metric"),
+    "k-sigma on one validation score": (
+        ["run", "--no-report", *(a.replace("/one", "/two") for a in ONE_IMAGE), "--validation-fraction", "0.5", "--threshold", "k-sigma"],
+        "gives 1 normal score(s), and the 'k-sigma' threshold needs at least 2",
+    ),
     "predict without a model": (["predict", "--model", "{tmp}/nowhere", "{tmp}/image.png"], "model"),
     "export without a model": (["export", "--model", "{tmp}/nowhere", "--output", "{tmp}/m.onnx"], "model"),
     "bench without a grid": (["bench", "--grid", "{tmp}/missing.yaml"], "does not exist"),

@@ -29,12 +29,24 @@ MODEL_JSON = "model.json"
 TENSORS_FILE = "tensors.safetensors"
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The permissions ``open()`` would give (temporary files are created private, 0600 / 0700; what
+#: vad writes should be readable like any file the user creates, e.g. by a colleague).
+FILE_MODE, FOLDER_MODE = 0o666 & ~_process_umask(), 0o777 & ~_process_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -77,6 +89,7 @@ def write_model_folder(folder: str | os.PathLike, model_json: dict[str, Any], te
     document = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, **model_json}
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
+        os.chmod(staging, FOLDER_MODE)
         save_tensors(staging / TENSORS_FILE, tensors)
         atomic_write_json(staging / MODEL_JSON, document)
         if folder.exists():

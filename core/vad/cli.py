@@ -82,7 +82,7 @@ def run_command(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run folder (default runs/<dataset>-<time>, never shared); a folder holding a run is refused unless --overwrite or --resume."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output (complete or not); only vad run folders are ever replaced."),
     model: Optional[str] = typer.Option(None, "--model", help="Reuse a saved model folder (or a run folder) instead of fitting; it keeps the input geometry it was fitted with."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable images and list them, instead of stopping."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable images, and images whose mask is unreadable or of another size, and list them (checked before the fit), instead of stopping."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also write raw anomaly maps as float32 TIFF (MVTec evaluation layout)."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the plots, overlays and report.html."),
     set_option: Optional[list[str]] = typer.Option(None, "--set", help=f"Plugin option NAME.KEY=VALUE, e.g. {DEFAULTS['detector']}.seed=1; repeat (`vad list KIND --details` lists every option)."),

@@ -501,6 +501,9 @@ class Threshold(Configurable, abc.ABC):
     #: False for rules that ignore the validation scores (a fixed value): vad then fits them
     #: without validation images.
     needs_validation: ClassVar[bool] = True
+    #: The fewest normal calibration scores the rule can use (k-sigma: 2, to see a spread);
+    #: vad checks it before fitting.
+    min_scores: ClassVar[int] = 1
 
     @abc.abstractmethod
     def fit(self, scores: np.ndarray, labels: np.ndarray) -> float:

@@ -341,21 +341,28 @@ class AnomalyModel:
         """A clear error, before anything is fitted, when the calibration cannot get scores the
         detectors have not seen from ``train_count`` training (and ``validation_count``
         validation) images; what to do instead."""
-        if not self.needs_calibration or validation_count:
-            return
-        method = self.resolve_calibration(False, train_count)
-        needed = self.folds if method == "cross-fit" else 2
-        if train_count >= needed:
+        if not self.needs_calibration:
             return
         what = f"the score ensemble {self.ensembler_name!r}" if self.ensembler is not None else f"the {self.threshold_name!r} threshold"
         instead = (
             "" if self.ensembler is not None
             else "; or use a fixed threshold, which needs no calibration: --threshold manual --set manual.value=SCORE"
         )
-        raise VadError(
-            f"{train_count} training image(s): calibrating {what} needs normal scores the detector has not seen, "
-            f"and {method} calibration needs at least {needed} training images. Add normal training images{instead}"
-        )
+        method = "hold-out" if validation_count else self.resolve_calibration(False, train_count)
+        needed = self.folds if method == "cross-fit" else 2
+        if not validation_count and train_count < needed:
+            raise VadError(
+                f"{train_count} training image(s): calibrating {what} needs normal scores the detector has not seen, "
+                f"and {method} calibration needs at least {needed} training images. Add normal training images{instead}"
+            )
+        held_out = min(train_count - 1, max(1, round(train_count * self.holdout_fraction)))
+        scores = validation_count or (held_out if method == "hold-out" else train_count)
+        least = self.threshold.min_scores if self.threshold is not None else 1
+        if scores < least:
+            raise VadError(
+                f"{method} calibration gives {scores} normal score(s), and {what} needs at least {least}. "
+                f"Add normal training images (or validation images){instead}"
+            )
 
     def resolve_calibration(self, has_validation: bool, train_count: int | None = None) -> str:
         """The calibration method ``auto`` stands for with these members (module docstring of

@@ -40,8 +40,9 @@ def info(message: str, **fields: Any) -> None:
         print(json.dumps({"event": "info", "message": message, **fields}, default=str), file=sys.stderr, flush=True)
         return
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(message)
+    Console(stderr=True, highlight=False).print(escape(message))  # "[brick] ..." is text, not markup
 
 
 def warn(message: str) -> None:
@@ -50,8 +51,9 @@ def warn(message: str) -> None:
         print(json.dumps({"event": "warning", "message": message}), file=sys.stderr, flush=True)
         return
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold yellow]warning:[/] {message}")
+    Console(stderr=True, highlight=False).print(f"[bold yellow]warning:[/] {escape(message)}")
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None, status: Callable[[], str] | None = None) -> Iterator[T]:

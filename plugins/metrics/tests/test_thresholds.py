@@ -37,6 +37,15 @@ def test_k_sigma_of_normal_scores_only():
     assert KSigmaThreshold(k=1).fit(SCORES, LABELS) == pytest.approx(normal.mean() + normal.std())
 
 
+def test_k_sigma_needs_a_spread_and_never_flags_the_normals_it_was_fitted_on(capsys):
+    with pytest.raises(VadError, match="at least 2 normal calibration scores .*got 1"):
+        KSigmaThreshold().fit(np.array([3.0]), np.array([0]))
+    assert KSigmaThreshold.min_scores == 2  # checked before fitting (vad.model.AnomalyModel.check_calibration)
+    same = np.array([2.0, 2.0, 2.0])
+    assert KSigmaThreshold().fit(same, np.zeros(3, int)) > 2.0  # no spread: just above them
+    assert "fitted on 3 normal scores" in " ".join(capsys.readouterr().err.split())  # and a warning: few scores
+
+
 def test_f1_optimal_on_labelled_data():
     threshold = F1OptimalThreshold().fit(SCORES, LABELS)
     assert threshold == 5.0  # flags 5, 6 and the outlier 10: F1 = 0.8

@@ -60,9 +60,19 @@ def quantile_threshold(scores, labels, q: float = 0.99) -> float:
 
 
 def k_sigma_threshold(scores, labels, k: float = 3.0) -> float:
-    """``mean + k * std`` of the normal scores (population std)."""
+    """``mean + k * std`` of the normal scores (population std). One score has no spread, so it
+    is refused; scores without spread give the smallest float above them (a threshold equal to
+    them would flag the very normals it was fitted on)."""
     normal = _normal_scores(scores, labels, "k-sigma")
-    return float(normal.mean() + k * normal.std())
+    if normal.size < 2:
+        raise VadError(
+            f"the k-sigma threshold needs at least 2 normal calibration scores to estimate their spread, got {normal.size}; "
+            "add normal training images, or use the conformal threshold, which states the false-alarm rate any number of scores certifies"
+        )
+    spread = normal.std()
+    if spread == 0:
+        return float(np.nextafter(normal.mean(), np.inf))
+    return float(normal.mean() + k * spread)
 
 
 def conformal_threshold(scores, labels, alpha: float) -> float:
@@ -174,6 +184,7 @@ class KSigmaThreshold(Threshold):
     """mean + k * std of normal validation scores (option k, default 3)."""
 
     name = "k-sigma"
+    min_scores = 2
 
     class Options(Threshold.Options):
         k: float = option(3.0, "Standard deviations above the mean of the normal validation scores (seed 001: 3).")
