@@ -58,13 +58,6 @@ def require_onnx() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def _resize_mode(interpolation: str) -> str:
-    """The ``F.interpolate`` mode :func:`vad.preprocess.resize_batch` uses for ``interpolation``."""
-    from vad.preprocess import _MODES
-
-    return _MODES.get(interpolation, "bilinear")
-
-
 def _triangle(distance):
     """PIL's (and torch's antialiased) bilinear filter at ``|distance|``."""
     return (1.0 - distance).clamp(min=0.0)
@@ -91,7 +84,9 @@ def resize_operator(length, size_out: int, interpolation: str):
     """
     import torch
 
-    mode = _resize_mode(interpolation)
+    from vad.preprocess import interpolate_mode
+
+    mode = interpolate_mode(interpolation)
     samples = torch.arange(length, dtype=torch.float32)
     count = torch.ones_like(samples).sum()  # ``length`` as a tensor, so a trace keeps it dynamic
     outputs = torch.arange(size_out, dtype=torch.float32)
@@ -110,7 +105,9 @@ def resize_operator(length, size_out: int, interpolation: str):
 
 def _resize_statement(preprocessing: Any) -> str:
     """The exact resize vad applies, for the description: to what size, with which call."""
-    mode = _resize_mode(preprocessing.interpolation)
+    from vad.preprocess import interpolate_mode
+
+    mode = interpolate_mode(preprocessing.interpolation)
     resized = preprocessing.resize or preprocessing.size
     arguments = f"mode={mode!r}" + (", align_corners=False, antialias=True" if mode in ("bilinear", "bicubic") else "")
     return f"resize to {resized[0]}x{resized[1]} as torch.nn.functional.interpolate({arguments}) does"

@@ -13,11 +13,16 @@ from vad.contracts import Preprocessing
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "area": "area"}
 
 
+def interpolate_mode(interpolation: str) -> str:
+    """The ``F.interpolate`` mode used for a backbone's ``interpolation`` (unknown: bilinear)."""
+    return _MODES.get(interpolation, "bilinear")
+
+
 def resize_batch(batch: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """Resize ``[B, C, H, W]`` like PIL does (anti-aliased when shrinking)."""
     if tuple(batch.shape[-2:]) == tuple(size):
         return batch
-    mode = _MODES.get(interpolation, "bilinear")
+    mode = interpolate_mode(interpolation)
     if mode in ("nearest", "area"):
         return F.interpolate(batch, size=size, mode=mode)
     return F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=True)
