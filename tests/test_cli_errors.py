@@ -92,6 +92,7 @@ CATALOGUE = {
 def test_bad_input_is_one_clear_error(case, files, capsys, monkeypatch):
     arguments, expected = CATALOGUE[case]
     monkeypatch.chdir(files)  # a default runs/ would land here
+    monkeypatch.setenv("VAD_LOG", "rich")  # --quiet sets it for the process: restored afterwards
     before = sorted(str(p) for p in files.rglob("*"))
     with pytest.raises(SystemExit) as stopped:
         main(["--quiet", *(a.replace("{tmp}", str(files)) for a in arguments)])
@@ -107,6 +108,7 @@ def test_an_unwritable_output_is_a_clear_error(files, capsys, monkeypatch):
         pytest.skip("root may write anywhere")
     locked = files / "locked"
     locked.mkdir(mode=0o500)
+    monkeypatch.setenv("VAD_LOG", "rich")
     with pytest.raises(SystemExit) as stopped:
         main(["--quiet", *RUN, "--output", str(locked / "run")])
     assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: ")

@@ -22,6 +22,7 @@ def _save(path: Path, array: np.ndarray) -> None:
 @pytest.fixture(autouse=True)
 def wide_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "2000")  # messages on one line: paths are not folded
+    monkeypatch.setenv("VAD_LOG", "rich")  # info lines shown (and --quiet elsewhere undone afterwards)
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ import torch
 import vad
 from vad import artifacts
 from vad.config import DEFAULTS, ReportOptions, RunConfig
-from vad.contracts import Backbone, Dataset, DetectorFeatures, FeatureEnsembler, FeatureSource, ScoreEnsembler, State
+from vad.contracts import Dataset, DetectorFeatures, FeatureEnsembler, FeatureSource, ScoreEnsembler, State
 from vad.errors import UnknownNameError, VadError
 from vad.features import PatchFeatures
 from vad.geometry import Geometry
-from vad.plugins import KINDS, Registry, get_registry
+from vad.plugins import KINDS, Registry, backbone_entry, create_backbone, get_registry
 from vad.progress import warn
 
 if TYPE_CHECKING:
@@ -54,23 +54,6 @@ def create(kind: str, name: str, registry: Registry, *args: Any, seed: int | Non
     if seed is not None and "seed" not in options and "seed" in cls.Options.fields():
         options = {**options, "seed": seed}
     return cls(*args, **options)
-
-
-def create_backbone(spec: str, registry: Registry | None = None, **options: Any) -> Backbone:
-    """``--backbone SPEC``: a registered name (``cls(SPEC)``) or ``family:model`` (``cls(model)``)."""
-    registry = registry or get_registry()
-    name, model_name = _backbone_entry(spec, registry)
-    backbone = registry.load_class("backbones", name)(model_name, **options)
-    backbone.spec = spec
-    return backbone
-
-
-def _backbone_entry(spec: str, registry: Registry) -> tuple[str, str]:
-    """The registered backbone entry a spec uses and the model name it passes."""
-    if spec in registry.entries("backbones") or ":" not in spec:
-        return spec, spec
-    family, _, model_name = spec.partition(":")
-    return family, model_name
 
 
 def is_score_ensembler(name: str | None, registry: Registry) -> bool:
@@ -98,7 +81,7 @@ def used_components(config: RunConfig, registry: Registry) -> dict[str, set[str]
     detectors = set(config.detectors) | {s[len(DETECTOR_SOURCE_PREFIX) :] for s in specs if s.startswith(DETECTOR_SOURCE_PREFIX)}
     return {
         "detectors": detectors,
-        "backbones": {_backbone_entry(s, registry)[0] for s in specs if not s.startswith(DETECTOR_SOURCE_PREFIX)},
+        "backbones": {backbone_entry(s, registry)[0] for s in specs if not s.startswith(DETECTOR_SOURCE_PREFIX)},
         "datasets": {config.dataset},
         "ensemblers": {config.ensemble} if config.ensemble else set(),
         "thresholds": {config.threshold},
@@ -127,7 +110,7 @@ def check_options(config: RunConfig, registry: Registry, *, used_only: bool = Tr
             continue
         declarations = []
         for kind in KINDS:
-            entry_name = _backbone_entry(group, registry)[0] if kind == "backbones" else group
+            entry_name = backbone_entry(group, registry)[0] if kind == "backbones" else group
             if entry_name in registry.entries(kind):
                 declarations.append(registry.load_class(kind, entry_name))
         if not declarations:
@@ -137,7 +120,7 @@ def check_options(config: RunConfig, registry: Registry, *, used_only: bool = Tr
             raise VadError(f"--set {group}.…: no installed plugin registers {group!r}{hint}; see `vad plugins` for what is installed")
         for cls in declarations:
             cls.Options.parse(values, owner=cls.describe_owner())
-        if used is not None and not any(group in names or _backbone_entry(group, registry)[0] in names for names in used.values()):
+        if used is not None and not any(group in names or backbone_entry(group, registry)[0] in names for names in used.values()):
             raise VadError(
                 f"--set {group}.…: this run does not use {group!r}, so the option would have no effect "
                 f"({_what_is_used(used)}); choose it for the run, or drop the option"
@@ -165,11 +148,19 @@ def deepest_stride(source: FeatureSource | None) -> int | None:
 
 
 def detector_options(name: str, config: RunConfig, registry: Registry, geometry: Geometry) -> dict[str, Any]:
-    """The options a detector is built with: the user's, and for an image detector that declares
-    a square ``image_size`` option (DRAEM) the geometry's network input side passed through, so
-    that the detector's own rules (DRAEM: a multiple of 32) check it and its saved options say it."""
+    """The options a detector is built with: the user's; for an image detector with its own
+    network (a teacher, an encoder) that declares ``weights`` / ``pretrained`` options, the run's
+    ``--weights`` / ``--no-pretrained`` (unless set for it); and for one that declares a square
+    ``image_size`` option (DRAEM) the geometry's network input side passed through, so that the
+    detector's own rules (DRAEM: a multiple of 32) check it and its saved options say it."""
     options = config.options_for(name)
     cls = registry.load_class("detectors", name)
+    if cls.input == "images":
+        declared = cls.Options.fields()
+        if config.weights and "weights" in declared:
+            options.setdefault("weights", config.weights)
+        if not config.pretrained and "pretrained" in declared:
+            options.setdefault("pretrained", False)
     if not geometry.active or cls.input != "images" or "image_size" not in cls.Options.fields():
         return options
     size = geometry.planned_network_size
@@ -249,6 +240,8 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
     detector_classes = {name: registry.load_class("detectors", name) for name in config.detectors}
     score_level = is_score_ensembler(config.ensemble, registry)
     needs_features = any(cls.input == "features" for cls in detector_classes.values())
+    if config.weights and not needs_features and not any("weights" in cls.Options.fields() for cls in detector_classes.values()):
+        raise VadError(f"--weights {config.weights}: no part of this run loads network weights ({', '.join(config.detectors)} learn from the images alone)")
     sources = build_sources(config, registry) if needs_features else []
     if config.ensemble is not None and not score_level:
         sources = [create("ensemblers", config.ensemble, registry, sources, seed=config.seed, **config.options_for(config.ensemble))]

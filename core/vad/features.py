@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vad.contracts import Backbone, FeatureSource
+from vad.contracts import Backbone, FeatureInfo, FeatureSource
 from vad.errors import VadError
 from vad.options import option
 
@@ -35,6 +35,22 @@ def channel_pool(features: torch.Tensor, dim: int) -> torch.Tensor:
     flat = features.permute(0, 2, 3, 1).reshape(-1, 1, c)
     pooled = F.adaptive_avg_pool1d(flat, dim)
     return pooled.reshape(b, h, w, dim).permute(0, 3, 1, 2)
+
+
+def layers_at_strides(backbone: Backbone, strides: Sequence[int], owner: str, option_name: str = "layers") -> list[FeatureInfo]:
+    """The backbone's deepest feature map at each of ``strides`` (the levels methods name by
+    stride: STFPM's and Reverse Distillation's 4, 8, 16), or a VadError naming ``owner``, what is
+    missing and what the backbone offers."""
+    info = backbone.feature_info()
+    by_stride = {f.stride: f for f in info}  # later (deeper) maps at a stride win
+    missing = [stride for stride in strides if stride not in by_stride]
+    if missing:
+        offered = ", ".join(f"{f.name} (stride {f.stride}, {f.channels} ch)" for f in info)
+        raise VadError(
+            f"{owner}: backbone {getattr(backbone, 'spec', None) or backbone.name!r} has no feature map at stride(s) {missing}; "
+            f"name the levels with --set {owner}.{option_name}=[...] from: {offered}"
+        )
+    return [by_stride[stride] for stride in strides]
 
 
 def default_layers(backbone: Backbone) -> list[str]:

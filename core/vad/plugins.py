@@ -249,6 +249,25 @@ def _env_list(variable: str) -> list[str] | None:
 _registry: Registry | None = None
 
 
+def backbone_entry(spec: str, registry: Registry) -> tuple[str, str]:
+    """The registered backbone entry a ``--backbone`` spec uses and the model name it passes:
+    a registered name (``(spec, spec)``) or ``family:model`` (``("family", "model")``)."""
+    if spec in registry.entries("backbones") or ":" not in spec:
+        return spec, spec
+    family, _, model_name = spec.partition(":")
+    return family, model_name
+
+
+def create_backbone(spec: str, registry: Registry | None = None, **options: Any) -> Any:
+    """The backbone a ``--backbone`` spec names, built with ``options`` (its ``spec`` set):
+    ``cls(SPEC)`` for a registered name, ``cls(model)`` for ``family:model``."""
+    registry = registry or get_registry()
+    name, model_name = backbone_entry(spec, registry)
+    backbone = registry.load_class("backbones", name)(model_name, **options)
+    backbone.spec = spec
+    return backbone
+
+
 def get_registry() -> Registry:
     """The process-wide registry (created and loaded on first use)."""
     global _registry
