@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation"])
+    parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"])
     parser.add_argument("--output", default="runs/anomalib-compare")
     args = parser.parse_args()
 
@@ -142,7 +143,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for method, backbone, what in ROWS:
-        if method not in args.methods:
+        if method not in args.methods or backbone not in args.backbones:
             continue
         for category in args.categories:
             cell = output / f"{method}-{backbone}-{category}"
