@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 # First-party plugins, in dependency order (draem uses augment).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/draem plugins/reverse_distillation \
-           plugins/stfpm contrib/sklearn
+           plugins/stfpm plugins/efficientad contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
 

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vad.contracts import Detector, State
+from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
 from vad.options import option
 
@@ -152,11 +152,23 @@ class TrainedDetector(Detector):
         """The loss of one batch (and optionally its named parts); randomness only from ``generator``."""
 
     def check_batch(self, batch: Any, where: str) -> torch.Tensor:
-        """A training or test batch checked and on the detector's device (override to check shapes)."""
-        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+        """A training or test batch checked and on the detector's device: ``[B, C, H, W]``, and for
+        an image detector ``C = 3`` (override to check sizes, calling this first)."""
+        images = self.input == "images"
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or (images and batch.shape[1] != 3):
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise VadError(f"{self.describe_owner()}.{where} expects batches [B, C, H, W], got {shape}")
+            expected = "image batches [B, 3, H, W] prepared with the detector's preprocessing" if images else "batches [B, C, H, W]"
+            raise VadError(f"{self.name} {where} takes {expected}, got {shape}")
         return batch.to(self.device, torch.float32)
+
+    def scored_by(self, module: nn.Module, batch: Any) -> Prediction:
+        """The prediction of a network that maps checked batches to ``(scores, maps)`` (run in
+        eval mode, without gradients): :meth:`predict` of methods whose whole scoring is one module."""
+        self.require_fitted()
+        images = self.check_batch(batch, "predict")
+        with torch.no_grad():
+            scores, maps = module.eval()(images)
+        return Prediction(scores=scores, maps=maps)
 
     def before_training(self) -> None:
         """Called once per fit after :meth:`build`, before the first step (e.g. to build

@@ -103,16 +103,14 @@ class Draem(TrainedDetector):
 
     def check_batch(self, batch: Any, where: str) -> torch.Tensor:
         """Image batches ``[B, 3, H, W]`` in [0, 1] with sides that are multiples of 32."""
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != 3:
-            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise VadError(f"draem {where} takes image batches [B, 3, H, W] in [0, 1], got {shape}")
+        batch = super().check_batch(batch, where)
         height, width = batch.shape[-2:]
         if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
             raise VadError(
                 f"draem {where} needs image sides that are multiples of {SIZE_MULTIPLE}, got {height}x{width}; "
                 "prepare images with the detector's preprocessing (image_size)"
             )
-        return batch.to(self.device, torch.float32)
+        return batch
 
     # ------------------------------------------------------------------ training
 

@@ -162,9 +162,7 @@ class ReverseDistillation(TrainedDetector):
 
     def check_batch(self, batch: Any, where: str) -> torch.Tensor:
         """Image batches ``[B, 3, H, W]`` with sides that are multiples of twice the deepest stride."""
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != 3:
-            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise VadError(f"reverse-distillation {where} takes image batches [B, 3, H, W], got {shape}")
+        batch = super().check_batch(batch, where)
         multiple = 2 * self.levels[-1].stride
         height, width = batch.shape[-2:]
         if height % multiple or width % multiple:
@@ -172,7 +170,7 @@ class ReverseDistillation(TrainedDetector):
                 f"reverse-distillation {where} needs image sides that are multiples of {multiple} (twice the "
                 f"deepest encoder stride), got {height}x{width}; prepare images with the detector's preprocessing (image_size)"
             )
-        return batch.to(self.device, torch.float32)
+        return batch
 
     # ------------------------------------------------------------------ training
 
@@ -214,12 +212,7 @@ class ReverseDistillation(TrainedDetector):
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Maps ``[B, H, W]`` at the input size and image scores ``[B]`` (max of the smoothed map)."""
-        self.require_fitted()
-        images = self.check_batch(batch, "predict")
-        module = self.export_module()
-        with torch.no_grad():
-            scores, maps = module(images)
-        return Prediction(scores=scores, maps=maps)
+        return self.scored_by(self.export_module(), batch)
 
     def export_module(self) -> nn.Module:
         """``images -> (scores, maps)``: encoder, OCBE, decoder, map, score; traceable for ONNX."""

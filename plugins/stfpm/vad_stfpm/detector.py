@@ -150,13 +150,6 @@ class Stfpm(TrainedDetector):
         size, own = self.options.image_size, self.skeleton.preprocessing
         return Preprocessing(size=(size, size), mean=own.mean, std=own.std, interpolation="bilinear")
 
-    def check_batch(self, batch: Any, where: str) -> torch.Tensor:
-        """Image batches ``[B, 3, H, W]`` on the detector's device."""
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4 or batch.shape[1] != 3:
-            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise VadError(f"stfpm {where} takes image batches [B, 3, H, W] prepared with the detector's preprocessing, got {shape}")
-        return batch.to(self.device, torch.float32)
-
     # ------------------------------------------------------------------ training
 
     def build(self, input_meta: dict[str, Any]) -> dict[str, nn.Module]:
@@ -200,11 +193,7 @@ class Stfpm(TrainedDetector):
 
     def predict(self, batch: torch.Tensor) -> Prediction:
         """Maps ``[B, H, W]`` at the input size and image scores ``[B]`` (map maximum)."""
-        self.require_fitted()
-        images = self.check_batch(batch, "predict")
-        with torch.no_grad():
-            scores, maps = self.networks["model"].eval()(images)
-        return Prediction(scores=scores, maps=maps)
+        return self.scored_by(self.export_module(), batch)
 
     def export_module(self) -> nn.Module:
         """The teacher-student pair: ``images -> (scores, maps)`` (in eval mode: exporters restore
