@@ -214,6 +214,10 @@ def test_distill_command_writes_a_loadable_teacher(tmp_path):
     detector = EfficientAd(**{**SMALL, "model_size": "medium", "teacher_weights": str(output)})
     detector.fit([images_for(detector)])
     torch.testing.assert_close(detector.networks["model"].teacher.state_dict()["0.weight"], state["0.weight"])
+    for bad, words in ((["--model-size", "large"], "model_size must be one of 'small', 'medium'"), (["--steps", "0"], "steps must be an integer, >= 1"), (["--image-size", "48"], "image_size must be")):
+        refused = CliRunner().invoke(app, [*arguments[:4], "--output", str(tmp_path / "other.safetensors"), *bad])
+        assert isinstance(refused.exception, VadError) and words in str(refused.exception)
+        assert not (tmp_path / "other.safetensors").exists()
 
 
 def test_official_teacher_state_dicts_load(tmp_path):

@@ -5,9 +5,28 @@ Heavy imports stay inside the command so ``vad --help`` stays fast.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from vad.options import Options, option
+
+
+class DistillOptions(Options):
+    """What ``vad efficientad distill`` takes; its checks and defaults derive from this declaration."""
+
+    model_size: Literal["small", "medium"] = option("small", "small or medium PDN.")
+    image_size: int = option(256, "PDN input side (official 256); the backbone sees twice that.", ge=64, multiple_of=32)
+    steps: int = option(60000, "Optimiser steps (official 60,000).", ge=1)
+    batch_size: int = option(16, "Images per step (official 16).", ge=1)
+    normalization_images: int = option(10000, "Images for the target mean/std (official 10,000).", ge=1)
+    seed: int = option(0, "All randomness.")
+
+
+def _help(name: str) -> str:
+    _, spec, default = DistillOptions.fields()[name]
+    return f"{spec.description} Default {default}."
+
 
 efficientad_app = typer.Typer(help="EfficientAD tools (teacher distillation).", no_args_is_help=True)
 
@@ -18,27 +37,23 @@ def distill(
     output: str = typer.Option(..., "--output", "-o", help="Teacher file to write (.safetensors); use it with --set efficientad.teacher_weights=FILE."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="vad backbone whose stride-8/16 features the teacher regresses (official wide_resnet101_2)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
-    model_size: str = typer.Option("small", "--model-size", help="small or medium PDN."),
-    image_size: int = typer.Option(256, "--image-size", help="PDN input side (official 256); the backbone sees twice that."),
-    steps: int = typer.Option(60000, "--steps", help="Optimiser steps (official 60,000)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per step (official 16)."),
-    normalization_images: int = typer.Option(10000, "--normalization-images", help="Images for the target mean/std (official 10,000)."),
-    seed: int = typer.Option(0, "--seed", help="All randomness."),
+    model_size: Optional[str] = typer.Option(None, "--model-size", help=_help("model_size")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=_help("image_size")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=_help("steps")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size")),
+    normalization_images: Optional[int] = typer.Option(None, "--normalization-images", help=_help("normalization_images")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_help("seed")),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Train a PDN teacher to regress a backbone's features and save it as safetensors."""
     from pathlib import Path
 
-    from vad.errors import VadError
     from vad.progress import info, track
     from vad_efficientad.distill import FolderImages, distill_teacher, feature_extractor, save_teacher
 
-    if model_size not in ("small", "medium"):
-        raise VadError(f"--model-size must be small or medium, got {model_size!r}")
-    if image_size < 64 or image_size % 32:
-        raise VadError(f"--image-size must be a multiple of 32 of at least 64, got {image_size}")
-    if steps < 1 or batch_size < 1 or normalization_images < 1:
-        raise VadError("--steps, --batch-size and --normalization-images must be at least 1")
+    given = dict(model_size=model_size, image_size=image_size, steps=steps, batch_size=batch_size, normalization_images=normalization_images, seed=seed)
+    chosen = DistillOptions.parse({k: v for k, v in given.items() if v is not None}, owner="vad efficientad distill")
+    model_size, image_size, steps, batch_size = chosen.model_size, chosen.image_size, chosen.steps, chosen.batch_size
     folder = FolderImages(images)
     extractor = feature_extractor(backbone, weights, device=device)
     info(f"distilling a PDN-{model_size} teacher from {backbone} on {len(folder)} images ({steps} steps of {batch_size})")
@@ -49,7 +64,7 @@ def distill(
 
     network, facts = distill_teacher(
         model_size, folder, extractor, image_size=image_size, steps=steps, batch_size=batch_size,
-        normalization_images=normalization_images, seed=seed, device=device, progress=progress,
+        normalization_images=chosen.normalization_images, seed=chosen.seed, device=device, progress=progress,
     )
     next(bar, None)
     save_teacher(Path(output), network, {**facts, "backbone": backbone})
