@@ -28,6 +28,10 @@ Fixtures:
 * ``one_torch_thread`` -- the test runs on one torch thread (faster for tiny tensors);
 * ``vad_fakes`` -- registers the fake backbone as ``fake-backbone`` and the tiny data set as
   ``tiny`` so that ``vad run --dataset tiny --backbone fake-backbone`` runs in a second.
+
+Helpers: ``single_torch_thread()`` (the same, as a context manager, e.g. around a fit in a
+module-scoped fixture) and ``tiny_image_batch(detector, split)`` (the tiny data set's images
+prepared with an image detector's preprocessing).
 """
 
 from __future__ import annotations
@@ -204,16 +208,34 @@ def random_images():
     return torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(123)) * 0.9 + 0.05
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Run the test on one torch thread, then restore the count: tiny tensors compute faster
-    that way, and on a shared 2-core machine two threads spin-wait on each other."""
+@contextmanager
+def single_torch_thread():
+    """One torch thread inside the block, the count restored after: tiny tensors compute faster
+    that way, and on a shared 2-core machine two threads spin-wait on each other (for
+    module-scoped fixtures that fit a detector once)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch thread (:func:`single_torch_thread`)."""
+    with single_torch_thread():
+        yield
+
+
+def tiny_image_batch(detector: Any, split: str = "train") -> Any:
+    """The images of :func:`make_tiny_splits`'s ``split`` prepared with an image detector's
+    ``preprocessing``: a ``[B, 3, H, W]`` batch for its ``fit`` or ``predict``."""
+    from vad.preprocess import to_batch
+
+    return to_batch([sample.load_image() for sample in getattr(make_tiny_splits(), split)], detector.preprocessing)
 
 
 @pytest.fixture

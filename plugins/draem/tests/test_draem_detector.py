@@ -7,6 +7,7 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
+from vad.testing import single_torch_thread
 from vad_draem.detector import Draem, DraemFeatures
 
 SMALL = {"image_size": 64, "base_channels": 4, "epochs": 1, "batch_size": 4, "seed": 0}
@@ -24,9 +25,9 @@ def train_images():
 @pytest.fixture(scope="module")
 def fitted(train_images):
     """A DRAEM fitted for one epoch on the tiny images (shared: fitting is the slow part)."""
-    torch.set_num_threads(1)
     detector = Draem(**SMALL)
-    detector.fit([train_images[:4], train_images[4:]])
+    with single_torch_thread():
+        detector.fit([train_images[:4], train_images[4:]])
     return detector
 
 

@@ -9,26 +9,17 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
-from vad.preprocess import to_batch
-from vad.testing import check_detector, make_tiny_splits
+from vad.testing import check_detector, make_tiny_splits, single_torch_thread, tiny_image_batch
 from vad_efficientad.detector import EfficientAd, EfficientAdFeatures
 
 SMALL = {"image_size": 64, "max_steps": 4, "distill_steps": 2, "distill_batch_size": 4, "seed": 0}
 
 
-def images_for(detector, split="train"):
-    """The tiny data set's images of ``split`` prepared with the detector's preprocessing."""
-    splits = make_tiny_splits()
-    return to_batch([s.load_image() for s in getattr(splits, split)], detector.preprocessing)
-
-
 @pytest.fixture(scope="module")
 def fitted():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     detector = EfficientAd(**SMALL)
-    detector.fit([images_for(detector)])
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        detector.fit([tiny_image_batch(detector)])
     return detector
 
 
@@ -45,7 +36,7 @@ def test_declares_the_official_defaults():
 
 
 def test_fit_predicts_padded_maps_and_fits_quantiles(fitted):
-    prediction = fitted.predict(images_for(fitted, "test"))
+    prediction = fitted.predict(tiny_image_batch(fitted, "test"))
     assert prediction.scores.shape == (12,) and prediction.maps.shape == (12, 16, 16)
     assert prediction.maps[:, :4].abs().sum() == 0  # the official zero padding
     model = fitted.networks["model"]
@@ -56,7 +47,7 @@ def test_fit_predicts_padded_maps_and_fits_quantiles(fitted):
 
 def test_quantiles_come_from_held_out_images():
     detector = EfficientAd(**SMALL)
-    train = images_for(detector)
+    train = tiny_image_batch(detector)
     held = {}
     original = detector._fit_quantiles
     detector._fit_quantiles = lambda validation: (held.setdefault("v", validation), original(validation))
@@ -72,7 +63,7 @@ def detector_train_images(detector, train):
 
 def test_the_teacher_is_frozen_and_only_student_and_autoencoder_train(tmp_path):
     detector = EfficientAd(**SMALL)
-    train = images_for(detector)
+    train = tiny_image_batch(detector)
     detector.fit([train])
     teacher = {k: v.clone() for k, v in detector.networks["model"].teacher.state_dict().items()}
     # train again from the same teacher file: the teacher must stay as loaded
@@ -104,14 +95,14 @@ def test_epochs_follow_max_steps():
     steps = []
     original = detector.training_step
     detector.training_step = lambda batch, generator: (steps.append(detector.steps_done()), original(batch, generator))[1]
-    detector.fit([images_for(detector)])
+    detector.fit([tiny_image_batch(detector)])
     assert steps == list(range(10)) and detector.epochs_trained == 2  # 7 training images per pass
 
 
 def test_same_seed_same_training():
     first, second = EfficientAd(**SMALL), EfficientAd(**SMALL)
-    first.fit([images_for(first)])
-    second.fit([images_for(second)])
+    first.fit([tiny_image_batch(first)])
+    second.fit([tiny_image_batch(second)])
     for name, tensor in first.state().tensors.items():
         assert torch.equal(tensor, second.state().tensors[name]), name
 
@@ -119,7 +110,7 @@ def test_same_seed_same_training():
 def test_saved_and_loaded_state_gives_the_same_scores(tmp_path, fitted):
     from safetensors.torch import load_file, save_file
 
-    test = images_for(fitted, "test")
+    test = tiny_image_batch(fitted, "test")
     expected = fitted.predict(test)
     state = fitted.state()
     save_file(state.tensors, tmp_path / "state.safetensors")
@@ -146,7 +137,7 @@ def test_onnx_export_matches_torch_for_medium(tmp_path):
 
 
 def test_feature_source_cut_points_and_rebuild(fitted):
-    images = images_for(fitted, "test")[:2]
+    images = tiny_image_batch(fitted, "test")[:2]
     source = fitted.feature_source()
     features = source(images)
     assert features.shape == (2, 768, 8, 8) and source.out_channels == 768
@@ -212,7 +203,7 @@ def test_distill_command_writes_a_loadable_teacher(tmp_path):
     with pytest.raises(VadError, match="medium teacher"):
         load_teacher(output, "small")
     detector = EfficientAd(**{**SMALL, "model_size": "medium", "teacher_weights": str(output)})
-    detector.fit([images_for(detector)])
+    detector.fit([tiny_image_batch(detector)])
     torch.testing.assert_close(detector.networks["model"].teacher.state_dict()["0.weight"], state["0.weight"])
     for bad, words in ((["--model-size", "large"], "model_size must be one of 'small', 'medium'"), (["--steps", "0"], "steps must be an integer, >= 1"), (["--image-size", "48"], "image_size must be")):
         refused = CliRunner().invoke(app, [*arguments[:4], "--output", str(tmp_path / "other.safetensors"), *bad])
@@ -243,7 +234,7 @@ def test_penalty_images_from_a_folder(tmp_path):
     parts = []
     original = detector.training_step
     detector.training_step = lambda batch, generator: (lambda r: (parts.append(r[1]), r)[1])(original(batch, generator))
-    detector.fit([images_for(detector)])
+    detector.fit([tiny_image_batch(detector)])
     assert all("penalty" in p and p["penalty"] >= 0 for p in parts) and len(parts) == 2
 
 
@@ -267,12 +258,12 @@ def test_bad_inputs_and_files_are_clear_errors(fitted, tmp_path):
     with pytest.raises(VadError, match="empty"):
         EfficientAd(**SMALL).fit([])
     with pytest.raises(VadError, match="does not exist"):
-        EfficientAd(**{**SMALL, "teacher_weights": str(tmp_path / "none.safetensors")}).fit([images_for(fitted)])
+        EfficientAd(**{**SMALL, "teacher_weights": str(tmp_path / "none.safetensors")}).fit([tiny_image_batch(fitted)])
     with pytest.raises(VadError, match="does not exist"):
-        EfficientAd(**{**SMALL, "penalty_images": str(tmp_path / "nowhere")}).fit([images_for(fitted)])
+        EfficientAd(**{**SMALL, "penalty_images": str(tmp_path / "nowhere")}).fit([tiny_image_batch(fitted)])
     (tmp_path / "junk.pth").write_bytes(b"not a file")
     with pytest.raises(VadError, match="cannot read"):
-        EfficientAd(**{**SMALL, "teacher_weights": str(tmp_path / "junk.pth")}).fit([images_for(fitted)])
+        EfficientAd(**{**SMALL, "teacher_weights": str(tmp_path / "junk.pth")}).fit([tiny_image_batch(fitted)])
     with pytest.raises(VadError, match="do not fit"):
         EfficientAd(**SMALL).load_state(State(fitted.state().meta, {}))
 

@@ -9,27 +9,18 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
-from vad.preprocess import to_batch
-from vad.testing import check_detector, make_tiny_splits
+from vad.testing import check_detector, make_tiny_splits, single_torch_thread, tiny_image_batch
 from vad_reverse_distillation.detector import ReverseDistillation, ReverseDistillationFeatures
 
 SMALL = {"image_size": 64, "epochs": 2, "batch_size": 4, "seed": 0}
 
 
-def images_for(detector, split="train"):
-    """The tiny data set's images of ``split`` prepared with the detector's preprocessing."""
-    splits = make_tiny_splits()
-    return to_batch([s.load_image() for s in getattr(splits, split)], detector.preprocessing)
-
-
 @pytest.fixture(scope="module")
 def fitted():
     """Reverse Distillation on EfficientNet-Lite0, fitted for two epochs on the tiny images."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     detector = ReverseDistillation(**SMALL)
-    detector.fit([images_for(detector)])
-    torch.set_num_threads(threads)
+    with single_torch_thread():
+        detector.fit([tiny_image_batch(detector)])
     return detector
 
 
@@ -68,7 +59,7 @@ def test_resnet18_encoder_gets_the_official_networks_on_timms_layer1_to_3():
 def test_the_encoder_is_frozen():
     detector = ReverseDistillation(**SMALL)
     before = {k: v.clone() for k, v in detector.encoder.model.state_dict().items()}
-    detector.fit([images_for(detector)])
+    detector.fit([tiny_image_batch(detector)])
     encoder = detector.encoder.model
     assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # BN statistics too
@@ -80,18 +71,18 @@ def test_the_encoder_is_frozen():
 
 def test_fit_lowers_the_loss_and_predicts_maps_at_the_input_size(fitted):
     assert fitted.epochs_trained == 2 and len(fitted.history) == 2
-    prediction = fitted.predict(images_for(fitted, "test"))
+    prediction = fitted.predict(tiny_image_batch(fitted, "test"))
     assert prediction.scores.shape == (12,) and prediction.maps.shape == (12, 64, 64)
     assert (prediction.maps >= 0).all() and (prediction.maps <= 6).all()  # three levels of 1 - cos in [0, 2]
     longer = ReverseDistillation(**{**SMALL, "epochs": 4})
-    longer.fit([images_for(longer)])
+    longer.fit([tiny_image_batch(longer)])
     assert longer.history[-1] < longer.history[0]
 
 
 def test_same_seed_same_training():
     first, second = ReverseDistillation(**SMALL), ReverseDistillation(**SMALL)
-    first.fit([images_for(first)])
-    second.fit([images_for(second)])
+    first.fit([tiny_image_batch(first)])
+    second.fit([tiny_image_batch(second)])
     for name, tensor in first.state().tensors.items():
         assert torch.equal(tensor, second.state().tensors[name]), name
 
@@ -101,8 +92,8 @@ def test_saved_and_loaded_state_gives_the_same_scores(tmp_path, options):
     from safetensors.torch import load_file, save_file
 
     detector = ReverseDistillation(**{**SMALL, "epochs": 1, **options})
-    detector.fit([images_for(detector)])
-    test = images_for(detector, "test")
+    detector.fit([tiny_image_batch(detector)])
+    test = tiny_image_batch(detector, "test")
     expected = detector.predict(test)
     state = detector.state()
     save_file(state.tensors, tmp_path / "state.safetensors")
@@ -130,7 +121,7 @@ def test_onnx_export_matches_torch(tmp_path, options):
 
 
 def test_feature_source_cut_points_and_rebuild(fitted):
-    images = images_for(fitted, "test")[:2]
+    images = tiny_image_batch(fitted, "test")[:2]
     source = fitted.feature_source()
     features = source(images)
     assert features.shape == (2, 224, 2, 2) and source.out_channels == 2 * 112  # the embedding, stride 32

@@ -10,6 +10,7 @@ import torch
 from vad.plugins import create_backbone
 from vad.contracts import State
 from vad.errors import VadError
+from vad.testing import single_torch_thread
 from vad_stfpm.detector import Stfpm, StfpmFeatures
 
 SMALL = {"backbone": "resnet18", "pretrained": False, "image_size": 64, "epochs": 1, "batch_size": 4, "seed": 0}
@@ -28,9 +29,9 @@ def images():
 @pytest.fixture(scope="module")
 def fitted(images):
     """An STFPM (random ResNet-18 teacher) fitted for one epoch (shared: fitting is the slow part)."""
-    torch.set_num_threads(1)
     detector = Stfpm(**SMALL)
-    detector.fit([images[:4], images[4:]])
+    with single_torch_thread():
+        detector.fit([images[:4], images[4:]])
     return detector
 
 
