@@ -110,14 +110,14 @@ def _dataset_categories(base: dict[str, Any]) -> list[str]:
 def cell_config(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = None) -> Any:
     """The RunConfig of one cell, with the grid's options for the components this cell uses
     (a grid sets options for every detector it sweeps; each cell takes its own)."""
-    from vad.build import CORE_OPTION_GROUPS, used_components
+    from vad.build import used_components, uses_group
     from vad.config import RunConfig
     from vad.plugins import get_registry
 
     registry = registry or get_registry()
     config = RunConfig(**{**base, "detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)})
-    used = set(CORE_OPTION_GROUPS).union(*used_components(config, registry).values())
-    config.options = {group: values for group, values in config.options.items() if group in used or group.partition(":")[0] in used}
+    used = used_components(config, registry)
+    config.options = {group: values for group, values in config.options.items() if uses_group(group, used, registry)}
     return config
 
 

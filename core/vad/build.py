@@ -90,6 +90,13 @@ def used_components(config: RunConfig, registry: Registry) -> dict[str, set[str]
     }
 
 
+def uses_group(group: str, used: dict[str, set[str]], registry: Registry) -> bool:
+    """True when the ``--set`` group ``group`` names a component in ``used``
+    (:func:`used_components`; a backbone spec counts as its registered entry) or a core group."""
+    entry = backbone_entry(group, registry)[0]
+    return group in CORE_OPTION_GROUPS or any(group in names or entry in names for names in used.values())
+
+
 def check_names(config: RunConfig, registry: Registry) -> None:
     """Every component ``config`` names is installed (an unknown name lists what is, with the
     nearest match); checked before anything is built or written."""
@@ -120,7 +127,7 @@ def check_options(config: RunConfig, registry: Registry, *, used_only: bool = Tr
             raise VadError(f"--set {group}.…: no installed plugin registers {group!r}{hint}; see `vad plugins` for what is installed")
         for cls in declarations:
             cls.Options.parse(values, owner=cls.describe_owner())
-        if used is not None and not any(group in names or backbone_entry(group, registry)[0] in names for names in used.values()):
+        if used is not None and not uses_group(group, used, registry):
             raise VadError(
                 f"--set {group}.…: this run does not use {group!r}, so the option would have no effect "
                 f"({_what_is_used(used)}); choose it for the run, or drop the option"
