@@ -54,7 +54,7 @@ def distill(
     given = dict(model_size=model_size, image_size=image_size, steps=steps, batch_size=batch_size, normalization_images=normalization_images, seed=seed)
     chosen = DistillOptions.parse({k: v for k, v in given.items() if v is not None}, owner="vad efficientad distill")
     model_size, image_size, steps, batch_size = chosen.model_size, chosen.image_size, chosen.steps, chosen.batch_size
-    folder = FolderImages(images)
+    folder = FolderImages(images, "vad efficientad distill")
     extractor = feature_extractor(backbone, weights, device=device)
     info(f"distilling a PDN-{model_size} teacher from {backbone} on {len(folder)} images ({steps} steps of {batch_size})")
     bar = iter(track(range(steps), "distillation steps", total=steps))

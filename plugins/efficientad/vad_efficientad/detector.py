@@ -62,20 +62,8 @@ from vad.contracts import DetectorFeatures, Prediction, Preprocessing, State
 from vad.errors import VadError
 from vad.options import option
 from vad.training import TrainedDetector, train
-from vad_efficientad.distill import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FolderImages,
-    Sampler,
-    TensorImages,
-    denormalize,
-    distill_teacher,
-    feature_extractor,
-    load_teacher,
-    normalize,
-    random_grayscale,
-    resize,
-)
+from vad.distillation import FolderImages, Sampler, TensorImages, denormalize, normalize, random_grayscale
+from vad_efficientad.distill import IMAGENET_MEAN, IMAGENET_STD, distill_teacher, feature_extractor, load_teacher
 from vad_efficientad.network import OUT_CHANNELS, EfficientAdModel, channel_statistics, color_jitter, hard_feature_loss, map_quantiles, pdn_output_size
 
 #: Images per forward pass outside training (teacher statistics, quantiles).
@@ -212,7 +200,7 @@ class EfficientAd(TrainedDetector):
         model.teacher_std.copy_(std.clamp_min(1e-6))
         self._penalty = None
         if options.penalty_images is not None:
-            folder = FolderImages(options.penalty_images)
+            folder = FolderImages(options.penalty_images, "efficientad penalty_images")
             self._penalty = (folder, Sampler(len(folder), torch.Generator().manual_seed(options.seed + 1)))
 
     def optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:

@@ -28,9 +28,8 @@ with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,102 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vad.distillation import FolderImages, Sampler, TensorImages, normalize, random_grayscale, read_teacher_file, resize, save_teacher_file
 from vad.errors import VadError
 from vad_efficientad.network import OUT_CHANNELS, ModelSize, pdn
 
 TEACHER_FORMAT = "vad-efficientad-teacher"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def normalize(images01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(x - mean) / std`` per channel for ``[B, 3, H, W]`` images in [0, 1]."""
-    m = torch.tensor(mean, device=images01.device, dtype=images01.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images01.device, dtype=images01.dtype).view(1, 3, 1, 1)
-    return (images01 - m) / s
-
-
-def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Back to [0, 1] from ``(x - mean) / std``."""
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * s + m).clamp(0, 1)
-
-
-def resize(images01: torch.Tensor, size: int) -> torch.Tensor:
-    """Anti-aliased bilinear resize to ``size x size`` (as PIL's ``Resize``)."""
-    from vad.preprocess import resize_batch
-
-    return resize_batch(images01, (size, size), "bilinear")
-
-
-# --------------------------------------------------------------------------- image sources
-
-
-class TensorImages:
-    """Images held in memory, ``[N, 3, H, W]`` in [0, 1]."""
-
-    def __init__(self, images01: torch.Tensor) -> None:
-        self.images = images01
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def load(self, indices: Sequence[int], size: int) -> torch.Tensor:
-        return resize(self.images[list(indices)], size)
-
-
-class FolderImages:
-    """Every image file under a folder (recursively), decoded on demand."""
-
-    def __init__(self, folder: str | Path) -> None:
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise VadError(f"efficientad: image folder {str(root)!r} does not exist; give a folder of images (any layout, searched recursively)")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.paths:
-            raise VadError(f"efficientad: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, indices: Sequence[int], size: int) -> torch.Tensor:
-        import numpy as np
-
-        from vad.images import read_rgb
-
-        batch = []
-        for i in indices:
-            image = torch.from_numpy(np.ascontiguousarray(read_rgb(self.paths[i]))).permute(2, 0, 1)[None].float() / 255.0
-            batch.append(resize(image, size))
-        return torch.cat(batch)
-
-
-class Sampler:
-    """Random batches of indices: the images reshuffled every pass (an infinite shuffled loader)."""
-
-    def __init__(self, count: int, generator: torch.Generator) -> None:
-        self.count, self.generator = count, generator
-        self.order: list[int] = []
-
-    def take(self, size: int) -> list[int]:
-        out = []
-        while len(out) < size:
-            if not self.order:
-                self.order = torch.randperm(self.count, generator=self.generator).tolist()
-            out.append(self.order.pop(0))
-        return out
-
-
-def random_grayscale(images01: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """``RandomGrayscale(p)`` per image (ITU-R 601 luma, as torchvision)."""
-    out = images01.clone()
-    for i in range(images01.shape[0]):
-        if float(torch.rand(1, generator=generator)) < p:
-            gray = 0.299 * images01[i, 0] + 0.587 * images01[i, 1] + 0.114 * images01[i, 2]
-            out[i] = gray[None].expand(3, -1, -1)
-    return out
 
 
 # --------------------------------------------------------------------------- distillation
@@ -232,36 +142,26 @@ def distill_teacher(
 
 def save_teacher(path: str | Path, network: nn.Module, facts: dict[str, Any]) -> None:
     """Write a teacher as safetensors (official state-dict keys) with its facts as metadata."""
-    from vad.artifacts import save_tensors
-
-    metadata = {"format": TEACHER_FORMAT, **{key: json.dumps(value) for key, value in facts.items()}}
-    save_tensors(path, network.state_dict(), metadata=metadata)
+    save_teacher_file(path, network.state_dict(), TEACHER_FORMAT, facts)
 
 
 def load_teacher(path: str | Path, size: ModelSize) -> dict[str, torch.Tensor]:
     """A PDN teacher's state dict from a vad teacher file (.safetensors) or an official
     ``teacher_*.pth``, checked to fit a PDN of ``size``."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise VadError(f"efficientad: teacher_weights file {str(file)!r} does not exist; make one with `vad efficientad distill` or pass the official teacher_{size}.pth")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-            saved_size = json.loads(metadata.get("model_size", "null"))
-            if saved_size is not None and saved_size != size:
-                raise VadError(f"efficientad: {str(file)!r} holds a {saved_size} teacher, but model_size is {size!r}")
-        else:
+    how_to_make = f"make one with `vad efficientad distill` or pass the official teacher_{size}.pth"
+    if file.suffix == ".safetensors":
+        state, facts = read_teacher_file(file, "efficientad", how_to_make)
+        saved_size = facts.get("model_size")
+        if saved_size is not None and saved_size != size:
+            raise VadError(f"efficientad: {str(file)!r} holds a {saved_size} teacher, but model_size is {size!r}")
+    else:
+        if not file.is_file():
+            raise VadError(f"efficientad: teacher file {str(file)!r} does not exist; {how_to_make}")
+        try:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
-            if isinstance(state, nn.Module):  # pragma: no cover - weights_only never returns modules
-                state = state.state_dict()
-    except VadError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise VadError(f"efficientad: cannot read teacher_weights {str(file)!r} ({error}); give a .safetensors teacher or an official teacher_{size}.pth state dict") from error
+        except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise VadError(f"efficientad: cannot read teacher file {str(file)!r} ({error}); give a .safetensors teacher or an official teacher_{size}.pth state dict") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VadError(f"efficientad: {str(file)!r} is not a state dict of tensors")
     try:
