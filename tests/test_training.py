@@ -51,6 +51,9 @@ class TinyAutoencoder(TrainedDetector):
     def minibatch(self):
         return self.options.batch
 
+    def before_training(self):
+        self.resuming_seen = self.resuming
+
     def training_step(self, batch, generator):
         self.steps_seen = getattr(self, "steps_seen", 0) + 1
         if self.interrupt_after is not None and self.steps_seen > self.interrupt_after:
@@ -91,6 +94,7 @@ def test_a_resumed_fit_reaches_the_weights_of_an_uninterrupted_one(tmp_path, bat
     with session(tmp_path, resume=True, every_minutes=0):
         resumed.fit(batches())
     assert resumed.steps_seen == 6  # epochs 3 and 4 only
+    assert interrupted.resuming_seen is False and resumed.resuming_seen is True and resumed.resuming is False
     for name, value in weights(straight).items():
         assert torch.equal(value, weights(resumed)[name]), name
     assert resumed.history == straight.history and resumed.epochs_trained == 4

@@ -117,6 +117,10 @@ class TrainedDetector(Detector):
         #: Mean training loss of each epoch.
         self.history: list[float] = []
         self.epochs_trained = 0
+        #: True during a fit that continues from a checkpoint: the networks' weights and buffers
+        #: come from it after :meth:`before_training`, which can skip costly set-up (a teacher's
+        #: distillation or statistics).
+        self.resuming = False
 
     @property
     def training_passes(self) -> int:  # type: ignore[override]
@@ -313,12 +317,13 @@ def train(detector: TrainedDetector, batches: Iterable[torch.Tensor]) -> None:
     try:
         for network in detector.networks.values():
             network.to(detector.device).train()
+        where = current_session()
+        checkpoint = None if where.folder is None else where.folder / CHECKPOINT_FILE
+        detector.resuming = checkpoint is not None and where.resume and checkpoint.is_file()
         detector.before_training()
         optimizers, schedulers = detector.optimizers()
         run = _Run(detector, detector.generator())
-        where = current_session()
-        checkpoint = None if where.folder is None else where.folder / CHECKPOINT_FILE
-        if checkpoint is not None and where.resume and checkpoint.is_file():
+        if detector.resuming:
             _load_checkpoint(checkpoint, run, optimizers, schedulers)
             info(f"{detector.describe_owner()}: resumed from {checkpoint} after epoch {run.epoch}", path=str(checkpoint), epoch=run.epoch)
         autocast = detector.device.type == "cuda" and options.mixed_precision and detector.allows_mixed_precision
@@ -355,6 +360,8 @@ def train(detector: TrainedDetector, batches: Iterable[torch.Tensor]) -> None:
     except BaseException:
         detector.networks, detector.input_meta, detector.history, detector.epochs_trained = previous
         raise
+    finally:
+        detector.resuming = False
     for network in detector.networks.values():
         network.eval()
     detector.history, detector.epochs_trained = run.history, run.epoch

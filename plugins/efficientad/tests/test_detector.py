@@ -274,3 +274,35 @@ def test_registered_through_the_entry_point():
     registry = get_registry()
     assert registry.entries("detectors")["efficientad"].plugin.distribution == "vad-efficientad"
     assert registry.load_class("detectors", "efficientad") is EfficientAd
+
+
+def test_a_resumed_fit_reuses_the_checkpointed_teacher(tmp_path, monkeypatch):
+    import vad_efficientad.detector as module
+    from vad.training import session
+
+    options = {**SMALL, "max_steps": None, "epochs": 3}
+    train = tiny_image_batch(EfficientAd(**options))
+    straight = EfficientAd(**options)
+    straight.fit([train])
+    calls = []
+    real = module.distill_teacher
+    monkeypatch.setattr(module, "distill_teacher", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    interrupted = EfficientAd(**options)
+    step, taken = interrupted.training_step, []
+
+    def interrupt_in_the_second_epoch(*args):
+        taken.append(1)
+        if len(taken) > 8:  # 7 steps per epoch
+            raise KeyboardInterrupt
+        return step(*args)
+
+    interrupted.training_step = interrupt_in_the_second_epoch
+    with session(tmp_path, every_minutes=0), pytest.raises(KeyboardInterrupt):
+        interrupted.fit([train])
+    resumed = EfficientAd(**options)
+    with session(tmp_path, resume=True, every_minutes=0):
+        resumed.fit([train])
+    assert len(calls) == 1  # the resumed fit did not distil again
+    assert resumed.teacher_facts["source"].startswith("checkpoint")
+    for name, value in straight.state().tensors.items():
+        assert torch.allclose(value, resumed.state().tensors[name], atol=1e-6), name

@@ -176,7 +176,10 @@ class EfficientAd(TrainedDetector):
 
         options, model = self.options, self.networks["model"]
         assert self._train_pool is not None, "efficientad trains through fit()"
-        if options.teacher_weights is not None:
+        if self.resuming:
+            # teacher and its statistics come with the checkpoint's weights and buffers
+            self.teacher_facts = {"source": "checkpoint (the resumed fit's teacher)"}
+        elif options.teacher_weights is not None:
             model.teacher.load_state_dict(load_teacher(options.teacher_weights, options.model_size))
             self.teacher_facts = {"source": "file", "file": str(options.teacher_weights)}
         elif options.distill_steps > 0:
@@ -195,9 +198,10 @@ class EfficientAd(TrainedDetector):
             self.teacher_facts = {"source": "random"}
         model.to(self.device)
         model.teacher.eval()
-        mean, std = channel_statistics(model.teacher, self._train_pool.split(CHUNK))
-        model.teacher_mean.copy_(mean)
-        model.teacher_std.copy_(std.clamp_min(1e-6))
+        if not self.resuming:
+            mean, std = channel_statistics(model.teacher, self._train_pool.split(CHUNK))
+            model.teacher_mean.copy_(mean)
+            model.teacher_std.copy_(std.clamp_min(1e-6))
         self._penalty = None
         if options.penalty_images is not None:
             folder = FolderImages(options.penalty_images, "efficientad penalty_images")
