@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
-# First-party plugins, in dependency order (draem uses augment).
+# First-party plugins, in dependency order (draem uses augment, gcad uses uninformed_students).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/draem plugins/reverse_distillation \
-           plugins/stfpm plugins/efficientad contrib/sklearn
+           plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
 

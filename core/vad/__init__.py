@@ -10,6 +10,7 @@ composition, the CLI, the report) is internal and may change without notice:
 * :mod:`vad.calibration`: conformal ranks and false-alarm estimates for threshold rules;
 * :mod:`vad.errors`: ``VadError`` and its kinds, the errors a user can act on;
 * :mod:`vad.features`: ``PatchFeatures`` and ``channel_pool``, patch features over any backbone;
+* :mod:`vad.distillation`: image folders, samplers and teacher files for teacher distillation;
 * :mod:`vad.images` and :mod:`vad.preprocess`: decoding, resizing and batching images;
 * :mod:`vad.artifacts`: atomic writes and safetensors files;
 * :mod:`vad.progress`: ``info``, ``warn`` and ``track`` (bars, quiet and JSON modes);
@@ -31,6 +32,7 @@ PLUGIN_API = (
     "vad.calibration",
     "vad.errors",
     "vad.features",
+    "vad.distillation",
     "vad.images",
     "vad.preprocess",
     "vad.artifacts",
