@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from vad.contracts import Prediction
+from vad.contracts import Prediction, Preprocessing
 from vad.errors import VadError
 from vad.options import option
 from vad.training import CHECKPOINT_FILE, TrainedDetector, session
@@ -194,3 +194,30 @@ def test_vad_run_interrupted_by_sigint_leaves_no_model_and_resume_finishes(tmp_p
     assert "resumed from" in stderr
     assert (run_folder / "brick" / "model" / "model.json").is_file()
     assert not (run_folder / "brick" / "checkpoints").exists()
+
+
+def test_held_out_split_is_seeded_disjoint_and_keeps_one_image():
+    detector = TinyAutoencoder(seed=3)
+    images = [torch.arange(10.0).view(10, 1, 1, 1).expand(10, 5, 2, 2)]
+    train_images, validation = detector.held_out_split(images, 0.2)
+    assert (len(train_images), len(validation)) == (8, 2)
+    seen = sorted(float(x) for x in torch.cat([train_images, validation])[:, 0, 0, 0])
+    assert seen == [float(i) for i in range(10)]  # disjoint, nothing lost
+    again = TinyAutoencoder(seed=3).held_out_split(images, 0.2)[1]
+    assert torch.equal(again, validation)
+    single_train, single_validation = detector.held_out_split([images[0][:1]], 0.5)
+    assert torch.equal(single_train, single_validation)  # one image: nothing to hold out
+    with pytest.raises(VadError, match="empty training set"):
+        detector.held_out_split([], 0.1)
+
+
+def test_fixed_input_size_refuses_other_sizes():
+    class Fixed(TinyAutoencoder):
+        input = "images"
+        fixed_input_size = True
+        preprocessing = Preprocessing(size=(8, 8))
+
+    detector = Fixed()
+    assert detector.check_batch(torch.zeros(1, 3, 8, 8), "fit").shape == (1, 3, 8, 8)
+    with pytest.raises(VadError, match=r"tiny-autoencoder predict takes 8 x 8 px images .* got \(8, 16\)"):
+        detector.check_batch(torch.zeros(1, 3, 8, 16), "predict")

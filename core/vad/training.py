@@ -109,6 +109,9 @@ class TrainedDetector(Detector):
 
     #: Whether bfloat16 autocast on CUDA keeps this method's training sound.
     allows_mixed_precision: ClassVar[bool] = True
+    #: Whether the networks take only the size ``preprocessing`` gives (layers built for one
+    #: size, e.g. an autoencoder's bottleneck): :meth:`check_batch` then refuses other sizes.
+    fixed_input_size: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -163,7 +166,26 @@ class TrainedDetector(Detector):
             shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
             expected = "image batches [B, 3, H, W] prepared with the detector's preprocessing" if images else "batches [B, C, H, W]"
             raise VadError(f"{self.name} {where} takes {expected}, got {shape}")
+        if self.fixed_input_size:
+            height, width = self.preprocessing.size
+            if tuple(batch.shape[-2:]) != (height, width):
+                raise VadError(f"{self.name} {where} takes {height} x {width} px images (its networks are built for its preprocessing's size), got {tuple(batch.shape[-2:])}")
         return batch.to(self.device, torch.float32)
+
+    def held_out_split(self, batches: Iterable[torch.Tensor], fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batches, checked and concatenated, split with ``seed`` into the images
+        that train and ``fraction`` of them (at least one) held out as validation normals, for
+        methods that normalise their maps on normals they did not train on. With one image or
+        ``fraction`` 0 nothing is held out and the validation images are the training images."""
+        pool = [self.check_batch(batch, "fit") for batch in batches]
+        if not pool:
+            raise VadError(f"{self.describe_owner()} got an empty training set: it needs normal training images")
+        images = torch.cat(pool)
+        count = images.shape[0]
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.options.seed)).to(images.device)
+        kept = max(1, int((1 - fraction) * count))
+        train_images = images[order[:kept]]
+        return train_images, (images[order[kept:]] if kept < count else train_images)
 
     def scored_by(self, module: nn.Module, batch: Any) -> Prediction:
         """The prediction of a network that maps checked batches to ``(scores, maps)`` (run in

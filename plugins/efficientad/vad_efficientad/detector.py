@@ -76,6 +76,8 @@ class EfficientAd(TrainedDetector):
     name = "efficientad"
     input = "images"
     produces_maps = True
+    #: The networks are built for ``image_size`` (check_batch refuses other sizes).
+    fixed_input_size = True
 
     class Options(TrainedDetector.Options):
         model_size: Literal["small", "medium"] = option("small", "PDN size: small (EfficientAD-S) or medium (EfficientAD-M, extra 1x1 convs, wider).")
@@ -124,28 +126,12 @@ class EfficientAd(TrainedDetector):
         size = self.options.image_size
         return Preprocessing(size=(size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
 
-    def check_batch(self, batch: Any, where: str) -> torch.Tensor:
-        """Image batches ``[B, 3, image_size, image_size]`` on the detector's device."""
-        size = self.options.image_size
-        batch = super().check_batch(batch, where)
-        if tuple(batch.shape[-2:]) != (size, size):
-            raise VadError(f"efficientad {where} takes {size} x {size} px images (image_size={size}; the autoencoder is built for it), got {tuple(batch.shape[-2:])}")
-        return batch
-
     # ------------------------------------------------------------------ training
 
     def fit(self, batches: Any) -> None:
         """Hold out the validation images, train through the shared loop, fit the map quantiles."""
-        pool = [self.check_batch(batch, "fit") for batch in batches]
-        if not pool:
-            raise VadError(f"{self.describe_owner()} got an empty training set: it needs normal training images")
-        images = torch.cat(pool)
-        count = images.shape[0]
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.options.seed)).to(images.device)
-        kept = max(1, int((1 - self.options.validation_fraction) * count))
-        train_images = images[order[:kept]]
-        validation = images[order[kept:]] if kept < count else train_images
-        per_pass = math.ceil(kept / self.options.batch_size)
+        train_images, validation = self.held_out_split(batches, self.options.validation_fraction)
+        per_pass = math.ceil(len(train_images) / self.options.batch_size)
         declared = self.options
         self._total_steps = declared.max_steps if declared.max_steps is not None else declared.epochs * per_pass
         if declared.epochs is None:  # as many passes as max_steps needs (restored after the fit)

@@ -80,6 +80,8 @@ class UninformedStudents(TrainedDetector):
     name = "uninformed-students"
     input = "images"
     produces_maps = True
+    #: The networks are built for ``image_size`` (check_batch refuses other sizes).
+    fixed_input_size = True
 
     class Options(TrainedDetector.Options):
         image_size: int = option(256, "Square input side in pixels (thesis 256); at least 16.", ge=16)
@@ -122,28 +124,12 @@ class UninformedStudents(TrainedDetector):
         size = self.options.image_size
         return Preprocessing(size=(size, size), mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
 
-    def check_batch(self, batch: Any, where: str) -> torch.Tensor:
-        """Image batches ``[B, 3, image_size, image_size]`` on the detector's device."""
-        size = self.options.image_size
-        batch = super().check_batch(batch, where)
-        if tuple(batch.shape[-2:]) != (size, size):
-            raise VadError(f"uninformed-students {where} takes {size} x {size} px images (image_size={size}), got {tuple(batch.shape[-2:])}")
-        return batch
-
     # ------------------------------------------------------------------ training
 
     def fit(self, batches: Any) -> None:
         """Hold out the validation images, train the students through the shared loop, fit the
         e/v standardisation on the held-out images."""
-        pool = [self.check_batch(batch, "fit") for batch in batches]
-        if not pool:
-            raise VadError(f"{self.describe_owner()} got an empty training set: it needs normal training images")
-        images = torch.cat(pool)
-        count = images.shape[0]
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.options.seed)).to(images.device)
-        kept = max(1, int((1 - self.options.validation_fraction) * count))
-        train_images = images[order[:kept]]
-        validation = images[order[kept:]] if kept < count else train_images
+        train_images, validation = self.held_out_split(batches, self.options.validation_fraction)
         self._train_pool = train_images
         try:
             train(self, [train_images])
