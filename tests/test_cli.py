@@ -117,6 +117,12 @@ def test_run_bad_device(tmp_path):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+def test_run_sigma_is_checked_before_anything_is_written(tmp_path):
+    result = run_vad("run", "--sigma", "-1", "--category", "brick", "--output", str(tmp_path / "r"))
+    assert result.returncode == 2 and "sigma must be >= 0" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_messages_are_text_not_markup(capsys, monkeypatch):
     from vad.progress import info, warn
 

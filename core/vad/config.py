@@ -178,6 +178,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         raise VadError(f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
     if config.batch_size < 1:
         raise VadError(f"batch_size must be at least 1, got {config.batch_size}")
+    if not config.sigma >= 0:
+        raise VadError(f"sigma must be >= 0 (0: no blur), got {config.sigma}")
     from vad.calibration import METHODS
 
     if config.calibration not in METHODS:

@@ -45,7 +45,7 @@ Deviations (each also noted where it happens):
 * **Image score**: the maximum of the map upsampled to the input size (official: to the original
   image size; the maximum barely differs). vad upsamples the padded ``image_size / 4`` map to each
   image's original size itself, bilinearly, as official; vad's default Gaussian smoothing
-  (``--sigma``) is not official: ``--sigma 0`` gives the official maps.
+  (``vad run --sigma``, default 4) is not official: ``--sigma 0`` gives the official maps.
 * **Image sizes**: the autoencoder's fixed sizes (256 px) scale with ``image_size`` (a multiple of
   32, at least 64), as anomalib; identical at 256.
 """
