@@ -2,7 +2,8 @@
 """vad's teacher-student detectors side by side with anomalib 2.7's, same data, weights, size, epochs.
 
     python benchmarks/anomalib_compare.py --anomalib-python /work/anomalib-venv/bin/python \\
-        [--categories brick gear gravel] [--epochs 10] [--image-size 224]
+        [--categories brick gear gravel] [--epochs 10] [--image-size 224] \\
+        [--methods stfpm reverse-distillation efficientad] [--efficientad-epochs 1] [--teacher-steps 30]
 
 anomalib lives in its own virtual environment (never a dependency of vad): create it with the
 CPU torch pinned, e.g. ``python -m venv A && A/bin/pip install -c constraints-cpu.txt
@@ -22,15 +23,29 @@ Rows, and what each checks:
   (seed 0, saved once) on both sides: anomalib's Reverse Distillation decoder exists for ResNets
   only, and no ResNet ImageNet weights can be downloaded here. These rows check the
   implementations against each other, not the papers' accuracy.
+* ``efficientad`` (EfficientAD-S) against ``anomalib.models.EfficientAd`` (model_size small) with
+  one PDN-S teacher on both sides, distilled once by ``vad efficientad distill`` from
+  ``tf_efficientnet_lite0`` (packaged ImageNet weights) on every training image of every
+  larger-data category (``--teacher-steps`` steps of ``--teacher-batch-size``; or ``--teacher
+  FILE``, e.g. the official ``teacher_small.pth``). vad gets it as
+  ``efficientad.teacher_weights``, anomalib in its pretrained-teacher cache (the runner's
+  docstring). 256 px (EfficientAD's size), batch 1, ``--efficientad-epochs`` passes over the 54
+  training images left after holding out 10 % for the map quantiles (both sides: vad's
+  ``validation_fraction=0.1``, anomalib's ``val_split_mode=from_train``), Adam 1e-4, x0.1 after
+  95 % of the steps, no ImageNet penalty (official ``--imagenet_train_path none``, vad's default;
+  anomalib's loss without it). vad's maps are not blurred (``sigma: 0``, official); anomalib's
+  scores are its raw ones (its post-processor's min-max normalisation off: it clamps values fitted
+  on six normal images).
 
 Epoch time: the mean over the training epochs only (vad: its training loop's JSON-log record;
-anomalib: a callback around Lightning's training epochs, validation passes excluded), same
-machine, same thread count, one job at a time.
+anomalib: a callback around Lightning's training epochs, less the validation passes that
+Lightning runs inside them), same machine, same thread count, one job at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -44,6 +59,7 @@ ROWS = (
     ("stfpm", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
     ("stfpm", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("reverse-distillation", "resnet18", "random ResNet-18, same weights: implementation check"),
+    ("efficientad", "pdn_small", "one distilled PDN-S teacher on both"),
 )
 #: vad's settings per method: its defaults (the official code's), and where anomalib departs from
 #: the official code, anomalib's choice, so that the implementations can be compared as well.
@@ -56,9 +72,13 @@ VARIANTS = {
         ("official", "defaults (official)", []),
         ("anomalib", "anomalib's Adam betas (0.5, 0.99)", ["--set", "reverse-distillation.betas=[0.5, 0.99]"]),
     ),
+    # the official maps (no blur, as anomalib's); anomalib's departures are undone on its side
+    "efficientad": (("official", "defaults (official), maps not blurred", []),),
 }
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1}
+#: Share of the training images EfficientAD holds out for its map quantiles (official, both sides).
+EFFICIENTAD_VALIDATION = 0.1
 
 
 def _hub_cache(root: Path, repo: str, state: dict) -> None:
@@ -95,13 +115,67 @@ def prepare_weights(folder: Path) -> dict[str, Path]:
     return {"resnet18": resnet_file, "tf_efficientnet_lite0": lite0_file}
 
 
+def prepare_teacher(data: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """EfficientAD's shared teacher: ``--teacher``, or one distilled once (and reused) by
+    ``vad efficientad distill`` on every training image of every category of ``data``."""
+    if args.teacher:
+        return Path(args.teacher)
+    file = folder / f"efficientad-teacher-small-{args.teacher_steps}x{args.teacher_batch_size}.safetensors"
+    if file.is_file():
+        return file
+    images = folder / "efficientad-teacher-images"  # links to the training images only
+    for category in json.loads((data / "larger_data.json").read_text())["categories"]:
+        (images / category).mkdir(parents=True, exist_ok=True)
+        for path in sorted((data / category / "train" / "good").iterdir()):
+            link = images / category / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    command = [
+        str(Path(sys.executable).with_name("vad")), "--json-log", "efficientad", "distill", "--images", str(images), "--output", str(file),
+        "--backbone", "tf_efficientnet_lite0", "--steps", str(args.teacher_steps), "--batch-size", str(args.teacher_batch_size),
+        "--normalization-images", str(args.teacher_normalization_images), "--seed", "0", "--device", "cpu",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise SystemExit(f"vad failed: {' '.join(command)}\n{finished.stderr[-3000:]}")
+    return file
+
+
+def teacher_facts(file: Path) -> str:
+    """What a vad teacher file says about its distillation (steps, batch, images, seconds, loss)."""
+    if file.suffix != ".safetensors":
+        return file.name
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items() if key != "format"}
+    return (
+        f"PDN-S teacher {file.name}: distilled from {meta.get('backbone')} on {meta.get('images')} images, "
+        f"{meta.get('steps')} steps of {meta.get('batch_size')}, {meta.get('seconds')} s, "
+        f"loss {meta.get('first_loss', 0):.3g} -> {meta.get('last_loss', 0):.3g}"
+    )
+
+
 def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str, args: argparse.Namespace, out: Path, extra: list[str]) -> dict:
-    key = "backbone" if method == "stfpm" else "encoder"
-    spec = backbone if backbone.startswith("tf_efficientnet") else f"timm:{backbone}"
+    if method == "efficientad":
+        out.mkdir(parents=True, exist_ok=True)
+        official_maps = out.parent / "vad-sigma0.yaml"  # vad's post-processing without its blur
+        official_maps.write_text("sigma: 0\n")
+        settings = [
+            "--config", str(official_maps), "--set", f"efficientad.teacher_weights={weights}", "--set", "efficientad.model_size=small",
+            "--set", f"efficientad.epochs={args.efficientad_epochs}", "--set", "efficientad.max_steps=null",
+            "--set", f"efficientad.image_size={args.efficientad_image_size}", "--set", f"efficientad.validation_fraction={EFFICIENTAD_VALIDATION}",
+        ]
+    else:
+        key = "backbone" if method == "stfpm" else "encoder"
+        spec = backbone if backbone.startswith("tf_efficientnet") else f"timm:{backbone}"
+        settings = [
+            "--set", f"{method}.{key}={spec}", "--set", f"{method}.weights={weights}",
+            "--set", f"{method}.epochs={args.epochs}", "--set", f"{method}.image_size={args.image_size}",
+        ]
     command = [
         str(Path(sys.executable).with_name("vad")), "--json-log", "run", "--dataset", "mvtec", "--root", str(data), "--category", category,
-        "--detector", method, "--set", f"{method}.{key}={spec}", "--set", f"{method}.weights={weights}",
-        "--set", f"{method}.epochs={args.epochs}", "--set", f"{method}.image_size={args.image_size}",
+        "--detector", method, *settings,
         "--threshold", "manual", "--set", "manual.value=0", "--metric", "image_auroc", "--metric", "pixel_auroc",
         "--no-report", "--device", "cpu", "--output", str(out), "--overwrite", *extra,
     ]
@@ -115,18 +189,25 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
     return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"], "epoch_s": loop["seconds"] / max(1, loop["items"])}
 
 
-def run_anomalib(method: str, backbone: str, data: Path, category: str, args: argparse.Namespace, cache: Path, out: Path) -> dict:
+def run_anomalib(method: str, backbone: str, data: Path, category: str, args: argparse.Namespace, cache: Path, out: Path, teacher: Path | None = None) -> dict:
     """anomalib's result for one cell; reused from ``out/result.json`` when it was run with the same settings."""
-    settings = {"epochs": args.epochs, "image_size": args.image_size}
+    if method == "efficientad":
+        assert teacher is not None
+        digest = hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]
+        settings = {"epochs": args.efficientad_epochs, "image_size": args.efficientad_image_size, "teacher": digest, "validation": EFFICIENTAD_VALIDATION}
+        model_options = ["--teacher", str(teacher), "--model-size", "small", "--validation-fraction", str(EFFICIENTAD_VALIDATION)]
+    else:
+        settings = {"epochs": args.epochs, "image_size": args.image_size}
+        layers = LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"]
+        model_options = ["--backbone", backbone, "--layers", *layers]
     saved = out / "result.json"
     if saved.is_file():
         result = json.loads(saved.read_text())
         if result.get("settings") == settings:
             return result
-    layers = LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"]
     command = [
         args.anomalib_python, str(HERE / "anomalib_runner.py"), "--model", method, "--root", str(data), "--category", category,
-        "--backbone", backbone, "--layers", *layers, "--image-size", str(args.image_size), "--epochs", str(args.epochs),
+        *model_options, "--image-size", str(settings["image_size"]), "--epochs", str(settings["epochs"]),
         "--batch-size", str(BATCH[method]),
     ]
     environment = {**os.environ, "HF_HOME": str(cache), "HF_HUB_OFFLINE": "1", "ANOMALIB_RESULTS": str(out)}
@@ -147,8 +228,14 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", default=["brick", "gear", "gravel"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation"])
-    parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"])
+    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation", "efficientad"])
+    parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"], help="backbones of the stfpm and reverse-distillation rows")
+    parser.add_argument("--efficientad-epochs", type=int, default=1, help="EfficientAD passes over its 54 training images (batch 1: 54 steps each), both sides")
+    parser.add_argument("--efficientad-image-size", type=int, default=256)
+    parser.add_argument("--teacher", help="EfficientAD teacher file for both sides (default: distil one, see --teacher-steps)")
+    parser.add_argument("--teacher-steps", type=int, default=30, help="distillation steps of the shared EfficientAD teacher (official 60,000)")
+    parser.add_argument("--teacher-batch-size", type=int, default=8, help="images per distillation step (official 16)")
+    parser.add_argument("--teacher-normalization-images", type=int, default=64, help="images for the distillation targets' mean and std (official 10,000); the teacher file, named by steps and batch size, is reused when present")
     parser.add_argument("--variants", nargs="+", default=["official", "anomalib"], help="vad settings to run: official, anomalib (anomalib's departures)")
     parser.add_argument("--output", default="runs/anomalib-compare")
     args = parser.parse_args()
@@ -159,18 +246,31 @@ def main() -> None:
 
         build(data)
     weights = prepare_weights(output)
-    lines = [
-        f"{args.epochs} epochs, {args.image_size} px, official batch sizes (STFPM 32, RD 16), every training image, CPU",
+    teacher = None
+    lines = []
+    if {"stfpm", "reverse-distillation"} & set(args.methods):
+        lines.append(f"STFPM / RD: {args.epochs} epochs, {args.image_size} px, official batch sizes (STFPM 32, RD 16), every training image, CPU")
+    if "efficientad" in args.methods:
+        teacher = weights["pdn_small"] = prepare_teacher(data, output, args)
+        train = json.loads((data / "larger_data.json").read_text())["train"]
+        steps = max(1, int((1 - EFFICIENTAD_VALIDATION) * train))  # batch 1: one step per kept image
+        lines.append(
+            f"EfficientAD-S: {args.efficientad_epochs} epochs of {steps} steps (batch 1, {train - steps} of {train} images held out for the quantiles), "
+            f"{args.efficientad_image_size} px; {teacher_facts(teacher)}"
+        )
+    lines += [
         "",
         "| method | backbone (weights) | vad settings | category | vad img / px AUROC | anomalib img / px AUROC | vad s / epoch | anomalib s / epoch |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, backbone, what in ROWS:
-        if method not in args.methods or backbone not in args.backbones:
+        if method not in args.methods or (method != "efficientad" and backbone not in args.backbones):
             continue
         for category in args.categories:
             cell = output / f"{method}-{backbone}-{category}"
-            theirs = run_anomalib(method, backbone, data, category, args, output / "hf", cell / "anomalib")
+            theirs = run_anomalib(method, backbone, data, category, args, output / "hf", cell / "anomalib", teacher if method == "efficientad" else None)
+            if method == "efficientad":  # anomalib's scores before its post-processor's clamping min-max normalisation
+                theirs = {**theirs, "image_auroc": theirs["raw_image_auroc"], "pixel_auroc": theirs["raw_pixel_auroc"]}
             for key, settings, extra in VARIANTS[method]:
                 if key not in args.variants:
                     continue

@@ -4,19 +4,60 @@ environment (never vad's), prints one JSON line.
 
     ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model stfpm --root DATA --category brick \\
         --backbone resnet18 --image-size 224 --epochs 10 --batch-size 32
+    ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model efficientad --root DATA --category brick \\
+        --teacher TEACHER.safetensors --image-size 256 --epochs 1 --batch-size 1
 
 Weights: ``HF_HOME`` points at a cache that ``anomalib_compare.py`` filled in the layout timm
 reads offline, so anomalib's "pretrained" backbone is exactly the state dict vad loads.
-Training time per epoch (the mean) is measured by a callback around the training epochs only (Lightning's
-validation passes are not counted). Metrics: anomalib's own evaluator on the test split.
+Training time per epoch (the mean) is measured by a callback around the training epochs, less
+the validation passes that Lightning runs inside them (before ``on_train_epoch_end``).
+Metrics: anomalib's own evaluator on the test split, as anomalib reports them (scores and maps
+min-max normalised around its adaptive threshold and clamped to [0, 1], which can tie values),
+and ``raw_*``: the AUROC of the model's own scores and maps (normalisation off), computed here
+over the whole test split at once. (anomalib's evaluator cannot be used for raw values: its
+torchmetrics AUROC applies a sigmoid to every *batch* that holds a value outside [0, 1], and
+leaves the other batches as they are, which mixes two scales; on gravel, EfficientAD's raw image
+scores gave 0.448 that way and 0.717 exactly.) ``--checkpoint FILE`` re-scores a trained
+checkpoint (``.../weights/lightning/model.ckpt``) instead of training.
+
+EfficientAD (``--model efficientad``, ``anomalib.models.EfficientAd``), set up like the official
+code (github.com/nelson1425/EfficientAD) and vad's detector wherever anomalib lets it be:
+
+* Teacher: ``--teacher FILE`` (a ``vad efficientad distill`` safetensors file or the official
+  ``teacher_small.pth``, keys ``0.weight`` ... ``8.bias``) is renamed to anomalib's keys
+  (``conv1`` ... ``conv4``) and saved with ``torch.save`` as
+  ``$XDG_CACHE_HOME/anomalib/pre_trained/efficientad_pretrained_weights/pretrained_teacher_small.pth``
+  (anomalib 2.7 reads its teacher from the platform cache, ``platformdirs``; ``XDG_CACHE_HOME`` is
+  pointed into the results folder), so the folder exists and anomalib downloads nothing; after
+  training the teacher is checked to equal the file.
+* Penalty: anomalib always adds the ImageNet penalty and downloads imagenette (1.5 GB) into
+  ``imagenet_dir`` when that folder is missing; it has no switch to turn it off. The official
+  script skips it with ``--imagenet_train_path none``, as vad does by default: here
+  ``prepare_imagenette_data`` loads nothing and the student loss is anomalib's without the
+  penalty term (``EfficientAdNoPenalty``), so nothing is downloaded and both sides train the same loss.
+* Learning rate: anomalib's ``StepLR(step_size=int(0.95 * steps))`` is returned to Lightning
+  without ``interval``, so Lightning steps it once per *epoch* and the x0.1 drop never comes
+  (official: stepped every iteration). ``--anomalib-schedule`` keeps that; by default the
+  scheduler is stepped every iteration, as official and vad. The final learning rate is printed.
+* Validation: ``val_split_mode=from_train``, 10 % of the training images (official for MVTec AD,
+  and vad's ``validation_fraction``), which anomalib uses for the map quantiles (its default,
+  ``same_as_test``, would fit them on the test set's good images). Training batch size 1.
+* Left as anomalib has it: the map order. anomalib pads the raw maps with zeros, upsamples them
+  and then normalises them (quantiles taken over those padded, upsampled maps); the official
+  ``predict`` (and vad) normalises the raw maps and pads the normalised map with zeros, whose
+  border then sits at the normal pixels' 0.9 quantile instead of below everything. Interiors are
+  the same (the normalisation is affine); borders, pixel AUROC and sometimes the maximum differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
+import types
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,9 +80,103 @@ def _torchvision_shim() -> None:
             _LIBRARY.define(schema)
 
 
+def anomalib_teacher_state(file: str) -> dict:
+    """A PDN teacher (official ``nn.Sequential`` keys ``0.weight``, ``3.weight``, ...: a vad
+    safetensors file or an official ``.pth``) under anomalib's keys (``conv1.weight``, ...)."""
+    import torch
+
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    indices = sorted({int(key.split(".")[0]) for key in state})  # the convolutions, in order
+    rename = {index: f"conv{i + 1}" for i, index in enumerate(indices)}
+    return {f"{rename[int(key.split('.')[0])]}.{key.split('.', 1)[1]}": value.contiguous() for key, value in state.items()}
+
+
+def install_teacher(file: str, model_size: str) -> tuple[Path, dict]:
+    """Save ``file`` where anomalib's EfficientAd loads its pretrained teacher (no download then)."""
+    import torch
+
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    folder = get_pretrained_weights_dir() / "efficientad_pretrained_weights"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = anomalib_teacher_state(file)
+    target = folder / f"pretrained_teacher_{model_size}.pth"
+    torch.save(state, target)
+    return target, state
+
+
+def efficientad_model(args: argparse.Namespace):
+    """anomalib's EfficientAd without the ImageNet penalty (official ``--imagenet_train_path none``)
+    and, unless ``--anomalib-schedule``, with its StepLR stepped every iteration (official)."""
+    import torch
+    from anomalib.models import EfficientAd
+    from anomalib.models.image.efficient_ad.torch_model import reduce_tensor_elems
+
+    def losses_without_penalty(self, batch, batch_imagenet, distance_st):
+        """anomalib 2.7's ``EfficientAdModel.compute_losses`` less the penalty term."""
+        del batch_imagenet
+        distance_st = reduce_tensor_elems(distance_st)
+        d_hard = torch.quantile(distance_st, 0.999)
+        loss_st = torch.mean(distance_st[distance_st >= d_hard])
+        aug_img = self.choose_random_aug_image(batch)
+        ae_output_aug = self.ae(aug_img, batch.shape[-2:])
+        with torch.no_grad():
+            teacher_output_aug = self.teacher(aug_img)
+            if self.is_set(self.mean_std):
+                teacher_output_aug = (teacher_output_aug - self.mean_std["mean"]) / self.mean_std["std"]
+        student_output_ae_aug = self.student(aug_img)[:, self.teacher_out_channels :, :, :]
+        loss_ae = torch.mean((teacher_output_aug - ae_output_aug) ** 2)
+        loss_stae = torch.mean((ae_output_aug - student_output_ae_aug) ** 2)
+        return loss_st, loss_ae, loss_stae
+
+    class EfficientAdNoPenalty(EfficientAd):
+        def prepare_imagenette_data(self, image_size) -> None:
+            """No penalty images: nothing to load or download."""
+
+        def training_step(self, batch, *args, **kwargs):
+            del args, kwargs
+            loss_st, loss_ae, loss_stae = self.model(batch=batch.image, batch_imagenet=None)
+            loss = loss_st + loss_ae + loss_stae
+            self.log("train_loss", loss.item(), on_epoch=True, prog_bar=False, logger=True)
+            return {"loss": loss}
+
+        def configure_optimizers(self):
+            configured = super().configure_optimizers()
+            if args.anomalib_schedule:
+                return configured
+            return {"optimizer": configured["optimizer"], "lr_scheduler": {"scheduler": configured["lr_scheduler"], "interval": "step"}}
+
+    size = (args.image_size, args.image_size)
+    model = EfficientAdNoPenalty(
+        imagenet_dir=Path(os.environ.get("ANOMALIB_RESULTS", "results")) / "no-imagenette", model_size=args.model_size,
+        pre_processor=EfficientAd.configure_pre_processor(image_size=size), visualizer=False,
+    )
+    model.model.compute_losses = types.MethodType(losses_without_penalty, model.model)
+    return model
+
+
+def auroc(scores, labels) -> float:
+    """Exact ROC AUC (Mann-Whitney, ties counted half) of ``scores`` against binary ``labels``."""
+    import torch
+
+    scores, labels = scores.flatten().double(), labels.flatten().bool()
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts  # values strictly smaller than each distinct value
+    ranks = (below + (counts + 1) / 2.0)[inverse]  # average 1-based rank
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation"])
+    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="resnet18")
@@ -50,8 +185,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", help="efficientad: the teacher file (vad safetensors or official .pth) both sides use")
+    parser.add_argument("--model-size", default="small", choices=["small", "medium"], help="efficientad: PDN size")
+    parser.add_argument("--validation-fraction", type=float, default=0.1, help="efficientad: share of the training images held out for the map quantiles (official 0.1)")
+    parser.add_argument("--anomalib-schedule", action="store_true", help="efficientad: keep anomalib's StepLR stepped per epoch (no lr drop)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (smoke tests)")
+    parser.add_argument("--checkpoint", help="score this trained checkpoint (Lightning model.ckpt of the same settings) instead of training")
     args = parser.parse_args()
 
+    results = Path(os.environ.get("ANOMALIB_RESULTS", "results")).resolve()
+    if args.model == "efficientad":  # anomalib's weight cache (platformdirs) inside the results folder
+        os.environ["XDG_CACHE_HOME"] = str(results / "cache")
     _torchvision_shim()
     from lightning.pytorch import Callback, seed_everything
 
@@ -60,30 +204,91 @@ def main() -> None:
     from anomalib.models import ReverseDistillation, Stfpm
 
     seed_everything(args.seed)
-    cls = Stfpm if args.model == "stfpm" else ReverseDistillation
-    model = cls(backbone=args.backbone, layers=args.layers, pre_processor=cls.configure_pre_processor(image_size=(args.image_size, args.image_size)), visualizer=False)
+    facts: dict = {}
+    if args.model == "efficientad":
+        if not args.teacher:
+            raise SystemExit("--model efficientad needs --teacher FILE (the teacher vad uses)")
+        if args.batch_size != 1:
+            raise SystemExit("EfficientAD trains with batch size 1 (official; anomalib refuses others)")
+        teacher_file, teacher_state = install_teacher(args.teacher, args.model_size)
+        facts["teacher_sha256"] = hashlib.sha256(Path(args.teacher).read_bytes()).hexdigest()[:16]
+        model = efficientad_model(args)
+        data = MVTecAD(
+            root=args.root, category=args.category, train_batch_size=1, eval_batch_size=8, num_workers=0,
+            val_split_mode="from_train", val_split_ratio=args.validation_fraction, seed=args.seed,
+        )
+    else:
+        cls = Stfpm if args.model == "stfpm" else ReverseDistillation
+        model = cls(backbone=args.backbone, layers=args.layers, pre_processor=cls.configure_pre_processor(image_size=(args.image_size, args.image_size)), visualizer=False)
+        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
 
     class EpochTimer(Callback):
+        """Seconds of each training epoch, less the validation Lightning runs inside it."""
+
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.validation: list[float] = []
+            self.start = self.started_validation = None
 
         def on_train_epoch_start(self, trainer, module) -> None:
-            self.start = time.perf_counter()
+            self.start, self.in_validation = time.perf_counter(), 0.0
+
+        def on_validation_start(self, trainer, module) -> None:
+            self.started_validation = time.perf_counter()
+
+        def on_validation_end(self, trainer, module) -> None:
+            if self.start is not None and self.started_validation is not None:
+                self.in_validation += time.perf_counter() - self.started_validation
 
         def on_train_epoch_end(self, trainer, module) -> None:
-            self.seconds.append(time.perf_counter() - self.start)
+            self.seconds.append(time.perf_counter() - self.start - self.in_validation)
+            self.validation.append(self.in_validation)
 
     timer = EpochTimer()
-    data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
-    engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, callbacks=[timer], logger=False, enable_progress_bar=False, default_root_dir=os.environ.get("ANOMALIB_RESULTS", "results"))
-    engine.fit(model=model, datamodule=data)
+    engine = Engine(max_epochs=args.epochs, max_steps=args.max_steps, accelerator="cpu", devices=1, callbacks=[timer], logger=False, enable_progress_bar=False, default_root_dir=str(results))
+    import torch
+
+    if args.checkpoint:  # re-score: the checkpoint holds the networks, statistics, quantiles, post-processor
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    else:
+        engine.fit(model=model, datamodule=data)
+        facts["steps"] = engine.trainer.global_step
+        facts["final_lr"] = engine.trainer.optimizers[0].param_groups[0]["lr"]
     tested = engine.test(model=model, datamodule=data, verbose=False)[0]
+
+    class Collect(Callback):
+        """The test split's raw scores, maps, labels and masks (normalisation is off in this pass)."""
+
+        def __init__(self) -> None:
+            self.parts: dict[str, list] = {"score": [], "label": [], "map": [], "mask": []}
+
+        def on_test_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            for key, value in (("score", outputs.pred_score), ("label", outputs.gt_label), ("map", outputs.anomaly_map), ("mask", outputs.gt_mask)):
+                if value is not None:
+                    self.parts[key].append(value.detach().cpu().reshape(len(outputs.gt_label), -1))
+
+    model.post_processor.enable_normalization = False  # the model's own scores and maps
+    collect = Collect()
+    engine.trainer.callbacks.append(collect)
+    engine.test(model=model, datamodule=data, verbose=False)
+    raw = {key: torch.cat(parts) if parts else None for key, parts in collect.parts.items()}
+    if args.model == "efficientad":
+        trained = model.model.teacher.state_dict()
+        facts["teacher_file"] = str(teacher_file)
+        facts["teacher_loaded"] = all(torch.equal(trained[key].cpu(), value) for key, value in teacher_state.items())
+        facts["train_images"], facts["validation_images"] = len(data.train_data), len(data.val_data)
+        facts["quantiles"] = {key: float(value.detach()) for key, value in model.model.quantiles.items()}
     seconds = timer.seconds
     print(json.dumps({
         "image_auroc": float(tested.get("image_AUROC", float("nan"))),
         "pixel_auroc": float(tested.get("pixel_AUROC", float("nan"))),
+        "raw_image_auroc": auroc(raw["score"], raw["label"]),
+        "raw_pixel_auroc": auroc(raw["map"], raw["mask"]) if raw["map"] is not None and raw["mask"] is not None else float("nan"),
+        "test_images": len(raw["label"]),
         "epoch_s": sum(seconds) / len(seconds) if seconds else None,
+        "validation_s": sum(timer.validation) / len(timer.validation) if timer.validation else None,
         "epochs": len(seconds),
+        **facts,
     }))
 
 
