@@ -142,6 +142,9 @@ def test_teacher_statistics_are_the_official_two_passes():
     outputs = torch.cat([network(b) for b in batches]).detach()
     assert torch.allclose(mean.flatten(), outputs.mean(dim=(0, 2, 3)), atol=1e-6)  # equal-sized images
     assert torch.allclose(std.flatten(), ((outputs - mean) ** 2).mean(dim=(0, 2, 3)).sqrt(), atol=1e-6)
+    uneven = [torch.cat(batches[:2]), batches[2]]  # chunks of 2 and 1 images weigh per image, as official
+    for got, want in zip(channel_statistics(network, uneven), (mean, std)):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_color_jitter_is_one_of_three_changes_within_twenty_percent():

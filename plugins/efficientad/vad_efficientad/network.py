@@ -169,10 +169,10 @@ def channel_statistics(network: nn.Module, batches: Iterable[torch.Tensor]) -> t
     the mean of per-image channel means, then the mean of per-image mean squared deviations),
     as ``[1, C, 1, 1]``."""
     batches = list(batches)
-    means = [network(b).mean(dim=(0, 2, 3)) for b in batches]
-    mean = torch.stack(means).mean(dim=0)[None, :, None, None]
-    variances = [((network(b) - mean) ** 2).mean(dim=(0, 2, 3)) for b in batches]
-    std = torch.stack(variances).mean(dim=0).sqrt()[None, :, None, None]
+    means = torch.cat([network(b).mean(dim=(2, 3)) for b in batches])  # one row per image, whatever the chunking
+    mean = means.mean(dim=0)[None, :, None, None]
+    variances = torch.cat([((network(b) - mean) ** 2).mean(dim=(2, 3)) for b in batches])
+    std = variances.mean(dim=0).sqrt()[None, :, None, None]
     return mean, std
 
 
