@@ -262,8 +262,8 @@ def test_in_fit_distillation_and_a_resumed_fit_reuses_the_checkpointed_teachers(
     assert facts["source"] == "distilled" and facts["backbone"] == "tf_efficientnet_lite0"
     assert facts["teachers"]["17"]["steps"] == 1 and facts["teachers"]["17"]["slope"] == 5e-3
     calls = []
-    real = module.distill_teacher
-    monkeypatch.setattr(module, "distill_teacher", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = module.distill_teachers
+    monkeypatch.setattr(module, "distill_teachers", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     interrupted = UninformedStudents(**options)
     step, taken = interrupted.training_step, []
 

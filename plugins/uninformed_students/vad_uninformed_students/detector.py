@@ -63,12 +63,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vad.contracts import DetectorFeatures, Prediction, Preprocessing, State
-from vad.distillation import TensorImages, denormalize
+from vad.distillation import denormalize
 from vad.errors import VadError
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_uninformed_students.network import UninformedStudentsModel
-from vad_uninformed_students.teacher import DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZES, distill_teacher, load_teachers, pooled_feature_extractor
+from vad_uninformed_students.teacher import DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZES, distill_teachers, load_teachers
 
 #: Images per forward pass outside training (teacher and score statistics).
 CHUNK = 4
@@ -187,29 +187,13 @@ class UninformedStudents(TrainedDetector):
         self.teacher_facts = {"source": "file", "file": str(options.teacher_weights), "backbone": facts.get("backbone")}
 
     def _distill_teachers(self, model: UninformedStudentsModel) -> None:
-        from vad.progress import info, track
-
-        options = self.options
-        extractor = pooled_feature_extractor(options.distill_backbone, options.distill_weights, device=self.device)
-        images = TensorImages(denormalize(self._train_pool, IMAGENET_MEAN, IMAGENET_STD).cpu())
-        info(
-            f"uninformed-students: distilling teachers p={list(options.patch_sizes)} from {options.distill_backbone} on patches of "
-            f"{len(images)} training images ({options.distill_steps} steps of {options.distill_batch_size} each)"
+        o = self.options
+        networks, self.teacher_facts = distill_teachers(
+            "uninformed-students", denormalize(self._train_pool, IMAGENET_MEAN, IMAGENET_STD), {p: o.slope for p in o.patch_sizes},
+            o.distill_backbone, o.distill_weights, o.distill_steps, o.distill_batch_size, o.image_size, o.backbone_input, o.seed, self.device,
         )
-        total = options.distill_steps * len(options.patch_sizes)
-        bar = iter(track(range(total), "teacher distillation steps", total=total))
-        teachers = {}
-        for p in options.patch_sizes:
-            network, facts = distill_teacher(
-                p, images, extractor, steps=options.distill_steps, batch_size=options.distill_batch_size, image_size=options.image_size,
-                backbone_input=options.backbone_input, slope=options.slope, seed=options.seed, device=self.device,
-                progress=lambda step, loss: next(bar, None),
-            )
+        for p, network in networks.items():
             model.scale(p).teacher.load_state_dict(network.state_dict())
-            teachers[str(p)] = facts
-            info(f"uninformed-students: teacher p={p} distilled in {facts['seconds']:.1f} s (loss {facts['first_loss']:.3g} -> {facts['last_loss']:.3g})", patch_size=p, **{k: v for k, v in facts.items() if k != "patch_size"})
-        next(bar, None)
-        self.teacher_facts = {"source": "distilled", "backbone": options.distill_backbone, "teachers": teachers}
 
     def optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         """Adam over every student (thesis lr 1e-4, weight decay 1e-5); the teachers are frozen."""

@@ -53,6 +53,8 @@ DESCRIPTOR_DIM = 128
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_FORMAT = "vad-patch-teachers"
+#: Side each patch is resized to for the distillation backbone (the thesis does not say).
+BACKBONE_INPUT = 64
 HOW_TO_MAKE = "make one with `vad uninformed-students distill --images DIR --output FILE`"
 
 #: Table 5.1 (corrected as the module docstring says): ("conv", out_channels, kernel) or ("pool",).
@@ -222,7 +224,7 @@ def distill_teacher(
     steps: int = 50000,
     batch_size: int = 64,
     image_size: int = 256,
-    backbone_input: int = 64,
+    backbone_input: int = BACKBONE_INPUT,
     lr: float = 2e-4,
     weight_decay: float = 1e-5,
     distillation_weight: float = 1.0,
@@ -276,6 +278,42 @@ def distill_teacher(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return network, facts
+
+
+def distill_teachers(
+    owner: str,
+    images01: torch.Tensor,
+    slopes: dict[int, float],
+    backbone: str,
+    weights: str | None,
+    steps: int,
+    batch_size: int,
+    image_size: int,
+    backbone_input: int,
+    seed: int,
+    device: torch.device | str,
+) -> tuple[dict[int, PatchNetwork], dict[str, Any]]:
+    """A detector's in-fit pretraining: one teacher per patch size of ``slopes`` (with its
+    LeakyReLU slope) distilled on patches of its training images ``[N, 3, H, W]`` in [0, 1],
+    with progress; returns the networks and the facts a model keeps (``teacher_facts``)."""
+    from vad.progress import info, track
+
+    extractor = pooled_feature_extractor(backbone, weights, device=device)
+    images = TensorImages(images01.cpu())
+    sizes = list(slopes)
+    info(f"{owner}: distilling teachers p={sizes} from {backbone} on patches of {len(images)} training images ({steps} steps of {batch_size} each)")
+    total = steps * len(sizes)
+    bar = iter(track(range(total), "teacher distillation steps", total=total))
+    networks, teachers = {}, {}
+    for p in sizes:
+        networks[p], facts = distill_teacher(
+            p, images, extractor, steps=steps, batch_size=batch_size, image_size=image_size, backbone_input=backbone_input,
+            slope=slopes[p], seed=seed, device=device, progress=lambda step, loss: next(bar, None),
+        )
+        teachers[str(p)] = facts
+        info(f"{owner}: teacher p={p} distilled in {facts['seconds']:.1f} s (loss {facts['first_loss']:.3g} -> {facts['last_loss']:.3g})", patch_size=p, **{k: v for k, v in facts.items() if k != "patch_size"})
+    next(bar, None)
+    return networks, {"source": "distilled", "backbone": backbone, "teachers": teachers}
 
 
 # --------------------------------------------------------------------------- teacher files
