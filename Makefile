@@ -12,7 +12,8 @@ CONSTRAINTS ?= constraints-cpu.txt
 # First-party plugins, in dependency order (draem uses augment, gcad uses uninformed_students).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/draem plugins/reverse_distillation \
-           plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad contrib/sklearn
+           plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
+           contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
 
