@@ -221,3 +221,17 @@ def test_fixed_input_size_refuses_other_sizes():
     assert detector.check_batch(torch.zeros(1, 3, 8, 8), "fit").shape == (1, 3, 8, 8)
     with pytest.raises(VadError, match=r"tiny-autoencoder predict takes 8 x 8 px images .* got \(8, 16\)"):
         detector.check_batch(torch.zeros(1, 3, 8, 16), "predict")
+
+
+def test_a_seed_option_set_by_the_user_wins_over_the_run_seed(register_plugin):
+    from vad import hookimpl
+    from vad.build import create
+
+    class Plugin:
+        @hookimpl
+        def vad_register_detectors(self, register):
+            register(TinyAutoencoder, name="tiny-autoencoder", summary="A tiny trained detector.")
+
+    with register_plugin(Plugin()) as registry:
+        assert create("detectors", "tiny-autoencoder", registry, run_seed=7).options.seed == 7
+        assert create("detectors", "tiny-autoencoder", registry, run_seed=7, seed=3).options.seed == 3  # was a TypeError

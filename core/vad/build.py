@@ -47,12 +47,12 @@ CORE_OPTION_GROUPS = ("report",)
 # --------------------------------------------------------------------------- one component
 
 
-def create(kind: str, name: str, registry: Registry, *args: Any, seed: int | None = None, **options: Any) -> Any:
-    """The registered ``name`` of ``kind`` built with ``options``; the run's ``seed`` is passed
+def create(kind: str, name: str, registry: Registry, *args: Any, run_seed: int | None = None, **options: Any) -> Any:
+    """The registered ``name`` of ``kind`` built with ``options``; the run's seed (``run_seed``) is passed
     to classes that declare a ``seed`` option, unless the user set it."""
     cls = registry.load_class(kind, name)
-    if seed is not None and "seed" not in options and "seed" in cls.Options.fields():
-        options = {**options, "seed": seed}
+    if run_seed is not None and "seed" not in options and "seed" in cls.Options.fields():
+        options = {**options, "seed": run_seed}
     return cls(*args, **options)
 
 
@@ -204,7 +204,7 @@ def check_geometry(geometry: Geometry, sources: list[FeatureSource]) -> None:
 
 def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
     """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
-    detector = create("detectors", name, registry, seed=config.seed, **detector_options(name, config, registry, config.geometry()))
+    detector = create("detectors", name, registry, run_seed=config.seed, **detector_options(name, config, registry, config.geometry()))
     source = detector.feature_source()
     if source is None:
         raise VadError(f"detector {name!r} offers no feature source, so --backbone {DETECTOR_SOURCE_PREFIX}{name} cannot use it")
@@ -251,7 +251,7 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
         raise VadError(f"--weights {config.weights}: no part of this run loads network weights ({', '.join(config.detectors)} learn from the images alone)")
     sources = build_sources(config, registry) if needs_features else []
     if config.ensemble is not None and not score_level:
-        sources = [create("ensemblers", config.ensemble, registry, sources, seed=config.seed, **config.options_for(config.ensemble))]
+        sources = [create("ensemblers", config.ensemble, registry, sources, run_seed=config.seed, **config.options_for(config.ensemble))]
     if not score_level and (len(config.detectors) > 1 or len(sources) > 1):
         raise VadError(
             "several detectors or backbones need an ensemble: feature-level ensemblers fuse backbones' features "
@@ -262,12 +262,12 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
     members = []
     for name, cls in detector_classes.items():
         for source in sources if cls.input == "features" else [None]:
-            detector = create("detectors", name, registry, seed=config.seed, **detector_options(name, config, registry, geometry))
+            detector = create("detectors", name, registry, run_seed=config.seed, **detector_options(name, config, registry, geometry))
             members.append(Member(name, detector, source))
     if score_level and len(members) < 2:
         raise VadError(f"--ensemble {config.ensemble} fuses several members; give two or more --detector or --backbone")
-    ensembler = create("ensemblers", config.ensemble, registry, seed=config.seed, **config.options_for(config.ensemble)) if score_level else None
-    threshold = create("thresholds", config.threshold, registry, seed=config.seed, **config.options_for(config.threshold))
+    ensembler = create("ensemblers", config.ensemble, registry, run_seed=config.seed, **config.options_for(config.ensemble)) if score_level else None
+    threshold = create("thresholds", config.threshold, registry, run_seed=config.seed, **config.options_for(config.threshold))
     return AnomalyModel(
         members,
         ensembler=ensembler,
