@@ -17,13 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def first_party_plugins() -> set[str]:
-    """Entry-point names declared by the plugins/ and contrib/ folders (the template excluded)."""
+    """Entry-point names declared by the plugins/ and contrib/ folders (the template excluded; a
+    library such as vad-flows registers nothing)."""
     names = set()
     for project in [*REPO.glob("plugins/*/pyproject.toml"), *REPO.glob("contrib/*/pyproject.toml")]:
         if project.parent.name == "plugin-template":
             continue
         data = tomllib.loads(project.read_text())
-        names.update(data["project"]["entry-points"]["vad"])
+        names.update(data["project"].get("entry-points", {}).get("vad", {}))
     return names
 
 

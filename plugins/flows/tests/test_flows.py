@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vad_flows.coupling import conv_subnet, coupling_flow, linear_subnet, run_flow
+from vad_flows.coupling import atan_clamp, conv_subnet, coupling_flow, gated_conv_subnet, glow_flow, linear_subnet, run_flow
 from vad_flows.likelihood import (
     log_det_by_jacobian,
     log_likelihood,
@@ -61,6 +61,8 @@ def test_the_seed_decides_the_permutations_and_numpy_state_is_left_alone():
     assert len(permutations) == 3
     assert all(torch.equal(first[key], again[key]) for key in permutations)
     assert any(not torch.equal(first[key], other[key]) for key in permutations)
+    wrapped = coupling_flow((6,), [linear_subnet()] * 3, clamp=2.0, seed=3 - 2**32).state_dict()  # any integer seeds
+    assert all(torch.equal(first[key], wrapped[key]) for key in permutations)
 
 
 def test_bad_shapes_are_refused():
@@ -120,3 +122,22 @@ def test_run_flow_is_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z, log_jac_det = run_flow(flow, torch.randn(2, 4, 2, 2).bfloat16())
     assert z.dtype == torch.float32 and log_jac_det.dtype == torch.float32
+
+
+def test_glow_flow_log_det_matches_restores_numpy_state_and_refuses_bad_shapes():
+    np.random.seed(3)
+    before = np.random.get_state()[1].copy()
+    flow = _trained_like(glow_flow((5, 2, 2), [gated_conv_subnet(3, 3), gated_conv_subnet(3, 1)], clamp=1.9, clamp_activation=atan_clamp(1.9), condition_dims=(4, 2, 2)))
+    assert np.array_equal(np.random.get_state()[1], before)
+    flow = flow.double()
+    x, condition = torch.randn(2, 5, 2, 2, dtype=torch.float64), torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    _, log_jac_det = flow(x, c=[condition])
+    for i in range(2):
+        expected = log_det_by_jacobian(lambda v: flow(v.unsqueeze(0), c=[condition[i : i + 1]])[0][0], x[i])
+        assert log_jac_det[i].item() == pytest.approx(expected.item(), abs=1e-8)
+    with pytest.raises(ValueError, match="at least 2"):
+        glow_flow((1, 2, 2), [gated_conv_subnet(3, 3)], clamp=1.0, clamp_activation=torch.tanh)
+    with pytest.raises(ValueError, match="at least one"):
+        glow_flow((4, 2, 2), [], clamp=1.0, clamp_activation=torch.tanh)
+    with pytest.raises(ValueError, match="odd"):
+        gated_conv_subnet(3, 4)

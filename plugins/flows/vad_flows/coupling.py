@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: FrEIA's subnet constructor: ``(channels_in, channels_out) -> module``.
@@ -60,8 +62,9 @@ def coupling_flow(
     as ``flow(x, c=[condition])``. The chain maps ``x -> (z, log|det dz/dx|)`` per sample.
 
     FrEIA draws each block's fixed permutation from NumPy's global generator; it is seeded here
-    with ``seed`` and restored afterwards, so the same seed builds the same flow (the permutations
-    are non-trainable parameters, saved and restored with the weights).
+    with ``seed`` (any integer, taken modulo 2^32) and restored afterwards, so the same seed builds
+    the same flow (the permutations are non-trainable parameters, saved and restored with the
+    weights).
     """
     import FrEIA.framework as Ff
     import FrEIA.modules as Fm
@@ -72,7 +75,7 @@ def coupling_flow(
         raise ValueError(f"coupling_flow: couplings split the channels in two, so at least 2 are needed, not {dims[0]}")
     saved = np.random.get_state()
     try:
-        np.random.seed(seed)
+        np.random.seed(seed % 2**32)
         flow = Ff.SequenceINN(*dims)
         for subnet in subnets:
             condition = {"cond": 0, "cond_shape": tuple(condition_dims)} if condition_dims is not None else {}
@@ -97,3 +100,80 @@ def run_flow(flow: nn.Module, features: torch.Tensor, condition: torch.Tensor | 
         conditions = [condition.float()] if condition is not None else []
         z, log_jac_det = flow(features.float(), c=conditions) if conditions else flow(features.float())
     return z, log_jac_det
+
+
+# --------------------------------------------------------------------------- GLOW couplings (DifferNet, CS-Flow, AST)
+
+#: The official soft clamp's constant (the official DifferNet / CS-Flow / AST ``log_e``): about 2 / pi,
+#: so that ``log e(s)`` stays within about ``+-clamp``.
+ATAN_SCALE = 0.636
+
+
+def _atan_clamp(u: torch.Tensor, clamp: float) -> torch.Tensor:
+    return ATAN_SCALE * torch.atan(u / clamp)
+
+
+def atan_clamp(clamp: float):
+    """The official soft clamp in FrEIA's form: FrEIA computes ``clamp * f(s)``, so ``f(s) =
+    0.636 atan(s / clamp)`` gives the official ``log e(s) = clamp * 0.636 * atan(s / clamp)``
+    (FrEIA's own ``"ATAN"`` is ``0.636 atan(s)``, without the division)."""
+    return functools.partial(_atan_clamp, clamp=clamp)
+
+
+class GatedConvSubnet(nn.Module):
+    """The official DifferNet / AST coupling subnetwork ``F_conv``: ``gamma * conv(k)(ReLU(conv(k)(x)))`` with
+    replicate padding, biases, and ``gamma`` a learned scalar initialised at 0."""
+
+    def __init__(self, channels_in: int, channels_out: int, hidden: int, kernel_size: int) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(channels_in, hidden, kernel_size, padding=padding, padding_mode="replicate")
+        self.conv2 = nn.Conv2d(hidden, channels_out, kernel_size, padding=padding, padding_mode="replicate")
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv1(x))) * self.gamma
+
+
+def gated_conv_subnet(hidden: int, kernel_size: int) -> SubnetConstructor:
+    """A FrEIA subnet constructor building :class:`GatedConvSubnet`."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"gated_conv_subnet: kernel_size must be a positive odd number, not {kernel_size}")
+    return lambda channels_in, channels_out: GatedConvSubnet(channels_in, channels_out, hidden, kernel_size)
+
+
+def glow_flow(
+    dims: Sequence[int],
+    subnets: Sequence[SubnetConstructor],
+    *,
+    clamp: float,
+    clamp_activation,
+    condition_dims: Sequence[int] | None = None,
+):
+    """A chain of ``len(subnets)`` blocks, each FrEIA's ``PermuteRandom`` (a fixed channel
+    permutation drawn with NumPy seed ``k`` for block ``k``) followed by a ``GLOWCouplingBlock``
+    splitting the channels at ``C // 2``, on inputs of shape ``dims`` (``(C, H, W)``). With
+    ``condition_dims`` every coupling's subnetworks also read one condition of that shape
+    (``flow(x, c=[condition])``). The chain maps ``x -> (z, log|det dz/dx|)`` per sample.
+
+    The couplings of the official DifferNet and AST code, ``permute_layer`` +
+    ``glow_coupling_layer_cond``; NumPy's global state is restored afterwards.
+    """
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+
+    if not subnets:
+        raise ValueError("glow_flow: at least one coupling block is needed")
+    channels = int(dims[0])
+    if channels < 2:
+        raise ValueError(f"glow_flow: couplings split the channels in two, so at least 2 are needed, not {channels}")
+    condition = {"cond": 0, "cond_shape": tuple(condition_dims)} if condition_dims is not None else {}
+    saved = np.random.get_state()
+    try:
+        flow = Ff.SequenceINN(*dims)
+        for k, subnet in enumerate(subnets):
+            flow.append(Fm.PermuteRandom, seed=k)
+            flow.append(Fm.GLOWCouplingBlock, subnet_constructor=subnet, clamp=clamp, clamp_activation=clamp_activation, split_len=channels // 2, **condition)
+    finally:
+        np.random.set_state(saved)
+    return flow
