@@ -9,10 +9,12 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
-# First-party plugins, in dependency order (draem uses augment, gcad uses uninformed_students).
+# First-party plugins, in dependency order (draem uses augment, gcad uses uninformed_students,
+# the flow detectors use flows).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/draem plugins/reverse_distillation \
            plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
+           plugins/fastflow plugins/ast \
            contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
