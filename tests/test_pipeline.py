@@ -138,3 +138,22 @@ def test_command_line_overrides_the_config_file(tmp_path):
     config = load_config(str(file), {"batch_size": 2, "options": {"patchcore": {"coreset_ratio": 0.01}}, "device": None})
     assert config.detectors == ["padim"] and config.batch_size == 2
     assert config.options["patchcore"] == {"coreset_ratio": 0.01, "seed": 1}
+
+
+def test_a_threshold_that_requires_a_score_kind_refuses_other_scores_and_score_ensembles():
+    from types import SimpleNamespace
+
+    from vad.build import check_score_kind
+
+    class Rule:
+        requires_scores = "-log10 NFA"
+
+    def member(kind):
+        return SimpleNamespace(detector=SimpleNamespace(score_kind=kind, describe_owner=lambda: "detector 'x'"))
+
+    check_score_kind(Rule(), "nfa", [member("-log10 NFA")], None)  # the kind it needs
+    check_score_kind(SimpleNamespace(requires_scores=None), "conformal", [member(None)], None)  # any scores
+    with pytest.raises(VadError, match="detector 'x' gives ordinary anomaly scores"):
+        check_score_kind(Rule(), "nfa", [member("-log10 NFA"), member(None)], None)
+    with pytest.raises(VadError, match="score-level ensemble"):
+        check_score_kind(Rule(), "nfa", [member("-log10 NFA"), member("-log10 NFA")], "mean")

@@ -236,6 +236,22 @@ def _ensemblers_of(registry: Registry, kind: type) -> str:
     return ", ".join(names) or "none installed"
 
 
+def check_score_kind(threshold: Any, threshold_name: str, members: list[Any], score_ensemble: str | None) -> None:
+    """Refuse a threshold rule that reads a fixed meaning into the scores (``requires_scores``)
+    for detectors whose scores do not have it, or for fused scores."""
+    wanted = threshold.requires_scores
+    if wanted is None:
+        return
+    if score_ensemble is not None:
+        raise VadError(f"--threshold {threshold_name} needs scores that are {wanted}; a score-level ensemble ({score_ensemble}) fuses scores into something else")
+    for member in members:
+        if member.detector.score_kind != wanted:
+            raise VadError(
+                f"--threshold {threshold_name} needs scores that are {wanted}, and {member.detector.describe_owner()} gives "
+                f"{member.detector.score_kind or 'ordinary anomaly scores'} with these options (see `vad list detectors --details` for a score option)"
+            )
+
+
 def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyModel:
     """Compose the plugins named in ``config`` into an unfitted :class:`AnomalyModel`."""
     from vad.model import AnomalyModel, Member
@@ -268,6 +284,7 @@ def build_model(config: RunConfig, registry: Registry | None = None) -> AnomalyM
         raise VadError(f"--ensemble {config.ensemble} fuses several members; give two or more --detector or --backbone")
     ensembler = create("ensemblers", config.ensemble, registry, run_seed=config.seed, **config.options_for(config.ensemble)) if score_level else None
     threshold = create("thresholds", config.threshold, registry, run_seed=config.seed, **config.options_for(config.threshold))
+    check_score_kind(threshold, config.threshold, members, config.ensemble if score_level else None)
     return AnomalyModel(
         members,
         ensembler=ensembler,

@@ -316,6 +316,12 @@ class Detector(Component):
     tiny_image_auroc: ClassVar[float | None] = 0.9
 
     @property
+    def score_kind(self) -> str | None:
+        """What the scores are when they have a fixed meaning a threshold rule can rely on (e.g.
+        ``"-log10 NFA"``); None for ordinary anomaly scores, whose scale only calibration knows."""
+        return None
+
+    @property
     @abc.abstractmethod
     def fitted(self) -> bool:
         """True once ``fit`` or ``load_state`` ran."""
@@ -504,6 +510,10 @@ class Threshold(Configurable, abc.ABC):
     #: The fewest normal calibration scores the rule can use (k-sigma: 2, to see a spread);
     #: vad checks it before fitting.
     min_scores: ClassVar[int] = 1
+    #: The ``Detector.score_kind`` this rule is valid for (a rule that reads a fixed meaning into
+    #: the scores, such as an NFA level); vad refuses other detectors and score-level ensembles.
+    #: None: any scores.
+    requires_scores: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def fit(self, scores: np.ndarray, labels: np.ndarray) -> float:
