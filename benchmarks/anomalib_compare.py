@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""vad's teacher-student detectors side by side with anomalib 2.7's, same data, weights, size, epochs.
+"""vad's teacher-student and flow detectors side by side with anomalib 2.7's, same data, weights, size, epochs.
 
     python benchmarks/anomalib_compare.py --anomalib-python /work/anomalib-venv/bin/python \\
         [--categories brick gear gravel] [--epochs 10] [--image-size 224] \\
-        [--methods stfpm reverse-distillation efficientad] [--efficientad-epochs 1] [--teacher-steps 30]
+        [--methods stfpm reverse-distillation efficientad fastflow] [--efficientad-epochs 1] [--teacher-steps 30]
 
 anomalib lives in its own virtual environment (never a dependency of vad): create it with the
 CPU torch pinned, e.g. ``python -m venv A && A/bin/pip install -c constraints-cpu.txt
@@ -23,6 +23,17 @@ Rows, and what each checks:
   (seed 0, saved once) on both sides: anomalib's Reverse Distillation decoder exists for ResNets
   only, and no ResNet ImageNet weights can be downloaded here. These rows check the
   implementations against each other, not the papers' accuracy.
+* ``fastflow`` on ``resnet18`` with the shared random state dict (anomalib's FastFlow accepts
+  ResNets and CaiT/DeiT only): 8 flow steps, hidden ratio 1.0, levels ``layer1-3``, Adam 1e-3 /
+  1e-5, batch 32, both sides. vad's default follows the reference code (gathierry/FastFlow: 3x3
+  subnets only for ResNet-18); the ``anomalib`` variant alternates 3x3 and 1x1 as anomalib does.
+* ``cflow`` on ``tf_efficientnet_lite0`` (packaged ImageNet weights on both) at strides 8, 16, 32
+  (``blocks.2/4/6``; official WideResNet-50 ``layer2-4``). vad's epoch is one official sub-epoch,
+  run with ``sub_epochs=1``; the ``anomalib`` variant takes anomalib's departures from the
+  official code (lr 1e-4 instead of 2e-4, hard permutations, 64-fiber batches instead of 256, no
+  rotation augmentation, no warm-up; anomalib also has no cosine schedule).
+* ``uflow`` on ``resnet18`` with the shared random state dict (anomalib's U-Flow accepts MS-CaiT
+  and ResNets only): 4 flow steps, clamp 2, batch 8, Adam 1e-4 (anomalib 1e-3) / 1e-5.
 * ``efficientad`` (EfficientAD-S) against ``anomalib.models.EfficientAd`` (model_size small) with
   one PDN-S teacher on both sides, distilled once by ``vad efficientad distill`` from
   ``tf_efficientnet_lite0`` (packaged ImageNet weights) on every training image of every
@@ -60,6 +71,9 @@ ROWS = (
     ("stfpm", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("reverse-distillation", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("efficientad", "pdn_small", "one distilled PDN-S teacher on both"),
+    ("fastflow", "resnet18", "random ResNet-18, same weights: implementation check"),
+    ("cflow", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
+    ("uflow", "resnet18", "random ResNet-18, same weights: implementation check"),
 )
 #: vad's settings per method: its defaults (the official code's), and where anomalib departs from
 #: the official code, anomalib's choice, so that the implementations can be compared as well.
@@ -74,9 +88,30 @@ VARIANTS = {
     ),
     # the official maps (no blur, as anomalib's); anomalib's departures are undone on its side
     "efficientad": (("official", "defaults (official), maps not blurred", []),),
+    "fastflow": (
+        ("official", "defaults (reference: 3x3 subnets only for ResNet-18)", []),
+        ("anomalib", "anomalib's alternating 3x3 / 1x1 subnets", ["--set", "fastflow.conv3x3_only=false"]),
+    ),
+    # one vad epoch is one official sub-epoch; sub_epochs=1 keeps the official schedule's shape over short runs
+    "cflow": (
+        ("official", "defaults (official), sub_epochs 1", ["--set", "cflow.sub_epochs=1"]),
+        ("anomalib", "anomalib's lr 1e-4, hard permutations, 64 fibers, no rotation, no warm-up", [
+            "--set", "cflow.sub_epochs=1", "--set", "cflow.lr=0.0001", "--set", "cflow.permute_soft=false", "--set", "cflow.fiber_batch_size=64",
+            "--set", "cflow.rotation=0", "--set", "cflow.warmup_meta_epochs=0",
+        ]),
+    ),
+    "uflow": (
+        ("official", "defaults (official)", []),
+        ("anomalib", "anomalib's lr 1e-3", ["--set", "uflow.lr=0.001"]),
+    ),
 }
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8}
+#: The vad option naming each method's backbone.
+BACKBONE_OPTION = {"stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
+#: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
+#: vad's ``layers=null``).
+ANOMALIB_LAYERS = {("cflow", "tf_efficientnet_lite0"): ["blocks.2", "blocks.4", "blocks.6"], ("cflow", "resnet18"): ["layer2", "layer3", "layer4"]}
 #: Share of the training images EfficientAD holds out for its map quantiles (official, both sides).
 EFFICIENTAD_VALIDATION = 0.1
 
@@ -167,7 +202,7 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
             "--set", f"efficientad.image_size={args.efficientad_image_size}", "--set", f"efficientad.validation_fraction={EFFICIENTAD_VALIDATION}",
         ]
     else:
-        key = "backbone" if method == "stfpm" else "encoder"
+        key = BACKBONE_OPTION[method]
         spec = backbone if backbone.startswith("tf_efficientnet") else f"timm:{backbone}"
         settings = [
             "--set", f"{method}.{key}={spec}", "--set", f"{method}.weights={weights}",
@@ -198,7 +233,7 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
         model_options = ["--teacher", str(teacher), "--model-size", "small", "--validation-fraction", str(EFFICIENTAD_VALIDATION)]
     else:
         settings = {"epochs": args.epochs, "image_size": args.image_size}
-        layers = LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"]
+        layers = ANOMALIB_LAYERS.get((method, backbone), LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"])
         model_options = ["--backbone", backbone, "--layers", *layers]
     saved = out / "result.json"
     if saved.is_file():
@@ -228,8 +263,8 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", default=["brick", "gear", "gravel"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation", "efficientad"])
-    parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"], help="backbones of the stfpm and reverse-distillation rows")
+    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation", "efficientad", "fastflow", "cflow", "uflow"])
+    parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"], help="backbones of the rows that have a choice")
     parser.add_argument("--efficientad-epochs", type=int, default=1, help="EfficientAD passes over its 54 training images (batch 1: 54 steps each), both sides")
     parser.add_argument("--efficientad-image-size", type=int, default=256)
     parser.add_argument("--teacher", help="EfficientAD teacher file for both sides (default: distil one, see --teacher-steps)")
@@ -248,8 +283,10 @@ def main() -> None:
     weights = prepare_weights(output)
     teacher = None
     lines = []
-    if {"stfpm", "reverse-distillation"} & set(args.methods):
-        lines.append(f"STFPM / RD: {args.epochs} epochs, {args.image_size} px, official batch sizes (STFPM 32, RD 16), every training image, CPU")
+    trained = sorted(set(args.methods) - {"efficientad"})
+    if trained:
+        batches = ", ".join(f"{method} {BATCH[method]}" for method in trained)
+        lines.append(f"{', '.join(trained)}: {args.epochs} epochs, {args.image_size} px, official batch sizes ({batches}), every training image, CPU")
     if "efficientad" in args.methods:
         teacher = weights["pdn_small"] = prepare_teacher(data, output, args)
         train = json.loads((data / "larger_data.json").read_text())["train"]

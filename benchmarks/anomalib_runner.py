@@ -160,6 +160,24 @@ def efficientad_model(args: argparse.Namespace):
     return model
 
 
+#: The flow detectors compared (CS-Flow is not: anomalib's is fixed to torchvision's EfficientNet-B5
+#: with downloaded ImageNet weights, which no vad backbone can share).
+FLOW_MODELS = ("fastflow", "cflow", "uflow")
+
+
+def flow_model(args: argparse.Namespace):
+    """anomalib's FastFlow, CFLOW or U-Flow with its defaults, on ``--backbone`` (FastFlow and
+    U-Flow accept ResNets and their transformers only; CFLOW any timm network, at ``--layers``)."""
+    from anomalib.models import Cflow, Fastflow, Uflow
+
+    size = (args.image_size, args.image_size)
+    if args.model == "fastflow":
+        return Fastflow(backbone=args.backbone, pre_processor=Fastflow.configure_pre_processor(image_size=size), visualizer=False)
+    if args.model == "cflow":
+        return Cflow(backbone=args.backbone, layers=args.layers, pre_processor=Cflow.configure_pre_processor(image_size=size), visualizer=False)
+    return Uflow(backbone=args.backbone, pre_processor=Uflow.configure_pre_processor(image_size=size), visualizer=False)
+
+
 def auroc(scores, labels) -> float:
     """Exact ROC AUC (Mann-Whitney, ties counted half) of ``scores`` against binary ``labels``."""
     import torch
@@ -176,7 +194,7 @@ def auroc(scores, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad"])
+    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", *FLOW_MODELS])
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="resnet18")
@@ -217,6 +235,9 @@ def main() -> None:
             root=args.root, category=args.category, train_batch_size=1, eval_batch_size=8, num_workers=0,
             val_split_mode="from_train", val_split_ratio=args.validation_fraction, seed=args.seed,
         )
+    elif args.model in FLOW_MODELS:
+        model = flow_model(args)
+        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
     else:
         cls = Stfpm if args.model == "stfpm" else ReverseDistillation
         model = cls(backbone=args.backbone, layers=args.layers, pre_processor=cls.configure_pre_processor(image_size=(args.image_size, args.image_size)), visualizer=False)
