@@ -104,6 +104,9 @@ def test_auto_calibration_picks_by_what_the_members_offer(registry, tmp_path):
     assert model(registry).resolve_calibration(True) == "hold-out"  # the data set's validation split
     assert model(registry, Plain()).resolve_calibration(False) == "cross-fit"
     assert model(registry, Trained()).resolve_calibration(False) == "hold-out"
+    one_epoch = Plain()
+    one_epoch.cheap_to_refit = False  # a trained detector run for one epoch (training_passes 1)
+    assert model(registry, one_epoch).resolve_calibration(False) == "hold-out"
     with pytest.raises(VadError, match="cannot score training images as left out; use cross-fit or hold-out"):
         model(registry, Plain(), calibration="leave-one-out").resolve_calibration(False)
 

@@ -12,8 +12,8 @@ seen. vad gets them without taking training images away from the detector where 
   one, else ``holdout_fraction``) is kept from the detector and scored. Costs those images;
 * ``auto`` (the default): the data set's validation split when it has one, else
   leave-one-out when every member offers it, else cross-fit when every member fits in one pass
-  over its inputs, else hold-out (trained detectors: cross-fitting would train them again
-  ``folds`` times).
+  over its inputs and is ``cheap_to_refit``, else hold-out (trained detectors: cross-fitting
+  would train their networks again ``folds`` times, even with one epoch).
 
 :func:`false_alarm_estimate` turns the calibration scores and a threshold into the false-alarm
 rate to expect on new normal images, with an interval: for exchangeable normal scores, a

@@ -310,6 +310,9 @@ class Detector(Component):
     #: True when :meth:`predict_left_out` scores training images as if each had been left out
     #: of fit: vad then fits thresholds on those scores and trains on every image.
     leave_one_out: ClassVar[bool] = False
+    #: False for detectors whose fit trains networks (an optimiser loop, however few its
+    #: epochs): ``auto`` calibration then holds images out instead of fitting ``folds`` copies.
+    cheap_to_refit: ClassVar[bool] = True
     #: The image AUROC this detector reaches at least on :mod:`vad.testing`'s tiny data set
     #: with ``tiny_options``; the conformance kit checks it. None: no claim (e.g. a method that
     #: needs more training than a test can afford).

@@ -393,7 +393,9 @@ class AnomalyModel:
             return method
         if every_left_out and not overlapping:
             return "leave-one-out"
-        single_pass = all(m.detector.training_passes == 1 and (m.source is None or not m.source.requires_fit) for m in self.members)
+        single_pass = all(
+            m.detector.cheap_to_refit and m.detector.training_passes == 1 and (m.source is None or not m.source.requires_fit) for m in self.members
+        )
         enough_for_folds = train_count is None or train_count >= self.folds
         return "cross-fit" if single_pass and enough_for_folds else "hold-out"
 

@@ -125,6 +125,9 @@ class TrainedDetector(Detector):
         #: distillation or statistics).
         self.resuming = False
 
+    #: Training networks again for each calibration fold costs too much: ``auto`` holds images out.
+    cheap_to_refit = False
+
     @property
     def training_passes(self) -> int:  # type: ignore[override]
         """One pass per epoch: vad keeps the inputs in memory between them."""
