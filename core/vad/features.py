@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vad.contracts import Backbone, FeatureInfo, FeatureSource
+from vad.contracts import Backbone, FeatureInfo, FeatureSource, Preprocessing
 from vad.errors import VadError
 from vad.options import option
 
@@ -51,6 +51,82 @@ def layers_at_strides(backbone: Backbone, strides: Sequence[int], owner: str, op
             f"name the levels with --set {owner}.{option_name}=[...] from: {offered}"
         )
     return [by_stride[stride] for stride in strides]
+
+
+def chosen_levels(backbone: Backbone, layers: Sequence[str] | None, strides: Sequence[int], owner: str, option_name: str = "layers") -> list[FeatureInfo]:
+    """``layers`` (names or positions, resolved; each level once), or the deepest maps at
+    ``strides`` when ``layers`` is None: the levels a method reads from a backbone."""
+    if layers is None:
+        return layers_at_strides(backbone, strides, owner, option_name)
+    known = {info.name: info for info in backbone.feature_info()}
+    names = [backbone.resolve_layer(layer) for layer in layers]
+    if len(set(names)) != len(names):
+        raise VadError(f"{owner}: {option_name} {list(layers)} name the same level twice ({names})")
+    return [known[name] for name in names]
+
+
+class FrozenLevels:
+    """A frozen backbone whose levels a trained detector reads (flows, distillation heads).
+
+    Built on first use from the backbone spec (``pretrained``, or a local ``weights`` file; random
+    weights are drawn from ``seed`` without touching the global random state); its levels are
+    ``layers`` or the deepest maps at ``strides`` (:func:`chosen_levels`). The detector owns the
+    trainable parts; this object holds no gradient and is not saved (it is rebuilt from the
+    options).
+    """
+
+    def __init__(
+        self, spec: str, *, pretrained: bool, weights: str | None, layers: Sequence[str] | None, strides: Sequence[int], seed: int,
+        owner: str, option_name: str = "layers",
+    ) -> None:
+        self.spec, self.pretrained, self.weights, self.seed = spec, pretrained, weights, seed
+        self.requested, self.strides, self.owner, self.option_name = layers, tuple(strides), owner, option_name
+        self.device = torch.device("cpu")
+        self._backbone: Backbone | None = None
+        self._levels: list[FeatureInfo] = []
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone, built on first use."""
+        if self._backbone is None:
+            from vad.plugins import create_backbone
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                backbone = create_backbone(self.spec, pretrained=self.pretrained, weights=self.weights)
+            self._levels = chosen_levels(backbone, self.requested, self.strides, self.owner, self.option_name)
+            self._backbone = backbone.to(self.device)
+        return self._backbone
+
+    @property
+    def levels(self) -> list[FeatureInfo]:
+        """The chosen levels (name, stride, channels), shallow to deep."""
+        self.backbone
+        return list(self._levels)
+
+    @property
+    def names(self) -> list[str]:
+        """The chosen levels' names (what a detector saves as its resolved ``layers``)."""
+        return [level.name for level in self.levels]
+
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen levels' maps for ``images``, without gradient (the backbone is frozen),
+        cloned out of inference mode so that a head can train (or be traced) on them."""
+        names = self.names
+        maps = self.backbone.forward_features(images, names)
+        return [maps[name].clone() for name in names]
+
+    def to(self, device: torch.device | str) -> FrozenLevels:
+        """Move the backbone (now or when it is built)."""
+        self.device = torch.device(device)
+        if self._backbone is not None:
+            self._backbone.to(self.device)
+        return self
+
+    def preprocessing(self, size: int) -> Preprocessing:
+        """Square ``size`` inputs, bilinear resize, the backbone's own mean and std."""
+        own = self.backbone.preprocessing
+        return Preprocessing(size=(size, size), mean=own.mean, std=own.std, interpolation="bilinear")
 
 
 def default_layers(backbone: Backbone) -> list[str]:

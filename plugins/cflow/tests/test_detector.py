@@ -238,7 +238,7 @@ def test_bad_encoders_layers_and_batches_are_clear_errors(fitted):
         Cflow(encoder="resnet_18").levels
     with pytest.raises(VadError, match="has no layer"):
         Cflow(layers=["blocks.2", "nope"]).levels
-    with pytest.raises(VadError, match="same encoder level twice"):
+    with pytest.raises(VadError, match="same level twice"):
         Cflow(layers=["blocks.2", "2"]).levels
     with pytest.raises(VadError, match="before predict"):
         Cflow(**SMALL).predict(torch.rand(1, 3, 64, 64))

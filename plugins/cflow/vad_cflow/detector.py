@@ -86,7 +86,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing, State
 from vad.errors import VadError
-from vad.features import layers_at_strides
+from vad.features import FrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_cflow.network import CflowDecoders, CflowHead, OfficialSchedule, fiber_batches, fiber_loss, fibers_and_conditions, summed_probabilities
@@ -135,8 +135,10 @@ class Cflow(TrainedDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._encoder: Backbone | None = None
-        self._levels: list[FeatureInfo] = []
+        options = self.options
+        self.frozen = FrozenLevels(
+            options.encoder, pretrained=options.pretrained, weights=options.weights, layers=options.layers, strides=OFFICIAL_STRIDES, seed=options.seed, owner=self.name
+        )
         self._optimizer: torch.optim.Optimizer | None = None
         self._schedule: OfficialSchedule | None = None
         self._batches_per_epoch = 0
@@ -149,36 +151,25 @@ class Cflow(TrainedDetector):
     def encoder(self) -> Backbone:
         """The frozen encoder, built on first use (random weights drawn from ``seed``); the
         resolved ``layers`` are written back into the options."""
-        if self._encoder is None:
-            from vad.plugins import create_backbone
-
-            options = self.options
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(options.seed)
-                encoder = create_backbone(options.encoder, pretrained=options.pretrained, weights=options.weights)
-            self._levels = encoder_levels(encoder, options.layers)
-            self.options = options.replace(layers=[level.name for level in self._levels])
-            self._encoder = encoder.to(self.device)
-        return self._encoder
+        encoder = self.frozen.backbone
+        if self.options.layers is None or list(self.options.layers) != self.frozen.names:
+            self.options = self.options.replace(layers=self.frozen.names)
+        return encoder
 
     @property
     def levels(self) -> list[FeatureInfo]:
         """The encoder levels with a decoder (name, stride, channels), shallow to deep."""
         self.encoder
-        return list(self._levels)
+        return self.frozen.levels
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder's levels for ``images``, without gradient (the encoder is frozen), cloned
-        out of inference mode so that the decoders can train (or be traced) on them."""
-        names = [level.name for level in self.levels]
-        maps = self.encoder.forward_features(images, names)
-        return [maps[name].clone() for name in names]
+        """The encoder's levels for ``images`` (frozen, no gradient)."""
+        return self.frozen.encode(images)
 
     def to(self, device: torch.device | str) -> Cflow:
         """Move the decoders and the encoder."""
         super().to(device)
-        if self._encoder is not None:
-            self._encoder.to(self.device)
+        self.frozen.to(self.device)
         return self
 
     # ------------------------------------------------------------------ contract
@@ -186,8 +177,8 @@ class Cflow(TrainedDetector):
     @property
     def preprocessing(self) -> Preprocessing:  # type: ignore[override]
         """Square ``image_size`` inputs, bilinear resize, normalised with the encoder's mean/std."""
-        size, encoder = self.options.image_size, self.encoder.preprocessing
-        return Preprocessing(size=(size, size), mean=encoder.mean, std=encoder.std, interpolation="bilinear")
+        self.encoder
+        return self.frozen.preprocessing(self.options.image_size)
 
     # ------------------------------------------------------------------ training
 
@@ -391,15 +382,3 @@ class CflowFeatures(DetectorFeatures):
                 chosen = [decoded[position][1].unsqueeze(1) for position in exposed]
             grid = chosen[0].shape[-2:]
             return torch.cat([c if c.shape[-2:] == grid else F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chosen], dim=1)
-
-
-def encoder_levels(encoder: Backbone, layers: list[str] | tuple[str, ...] | None) -> list[FeatureInfo]:
-    """The levels with a decoder: ``layers`` (resolved, distinct), or the deepest maps at the
-    official strides 8, 16, 32."""
-    if layers is None:
-        return layers_at_strides(encoder, OFFICIAL_STRIDES, Cflow.name)
-    known = {info.name: info for info in encoder.feature_info()}
-    names = [encoder.resolve_layer(layer) for layer in layers]
-    if len(set(names)) != len(names):
-        raise VadError(f"cflow: layers {list(layers)} name the same encoder level twice ({names})")
-    return [known[name] for name in names]

@@ -56,7 +56,6 @@ bfloat16; the LayerNorms run in float32 under autocast and the flows, loss and m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,7 +64,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import layers_at_strides
+from vad.features import FrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_fastflow.network import FastFlowHead, FastFlowScorer, fastflow_loss
@@ -118,8 +117,10 @@ class FastFlow(TrainedDetector):
         if self.options.conv3x3_only is None:
             resolved = backbone_architecture(self.options.backbone) in CONV3X3_ONLY_BACKBONES
             self.options = self.options.replace(conv3x3_only=resolved)
-        self._backbone: Backbone | None = None
-        self._levels: list[FeatureInfo] = []
+        options = self.options
+        self.frozen = FrozenLevels(
+            options.backbone, pretrained=options.pretrained, weights=options.weights, layers=options.layers, strides=PAPER_STRIDES, seed=options.seed, owner=self.name
+        )
         self._shapes: list[list[int]] | None = None
 
     # ------------------------------------------------------------------ the backbone
@@ -128,23 +129,16 @@ class FastFlow(TrainedDetector):
     def backbone(self) -> Backbone:
         """The frozen backbone, built on first use (random weights drawn from ``seed``); the
         resolved ``layers`` are written back into the options."""
-        if self._backbone is None:
-            from vad.plugins import create_backbone
-
-            options = self.options
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(options.seed)
-                backbone = create_backbone(options.backbone, pretrained=options.pretrained, weights=options.weights)
-            self._levels = backbone_levels(backbone, options.layers)
-            self.options = options.replace(layers=[level.name for level in self._levels])
-            self._backbone = backbone.to(self.device)
-        return self._backbone
+        backbone = self.frozen.backbone
+        if self.options.layers is None or list(self.options.layers) != self.frozen.names:
+            self.options = self.options.replace(layers=self.frozen.names)
+        return backbone
 
     @property
     def levels(self) -> list[FeatureInfo]:
         """The backbone levels with a flow each (name, stride, channels), shallow to deep."""
         self.backbone
-        return list(self._levels)
+        return self.frozen.levels
 
     def level_shapes(self) -> list[list[int]]:
         """``[C, h, w]`` of each level for ``image_size`` inputs (measured once on a blank image)."""
@@ -155,17 +149,13 @@ class FastFlow(TrainedDetector):
         return [list(shape) for shape in self._shapes]
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The backbone's levels for ``images``, without gradient (it is frozen), cloned out of
-        inference mode so that the head can train (or be traced) on them."""
-        names = [level.name for level in self.levels]
-        maps = self.backbone.forward_features(images, names)
-        return [maps[name].clone() for name in names]
+        """The backbone's levels for ``images`` (frozen, no gradient)."""
+        return self.frozen.encode(images)
 
     def to(self, device: torch.device | str) -> FastFlow:
         """Move the head and the backbone."""
         super().to(device)
-        if self._backbone is not None:
-            self._backbone.to(self.device)
+        self.frozen.to(self.device)
         return self
 
     # ------------------------------------------------------------------ contract
@@ -173,8 +163,8 @@ class FastFlow(TrainedDetector):
     @property
     def preprocessing(self) -> Preprocessing:  # type: ignore[override]
         """Square ``image_size`` inputs, bilinear resize (reference ``transforms.Resize``), the backbone's mean and std."""
-        size, own = self.options.image_size, self.backbone.preprocessing
-        return Preprocessing(size=(size, size), mean=own.mean, std=own.std, interpolation="bilinear")
+        self.backbone
+        return self.frozen.preprocessing(self.options.image_size)
 
     # ------------------------------------------------------------------ training
 
@@ -276,15 +266,3 @@ class FastFlowFeatures(DetectorFeatures):
             chosen = [latents[names.index(layer)] for layer in exposed]
             grid = chosen[0].shape[-2:]
             return torch.cat([c if c.shape[-2:] == grid else F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chosen], dim=1)
-
-
-def backbone_levels(backbone: Backbone, layers: Sequence[str] | None) -> list[FeatureInfo]:
-    """The levels with a flow each: ``layers`` (resolved, distinct), or the deepest maps at
-    strides 4, 8, 16."""
-    if layers is None:
-        return layers_at_strides(backbone, PAPER_STRIDES, FastFlow.name)
-    known = {info.name: info for info in backbone.feature_info()}
-    names = [backbone.resolve_layer(layer) for layer in layers]
-    if len(set(names)) != len(names):
-        raise VadError(f"fastflow: layers {list(layers)} name the same level twice ({names})")
-    return [known[name] for name in names]

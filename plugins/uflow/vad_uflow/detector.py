@@ -81,7 +81,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import layers_at_strides
+from vad.features import FrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_uflow.network import UShapedFlow, latent_channels, likelihood_map, uflow_loss
@@ -135,32 +135,32 @@ class UFlow(TrainedDetector):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._backbone: Backbone | None = None
-        self._levels: list[FeatureInfo] = []
+        options = self.options
+        self.frozen = FrozenLevels(
+            options.backbone, pretrained=options.pretrained, weights=options.weights, layers=options.layers, strides=OFFICIAL_STRIDES, seed=options.seed, owner=self.name
+        )
+        self._checked = False
 
     # ------------------------------------------------------------------ the backbone
 
     @property
     def backbone(self) -> Backbone:
-        """The frozen backbone, built on first use (random weights drawn from ``seed``); the
-        resolved ``layers`` are written back into the options."""
-        if self._backbone is None:
-            from vad.plugins import create_backbone
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.options.seed)
-                backbone = create_backbone(self.options.backbone, pretrained=self.options.pretrained, weights=self.options.weights)
-            self._levels = backbone_levels(backbone, self.options.layers)
-            self._check_geometry(self._levels)
-            self.options = self.options.replace(layers=[level.name for level in self._levels])
-            self._backbone = backbone.to(self.device)
-        return self._backbone
+        """The frozen backbone, built on first use (random weights drawn from ``seed``); its
+        levels are checked once and the resolved ``layers`` written back into the options."""
+        backbone = self.frozen.backbone
+        if not self._checked:
+            levels = self.frozen.levels
+            check_doubling_strides(backbone, levels)
+            self._check_geometry(levels)
+            self.options = self.options.replace(layers=self.frozen.names)
+            self._checked = True
+        return backbone
 
     @property
     def levels(self) -> list[FeatureInfo]:
         """The backbone levels the flow reads (name, stride, channels), fine to coarse."""
         self.backbone
-        return list(self._levels)
+        return self.frozen.levels
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -183,10 +183,9 @@ class UFlow(TrainedDetector):
                     )
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The backbone's levels for ``images`` (no gradient: the backbone is frozen), cloned out of
-        inference mode so that the flow can train (or be traced) on them."""
-        maps = self.backbone.forward_features(images, [level.name for level in self.levels])
-        return [maps[level.name].clone() for level in self.levels]
+        """The backbone's levels for ``images`` (frozen, no gradient)."""
+        self.backbone
+        return self.frozen.encode(images)
 
     def latents(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The flow's latents of checked ``images``, finest first, without gradients."""
@@ -197,8 +196,7 @@ class UFlow(TrainedDetector):
     def to(self, device: torch.device | str) -> UFlow:
         """Move the flow and the backbone."""
         super().to(device)
-        if self._backbone is not None:
-            self._backbone.to(self.device)
+        self.frozen.to(self.device)
         return self
 
     # ------------------------------------------------------------------ contract
@@ -206,8 +204,8 @@ class UFlow(TrainedDetector):
     @property
     def preprocessing(self) -> Preprocessing:  # type: ignore[override]
         """Square ``image_size`` inputs, bilinear resize (official ``transforms.Resize``), the backbone's mean and std."""
-        size, own = self.options.image_size, self.backbone.preprocessing
-        return Preprocessing(size=(size, size), mean=own.mean, std=own.std, interpolation="bilinear")
+        self.backbone
+        return self.frozen.preprocessing(self.options.image_size)
 
     # ------------------------------------------------------------------ training
 
@@ -331,20 +329,10 @@ class UFlowFeatures(DetectorFeatures):
         return torch.cat([c if c.shape[-2:] == grid else F.interpolate(c, size=grid, mode="bilinear", align_corners=False) for c in chosen], dim=1)
 
 
-def backbone_levels(backbone: Backbone, layers: Sequence[str] | None) -> list[FeatureInfo]:
-    """The levels the flow reads: ``layers`` (resolved), or the deepest maps at strides 4, 8, 16;
-    each must have twice the stride of the one before (the U upsamples by 2)."""
-    infos = backbone.feature_info()
-    if layers is None:
-        levels = layers_at_strides(backbone, OFFICIAL_STRIDES, UFlow.name)
-    else:
-        known = {f.name: f for f in infos}
-        levels = [known[backbone.resolve_layer(layer)] for layer in layers]
-    names = [level.name for level in levels]
-    if len(set(names)) != len(names):
-        raise VadError(f"uflow: layers {list(layers or [])} name the same level twice ({names})")
+def check_doubling_strides(backbone: Backbone, levels: Sequence[FeatureInfo]) -> None:
+    """Each level the flow reads must have twice the stride of the one before (the U upsamples by 2)."""
     strides = [level.stride for level in levels]
     if any(coarser != 2 * finer for finer, coarser in zip(strides, strides[1:])):
-        offered = ", ".join(f"{f.name} (stride {f.stride}, {f.channels} ch)" for f in infos)
+        offered = ", ".join(f"{f.name} (stride {f.stride}, {f.channels} ch)" for f in backbone.feature_info())
+        names = [level.name for level in levels]
         raise VadError(f"uflow needs backbone levels each at twice the stride of the one before, got {names} at strides {strides}; the backbone offers: {offered}")
-    return levels
