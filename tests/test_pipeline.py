@@ -79,7 +79,7 @@ def test_model_save_load_gives_the_same_outputs(registry, tmp_path):
 
 
 def test_f1_optimal_without_anomalous_validation_is_refused(registry, tmp_path):
-    with pytest.raises(VadError, match=r"needs anomalous validation images.*normal-only data \(conformal, k-sigma, manual, max, quantile\)"):
+    with pytest.raises(VadError, match=r"needs anomalous validation images.*normal-only data \(conformal, k-sigma, manual, max, (nfa, )?quantile\)"):
         run(tiny_config(tmp_path, threshold="f1-optimal"), registry)
 
 

@@ -225,6 +225,8 @@ def run(
         config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
     checked = {category: _checked_splits(dataset, category, config, first_model) for category in categories}
     splits = {category: pair[0] for category, pair in checked.items()}
+    handed_over = [first_model] if first_model is not None else []  # popped by the first category: no fitted
+    first_model = None  # model of one category stays referenced here through the next ones
     output = Path(config.output) if config.output else None
     with runfolder.claim(output, default_output(config), overwrite=overwrite, resume=resume) as claimed:
         folder = claimed.path
@@ -232,7 +234,7 @@ def run(
         artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         info(f"run folder: {folder}")
         try:
-            results = _run_categories(config, splits, folder, registry, first_model, resume)
+            results = _run_categories(config, splits, folder, registry, handed_over, resume)
         except KeyboardInterrupt as interrupt:
             raise RunInterrupted(folder) from interrupt
         _finish(config, folder, results, {category: pair[1] for category, pair in checked.items() if pair[1]})
@@ -269,9 +271,12 @@ class RunInterrupted(KeyboardInterrupt):
         )
 
 
-def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Path, registry: Registry, first_model: AnomalyModel | None, resume: bool) -> list[CategoryResult]:
+def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Path, registry: Registry, handed_over: list[AnomalyModel], resume: bool) -> list[CategoryResult]:
+    """Each category in turn; the first uses the model built while checking the run (``handed_over``
+    is emptied, so it is freed after that category), the others build their own."""
     results = []
     for category, category_splits in splits.items():
+        first_model = handed_over.pop() if handed_over else None
         info(f"[{category}] {len(category_splits.train)} train, {len(category_splits.validation)} validation, {len(category_splits.test)} test images")
         saved = folder / category / "model"
         if resume and not config.model and (saved / artifacts.MODEL_JSON).is_file():
@@ -282,7 +287,7 @@ def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Pa
             with session(checkpoints, resume=resume, every_minutes=config.checkpoint_minutes):
                 results.append(run_category(config, category_splits, folder, registry, first_model))
             shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
-        first_model = None
+        del first_model
     return results
 
 
