@@ -164,26 +164,31 @@ def test_maps_are_standardised_on_held_out_images():
     assert abs(float(maps.mean())) < 1e-4  # both parts have zero mean on the validation images
 
 
-def _fake_distillation(detector):
-    """Stand-in for the teachers' distillation (no backbone to load): scaled random weights and facts."""
+def _fake_distillation(monkeypatch, detector):
+    """Stand-in for the teachers' distillation (no backbone to load): the detector's own p = 17
+    teacher with its weights scaled, and facts."""
+    import copy
 
-    def distil(model):
+    import vad_uninformed_students.teacher as teacher_module
+
+    def distil(owner, *args):
+        teacher = copy.deepcopy(detector.networks["model"].branches["p17"].teacher)
         with torch.no_grad():
-            for parameter in model.branches["p17"].teacher.parameters():
+            for parameter in teacher.parameters():
                 parameter.mul_(1.5)
-        detector.teacher_facts = {"source": "distilled", "backbone": "fake", "teachers": {"17": {"steps": 1, "first_loss": 2.0}}}
+        return {17: teacher}, {"source": "distilled", "backbone": "fake", "teachers": {"17": {"steps": 1, "first_loss": 2.0}}}
 
-    detector._distill_teachers = distil
+    monkeypatch.setattr(teacher_module, "distill_teachers", distil)
     return detector
 
 
-def test_a_resumed_fit_restores_the_schedule_and_skips_the_teacher_set_up(tmp_path):
+def test_a_resumed_fit_restores_the_schedule_and_skips_the_teacher_set_up(tmp_path, monkeypatch):
     options = {**SMALL, "epochs": 3, "skip_decay_epochs": 2, "global_regressor_start": 2, "distill_steps": 1}
     images = four_images(Gcad(**options))
-    straight = _fake_distillation(Gcad(**options))
+    straight = _fake_distillation(monkeypatch, Gcad(**options))
     straight.fit([images])
 
-    interrupted = _fake_distillation(Gcad(**options))
+    interrupted = _fake_distillation(monkeypatch, Gcad(**options))
     original, count = interrupted.training_step, {"steps": 0}
 
     def interrupt(batch, generator):
@@ -198,7 +203,9 @@ def test_a_resumed_fit_restores_the_schedule_and_skips_the_teacher_set_up(tmp_pa
     assert (tmp_path / CHECKPOINT_FILE).is_file() and not interrupted.fitted
 
     resumed, seen = Gcad(**options), []
-    resumed._distill_teachers = lambda model: pytest.fail("a resumed fit distilled its teachers again")
+    import vad_uninformed_students.teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "distill_teachers", lambda *args: pytest.fail("a resumed fit distilled its teachers again"))
     resumed_step = resumed.training_step
     resumed.training_step = lambda batch, generator: (seen.append((resumed._schedule.epoch, resumed.networks["model"].branches["p17"].global_network.skip_weights.tolist())), resumed_step(batch, generator))[1]
     with session(tmp_path, resume=True, every_minutes=0):

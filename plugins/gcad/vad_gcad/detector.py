@@ -88,7 +88,7 @@ from vad.errors import VadError
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_gcad.network import GcadModel, augment, fold_normalisation, map_statistics, skip_weights
-from vad_uninformed_students.teacher import BACKBONE_INPUT, DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, descriptor_statistics, distill_teachers, load_teachers
+from vad_uninformed_students.teacher import BACKBONE_INPUT, DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, descriptor_statistics, give_teachers
 
 #: Images per forward pass outside training (teacher statistics, map statistics).
 CHUNK = 4
@@ -256,20 +256,17 @@ class Gcad(TrainedDetector):
         """Give the teachers their weights (file or distillation), fold their descriptor
         statistics over every pixel of the training images into their last layer, and resolve
         the schedule."""
-        from vad.progress import info, warn
+        from vad.progress import info
 
         options, model = self.options, self.networks["model"]
         assert self._train_pool is not None, "gcad trains through fit()"
-        if self.resuming:
-            # the teachers, normalisation folded in, come with the checkpoint's weights (and their facts with its schedule)
-            self.teacher_facts = {"source": "checkpoint (the resumed fit's teachers)"}
-        elif options.teacher_weights is not None:
-            self._load_teachers(model)
-        elif options.distill_steps > 0:
-            self._distill_teachers(model)
-        else:
-            warn("gcad: the teachers are RANDOMLY INITIALISED (distill_steps=0, no teacher_weights): scores are not meaningful")
-            self.teacher_facts = {"source": "random"}
+
+        def adopt_slope(p: int, slope: float | None) -> None:  # a teacher file's slope wins
+            branch = model.branches[f"p{p}"]
+            branch.set_teacher_slope(branch.teacher.slope if slope is None else float(slope))
+
+        teachers = {p: model.branches[f"p{p}"].teacher for p in options.patch_sizes}
+        self.teacher_facts = give_teachers(self.name, options, teachers, self._train_pool, BACKBONE_INPUT, self.device, self.resuming, adopt_slope)
         model.to(self.device).train()
         if not self.resuming:
             for branch in model.branches.values():
@@ -283,27 +280,6 @@ class Gcad(TrainedDetector):
                 f"using the thesis' shares, skip weights 0 after {facts['skip_decay_epochs']} epochs, R_glo from epoch {facts['global_regressor_start']}",
                 **{k: v for k, v in facts.items() if k != "scaled"},
             )
-
-    def _load_teachers(self, model: GcadModel) -> None:
-        options = self.options
-        owner = "gcad teacher_weights"
-        states, facts = load_teachers(options.teacher_weights, options.patch_sizes, owner)
-        for p, state in states.items():
-            branch = model.branches[f"p{p}"]
-            slope = (facts.get("teachers") or {}).get(str(p), {}).get("slope")
-            branch.set_teacher_slope(branch.teacher.slope if slope is None else float(slope))
-            branch.teacher.load_state_dict(state)
-        self.teacher_facts = {"source": "file", "file": str(options.teacher_weights), "backbone": facts.get("backbone")}
-
-    def _distill_teachers(self, model: GcadModel) -> None:
-        o = self.options
-        branches = {p: model.branches[f"p{p}"] for p in o.patch_sizes}
-        networks, self.teacher_facts = distill_teachers(
-            "gcad", denormalize(self._train_pool, IMAGENET_MEAN, IMAGENET_STD), {p: branch.teacher.slope for p, branch in branches.items()},
-            o.distill_backbone, o.distill_weights, o.distill_steps, o.distill_batch_size, o.image_size, BACKBONE_INPUT, o.seed, self.device,
-        )
-        for p, network in networks.items():
-            branches[p].teacher.load_state_dict(network.state_dict())
 
     def optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         """Adam over ``R_loc``, ``E_glo``, ``U`` and ``R_glo`` of every patch size (thesis lr 1e-4,

@@ -251,7 +251,7 @@ def test_registered_lazily_through_the_entry_point():
 
 
 def test_in_fit_distillation_and_a_resumed_fit_reuses_the_checkpointed_teachers(tmp_path, monkeypatch):
-    import vad_uninformed_students.detector as module
+    import vad_uninformed_students.teacher as module  # where the detectors' teacher set-up distils
     from vad.training import session
 
     options = {**SMALL, "epochs": 2, "distill_steps": 1, "distill_batch_size": 4, "backbone_input": 32}

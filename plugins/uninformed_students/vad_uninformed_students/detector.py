@@ -63,12 +63,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vad.contracts import DetectorFeatures, Prediction, Preprocessing, State
-from vad.distillation import denormalize
 from vad.errors import VadError
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_uninformed_students.network import UninformedStudentsModel
-from vad_uninformed_students.teacher import DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZES, distill_teachers, load_teachers
+from vad_uninformed_students.teacher import DESCRIPTOR_DIM, IMAGENET_MEAN, IMAGENET_STD, PATCH_SIZES, give_teachers
 
 #: Images per forward pass outside training (teacher and score statistics).
 CHUNK = 4
@@ -156,44 +155,22 @@ class UninformedStudents(TrainedDetector):
         """Give the teachers their weights (file or distillation), then their descriptor
         statistics over every pixel of the training images; a resumed fit takes both from the
         checkpoint instead."""
-        from vad.progress import warn
-
         options, model = self.options, self.networks["model"]
         assert self._train_pool is not None, "uninformed-students trains through fit()"
-        if self.resuming:
-            # teachers and their statistics come with the checkpoint's weights and buffers
-            self.teacher_facts = {"source": "checkpoint (the resumed fit's teachers)"}
-        elif options.teacher_weights is not None:
-            self._load_teachers(model)
-        elif options.distill_steps > 0:
-            self._distill_teachers(model)
-        else:
-            warn("uninformed-students: the teachers are RANDOMLY INITIALISED (distill_steps=0, no teacher_weights): scores are not meaningful")
-            self.teacher_facts = {"source": "random"}
+
+        def same_slope(p: int, slope: float | None) -> None:
+            if slope is not None and float(slope) != options.slope:
+                raise VadError(
+                    f"uninformed-students teacher_weights: the p={p} teacher in {str(options.teacher_weights)!r} was distilled "
+                    f"with LeakyReLU slope {slope}; set uninformed-students.slope={slope}"
+                )
+
+        teachers = {p: model.scale(p).teacher for p in options.patch_sizes}
+        self.teacher_facts = give_teachers(self.name, options, teachers, self._train_pool, options.backbone_input, self.device, self.resuming, same_slope)
         model.to(self.device).train()
         if not self.resuming:
             for ensemble in model.scales.values():
                 ensemble.fit_teacher_statistics(self._train_pool.split(CHUNK))
-
-    def _load_teachers(self, model: UninformedStudentsModel) -> None:
-        options = self.options
-        owner = "uninformed-students teacher_weights"
-        states, facts = load_teachers(options.teacher_weights, options.patch_sizes, owner)
-        for p, state in states.items():
-            slope = (facts.get("teachers") or {}).get(str(p), {}).get("slope")
-            if slope is not None and float(slope) != options.slope:
-                raise VadError(f"{owner}: the p={p} teacher in {str(options.teacher_weights)!r} was distilled with LeakyReLU slope {slope}; set uninformed-students.slope={slope}")
-            model.scale(p).teacher.load_state_dict(state)
-        self.teacher_facts = {"source": "file", "file": str(options.teacher_weights), "backbone": facts.get("backbone")}
-
-    def _distill_teachers(self, model: UninformedStudentsModel) -> None:
-        o = self.options
-        networks, self.teacher_facts = distill_teachers(
-            "uninformed-students", denormalize(self._train_pool, IMAGENET_MEAN, IMAGENET_STD), {p: o.slope for p in o.patch_sizes},
-            o.distill_backbone, o.distill_weights, o.distill_steps, o.distill_batch_size, o.image_size, o.backbone_input, o.seed, self.device,
-        )
-        for p, network in networks.items():
-            model.scale(p).teacher.load_state_dict(network.state_dict())
 
     def optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         """Adam over every student (thesis lr 1e-4, weight decay 1e-5); the teachers are frozen."""

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vad.distillation import FolderImages, Sampler, TensorImages, normalize, random_grayscale, read_teacher_file, resize, save_teacher_file
+from vad.distillation import FolderImages, Sampler, TensorImages, denormalize, normalize, random_grayscale, read_teacher_file, resize, save_teacher_file
 from vad.errors import VadError
 
 PATCH_SIZES = (17, 33, 65)
@@ -314,6 +314,45 @@ def distill_teachers(
         info(f"{owner}: teacher p={p} distilled in {facts['seconds']:.1f} s (loss {facts['first_loss']:.3g} -> {facts['last_loss']:.3g})", patch_size=p, **{k: v for k, v in facts.items() if k != "patch_size"})
     next(bar, None)
     return networks, {"source": "distilled", "backbone": backbone, "teachers": teachers}
+
+
+def give_teachers(
+    owner: str,
+    options: Any,
+    teachers: dict[int, PatchNetwork],
+    train_pool: torch.Tensor,
+    backbone_input: int,
+    device: torch.device | str,
+    resuming: bool,
+    file_slope: Callable[[int, float | None], None],
+) -> dict[str, Any]:
+    """The weights of a detector's patch ``teachers`` (by patch size) for its fit, from the first
+    source that applies: a resumed fit's checkpoint (nothing to do), ``options.teacher_weights``
+    (a :func:`save_teachers` file; ``file_slope(p, slope)`` is told each teacher's recorded
+    LeakyReLU slope, or None, before its weights load), distillation on ``train_pool``
+    (ImageNet-normalised training images) when ``options.distill_steps > 0``, else random with a
+    warning. Returns the facts the model keeps (``teacher_facts``)."""
+    from vad.progress import warn
+
+    if resuming:  # the teachers come with the checkpoint's weights and buffers
+        return {"source": "checkpoint (the resumed fit's teachers)"}
+    if options.teacher_weights is not None:
+        states, facts = load_teachers(options.teacher_weights, list(teachers), f"{owner} teacher_weights")
+        for p, state in states.items():
+            file_slope(p, (facts.get("teachers") or {}).get(str(p), {}).get("slope"))
+            teachers[p].load_state_dict(state)
+        return {"source": "file", "file": str(options.teacher_weights), "backbone": facts.get("backbone")}
+    if options.distill_steps > 0:
+        networks, facts = distill_teachers(
+            owner, denormalize(train_pool, IMAGENET_MEAN, IMAGENET_STD), {p: teacher.slope for p, teacher in teachers.items()},
+            options.distill_backbone, options.distill_weights, options.distill_steps, options.distill_batch_size, options.image_size,
+            backbone_input, options.seed, device,
+        )
+        for p, network in networks.items():
+            teachers[p].load_state_dict(network.state_dict())
+        return facts
+    warn(f"{owner}: the teachers are RANDOMLY INITIALISED (distill_steps=0, no teacher_weights): scores are not meaningful")
+    return {"source": "random"}
 
 
 # --------------------------------------------------------------------------- teacher files
