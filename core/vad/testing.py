@@ -208,6 +208,18 @@ def random_images():
     return torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(123)) * 0.9 + 0.05
 
 
+def striped_images(count: int = 6, size: int = 64, seed: int = 0) -> Any:
+    """``count`` seeded ``size`` px images of vertical stripes (period 8 px, a random phase each)
+    plus noise, normalised roughly as ImageNet inputs: ``[count, 3, size, size]``, a cheap normal
+    class for image detectors' tests."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    columns = torch.arange(size).view(1, 1, 1, size).float()
+    stripes = torch.sin(2 * torch.pi * columns / 8 + torch.rand(count, 1, 1, 1, generator=generator) * 6)
+    return stripes.expand(count, 3, size, size) + 0.1 * torch.randn(count, 3, size, size, generator=generator)
+
+
 @contextmanager
 def single_torch_thread():
     """One torch thread inside the block, the count restored after: tiny tensors compute faster

@@ -10,7 +10,7 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
-from vad.testing import check_detector, single_torch_thread
+from vad.testing import check_detector, single_torch_thread, striped_images
 from vad.training import CHECKPOINT_FILE, session
 from vad_ast.detector import Ast, AstFeatures
 from vad_ast.network import distance_maps
@@ -21,10 +21,7 @@ SMALL = dict(Ast.tiny_options, seed=0)  # random EfficientNet-Lite0 blocks.2 (40
 @pytest.fixture(scope="module")
 def images():
     """Six 64 px striped images, normalised roughly as ImageNet inputs."""
-    generator = torch.Generator().manual_seed(0)
-    columns = torch.arange(64).view(1, 1, 1, 64).float()
-    stripes = torch.sin(2 * torch.pi * columns / 8 + torch.rand(6, 1, 1, 1, generator=generator) * 6)
-    return stripes.expand(6, 3, 64, 64) + 0.1 * torch.randn(6, 3, 64, 64, generator=generator)
+    return striped_images(6, 64)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from vad.plugins import create_backbone
 from vad.contracts import State
 from vad.errors import VadError
-from vad.testing import single_torch_thread
+from vad.testing import single_torch_thread, striped_images
 from vad_stfpm.detector import Stfpm, StfpmFeatures
 
 SMALL = {"backbone": "resnet18", "pretrained": False, "image_size": 64, "epochs": 1, "batch_size": 4, "seed": 0}
@@ -20,10 +20,7 @@ LITE = {"image_size": 32, "epochs": 1, "batch_size": 4, "seed": 0}  # the defaul
 @pytest.fixture(scope="module")
 def images():
     """Six 64 px striped images, normalised roughly as ImageNet inputs."""
-    generator = torch.Generator().manual_seed(0)
-    columns = torch.arange(64).view(1, 1, 1, 64).float()
-    stripes = torch.sin(2 * torch.pi * columns / 8 + torch.rand(6, 1, 1, 1, generator=generator) * 6)
-    return stripes.expand(6, 3, 64, 64) + 0.1 * torch.randn(6, 3, 64, 64, generator=generator)
+    return striped_images(6, 64)
 
 
 @pytest.fixture(scope="module")
