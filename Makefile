@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
-# First-party plugins, in dependency order (draem uses augment, gcad uses uninformed_students,
+# First-party plugins, in dependency order (draem uses augment and reconstruction, gcad uses uninformed_students,
 # the flow detectors use flows).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
-           plugins/simplenet plugins/padim plugins/augment plugins/draem plugins/reverse_distillation \
+           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem plugins/reverse_distillation \
            plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
            plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \
            contrib/sklearn

@@ -42,7 +42,7 @@ from vad.contracts import Augmentation, DetectorFeatures, Prediction, Preprocess
 from vad.errors import VadError
 from vad.options import option
 from vad.training import TrainedDetector
-from vad_draem.losses import anomaly_score, focal_loss, ssim_loss
+from vad_reconstruction.losses import anomaly_score, focal_loss, ssim_loss
 from vad_draem.network import SIZE_MULTIPLE, DiscriminativeSubNetwork, ReconstructiveSubNetwork, discriminative_encoder_widths, init_weights
 
 #: Encoder blocks of the discriminative sub-network a FeatureSource may expose, with their strides.

@@ -1,4 +1,6 @@
-"""DRAEM's training losses as in the official ``loss.py``: SSIM loss and focal loss; plain functions."""
+"""Losses and scores of the reconstruction detectors: SSIM (DRAEM's official ``loss.py``, with the
+stabilising constants as an option for the SSIM autoencoder), the focal loss of DRAEM and DSR, and
+their mean-filtered maximum image score; plain functions."""
 
 from __future__ import annotations
 
@@ -15,12 +17,19 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, channels: int = 1, devic
     return window.expand(channels, 1, size, size).contiguous()
 
 
-def ssim_map(first: torch.Tensor, second: torch.Tensor, window_size: int = 11, value_range: float = 1.0) -> torch.Tensor:
+def ssim_map(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    window_size: int = 11,
+    value_range: float = 1.0,
+    constants: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Local SSIM ``[B, C, H, W]`` of two ``[B, C, H, W]`` batches (Gaussian window, sigma 1.5).
 
-    As the official ``ssim``: per-channel windows with zero padding, ``c1 = (0.01 L)^2``,
-    ``c2 = (0.03 L)^2``. Deviation: ``L`` is fixed (1 for [0, 1] images) where the official code
-    guesses it from the first image's value range on every call.
+    As DRAEM's official ``ssim``: per-channel windows with zero padding, ``c1 = (0.01 L)^2``,
+    ``c2 = (0.03 L)^2``; ``constants=(c1, c2)`` replaces them. Deviation from DRAEM: ``L`` is
+    fixed (1 for [0, 1] images) where the official code guesses it from the first image's value
+    range on every call.
     """
     channels = first.shape[1]
     window = gaussian_window(window_size, 1.5, channels, first.device, first.dtype)
@@ -34,7 +43,7 @@ def ssim_map(first: torch.Tensor, second: torch.Tensor, window_size: int = 11, v
     sigma1_sq = blur(first * first) - mu1_sq
     sigma2_sq = blur(second * second) - mu2_sq
     sigma12 = blur(first * second) - mu12
-    c1, c2 = (0.01 * value_range) ** 2, (0.03 * value_range) ** 2
+    c1, c2 = constants if constants is not None else ((0.01 * value_range) ** 2, (0.03 * value_range) ** 2)
     return ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
 
 
@@ -61,8 +70,9 @@ def focal_loss(probabilities: torch.Tensor, target: torch.Tensor, gamma: float =
 
 
 def anomaly_score(anomaly_map: torch.Tensor, window: int = 21) -> torch.Tensor:
-    """Image scores ``[B]``: the maximum of the ``window x window`` mean-filtered map
-    (official test: ``avg_pool2d(map, 21, stride=1, padding=10)``, zero padding counted)."""
+    """Image scores ``[B]`` of ``[B, H, W]`` maps: the maximum of the ``window x window``
+    mean-filtered map (DRAEM's and DSR's official test: ``avg_pool2d(map, 21, stride=1,
+    padding=10)``, zero padding counted)."""
     pooled = F.avg_pool2d(anomaly_map.unsqueeze(1), window, stride=1, padding=window // 2)
     return pooled.flatten(1).max(dim=1).values
 
