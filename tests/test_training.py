@@ -148,6 +148,51 @@ def test_a_diverging_loss_and_an_empty_training_set_are_clear_errors():
         TinyAutoencoder().fit([])
 
 
+class TwoPhaseSelfStepping(TinyAutoencoder):
+    """Steps itself with two optimisers in phase one, one in phase two (as f-AnoGAN's GAN, then encoder)."""
+
+    name = "two-phase"
+
+    class Options(TinyAutoencoder.Options):
+        second_phase_epochs: int = option(2, "Epochs of the second phase.", ge=0)
+
+    steps_itself = True
+
+    @property
+    def total_epochs(self):
+        return self.options.epochs + self.options.second_phase_epochs
+
+    def optimizers(self):
+        first, second = self.networks["autoencoder"]
+        self.first_optimizer = torch.optim.SGD(first.parameters(), lr=0.01)
+        self.second_optimizer = torch.optim.SGD(second.parameters(), lr=0.01)
+        return [self.first_optimizer, self.second_optimizer], []
+
+    def training_step(self, batch, generator):
+        self.phases_seen = getattr(self, "phases_seen", []) + [self.current_epoch]
+        loss = super().training_step(batch, generator)
+        if self.current_epoch <= self.options.epochs:
+            self.optimizer_step(self.first_optimizer, loss)
+        loss = super().training_step(batch, generator)
+        self.optimizer_step(self.second_optimizer, loss)
+        return loss.detach()
+
+
+def test_self_stepping_phased_methods():
+    detector = TwoPhaseSelfStepping(epochs=2, second_phase_epochs=1)
+    before = [p.clone() for p in detector.build({"channels": 5})["autoencoder"].parameters()]
+    detector.fit(batches())
+    assert detector.epochs_trained == 3 and detector.training_passes == 3 and len(detector.history) == 3
+    assert detector.phases_seen == [1] * 3 + [2] * 3 + [3] * 3 and detector.current_epoch == 0
+    after = list(detector.networks["autoencoder"].parameters())
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))  # both optimisers stepped
+    # a loss that stops being finite inside the method's own step is the loop's clear error
+    diverging = TwoPhaseSelfStepping()
+    diverging.training_step = lambda batch, generator: diverging.optimizer_step(diverging.first_optimizer, torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(VadError, match="training loss became inf at epoch 1"):
+        diverging.fit(batches())
+
+
 def test_the_loop_keeps_the_contract():
     from vad.conformance import check_detector
 

@@ -6,7 +6,9 @@ A trained method derives from :class:`TrainedDetector` and supplies only its num
   the facts :meth:`~TrainedDetector.describe_input` took from the first training batch;
 * :meth:`~TrainedDetector.optimizers`: its optimisers and learning-rate schedules (stepped once
   per epoch);
-* :meth:`~TrainedDetector.training_step`: the loss of one batch.
+* :meth:`~TrainedDetector.training_step`: the loss of one batch (methods with several losses
+  and optimisers, e.g. GANs, set ``steps_itself`` and step with ``optimizer_step``; phased
+  methods read ``current_epoch`` and give the sum of their phases as ``total_epochs``).
 
 The loop does everything else, the same way for every method:
 
@@ -112,6 +114,10 @@ class TrainedDetector(Detector):
     #: Whether the networks take only the size ``preprocessing`` gives (layers built for one
     #: size, e.g. an autoencoder's bottleneck): :meth:`check_batch` then refuses other sizes.
     fixed_input_size: ClassVar[bool] = False
+    #: Whether :meth:`training_step` takes its own optimiser steps with :meth:`optimizer_step`
+    #: (GANs alternating discriminator and generator, flows stepping on sub-batches): the loop
+    #: then only checks and records the loss it returns.
+    steps_itself: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -124,6 +130,9 @@ class TrainedDetector(Detector):
         #: come from it after :meth:`before_training`, which can skip costly set-up (a teacher's
         #: distillation or statistics).
         self.resuming = False
+        #: The epoch being trained (1-based) while the loop runs, for methods whose training
+        #: changes between phases (f-AnoGAN: the GAN, then the encoder).
+        self.current_epoch = 0
 
     #: Training networks again for each calibration fold costs too much: ``auto`` holds images out.
     cheap_to_refit = False
@@ -131,6 +140,11 @@ class TrainedDetector(Detector):
     @property
     def training_passes(self) -> int:  # type: ignore[override]
         """One pass per epoch: vad keeps the inputs in memory between them."""
+        return self.total_epochs
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs the loop runs: ``epochs``, or the sum of a phased method's phases."""
         return self.options.epochs
 
     @property
@@ -160,6 +174,14 @@ class TrainedDetector(Detector):
     @abc.abstractmethod
     def training_step(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
         """The loss of one batch (and optionally its named parts); randomness only from ``generator``."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One step of ``optimizer`` on ``loss``, for methods that step themselves
+        (:attr:`steps_itself`); a non-finite loss is a clear error, as in the loop."""
+        check_finite_loss(self, loss, self.current_epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def check_batch(self, batch: Any, where: str) -> torch.Tensor:
         """A training or test batch checked and on the detector's device: ``[B, C, H, W]``, and for
@@ -354,22 +376,24 @@ def train(detector: TrainedDetector, batches: Iterable[torch.Tensor]) -> None:
         autocast = detector.device.type == "cuda" and options.mixed_precision and detector.allows_mixed_precision
         last_checkpoint = time.monotonic()
         status = {"loss": None}
-        epochs = range(run.epoch + 1, options.epochs + 1)
+        total_epochs = detector.total_epochs
+        epochs = range(run.epoch + 1, total_epochs + 1)
         for epoch in track(epochs, f"{detector.name} epochs", total=len(epochs), status=lambda: _loss_text(status["loss"])):
             if options.max_steps is not None and run.steps >= options.max_steps:
                 break
+            detector.current_epoch = epoch
             losses = []
             for batch in _epoch_batches(detector, data, pool, run.generator):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     result = detector.training_step(batch, run.generator)
                 loss = result[0] if isinstance(result, tuple) else result
-                if not torch.isfinite(loss.detach()).all():
-                    raise VadError(f"{detector.describe_owner()}: the training loss became {float(loss.detach())} at epoch {epoch}; lower the learning rate")
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for optimizer in optimizers:
-                    optimizer.step()
+                check_finite_loss(detector, loss, epoch)
+                if not detector.steps_itself:
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for optimizer in optimizers:
+                        optimizer.step()
                 losses.append(float(loss.detach()))
                 run.steps += 1
                 if options.max_steps is not None and run.steps >= options.max_steps:
@@ -379,17 +403,23 @@ def train(detector: TrainedDetector, batches: Iterable[torch.Tensor]) -> None:
             run.epoch = epoch
             run.history.append(sum(losses) / max(1, len(losses)))
             status["loss"] = run.history[-1]
-            if checkpoint is not None and epoch < options.epochs and time.monotonic() - last_checkpoint >= 60 * where.every_minutes:
+            if checkpoint is not None and epoch < total_epochs and time.monotonic() - last_checkpoint >= 60 * where.every_minutes:
                 _save_checkpoint(checkpoint, run, optimizers, schedulers)
                 last_checkpoint = time.monotonic()
     except BaseException:
         detector.networks, detector.input_meta, detector.history, detector.epochs_trained = previous
         raise
     finally:
-        detector.resuming = False
+        detector.resuming, detector.current_epoch = False, 0
     for network in detector.networks.values():
         network.eval()
     detector.history, detector.epochs_trained = run.history, run.epoch
+
+
+def check_finite_loss(detector: TrainedDetector, loss: torch.Tensor, epoch: int) -> None:
+    """A clear error when a training loss stops being finite (diverged training)."""
+    if not torch.isfinite(loss.detach()).all():
+        raise VadError(f"{detector.describe_owner()}: the training loss became {float(loss.detach())} at epoch {epoch}; lower the learning rate")
 
 
 def _loss_text(loss: float | None) -> str:

@@ -66,11 +66,9 @@ Deviations (each also noted where it happens):
   than in prediction.
 
 Training runs through vad's shared loop (:mod:`vad.training`): images held in memory and
-reshuffled every epoch into ``batch_size`` batches, checkpoints and resume. The loop takes one
-optimiser step per image batch; CFLOW takes one per fiber batch, so :meth:`Cflow.training_step`
-takes all but the last fiber batch's steps itself and returns the last fiber batch's loss, which
-the loop steps (its value is the mean loss over all the batch's fibers, the official training
-loss). The encoder's weights are not saved with the model: like every vad backbone it is rebuilt
+reshuffled every epoch into ``batch_size`` batches, checkpoints and resume. CFLOW takes one
+optimiser step per fiber batch, so it steps itself (``steps_itself``) and returns the mean loss
+over all the batch's fibers (the official training loss) for the loop to record. The encoder's weights are not saved with the model: like every vad backbone it is rebuilt
 from its options (packaged weights, ``weights`` file, hub cache; random weights from ``seed``).
 """
 
@@ -105,6 +103,7 @@ class Cflow(TrainedDetector):
     produces_maps = True
     #: The flows run in float32 and the encoder must give the same features in fit and predict.
     allows_mixed_precision = False
+    steps_itself = True
 
     class Options(TrainedDetector.Options):
         encoder: str = option("tf_efficientnet_lite0", "Frozen pretrained encoder, a vad backbone name or timm:MODEL (official wide_resnet50_2; default EfficientNet-Lite0, weights packaged offline).")
@@ -273,28 +272,22 @@ class Cflow(TrainedDetector):
         return normalize(rotate_images(denormalize(images, mean, std), angles, mode="nearest"), mean, std)
 
     def training_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """One image batch as ``train_meta_epoch``: for every level in turn, Adam steps on random
-        fiber batches. All steps but the last are taken here; the last fiber batch's loss is
-        returned for the shared loop to step, with the value of the mean loss over every fiber
-        of the batch (the official training loss)."""
+        """One image batch as ``train_meta_epoch``: for every level in turn, one Adam step per
+        random fiber batch (``steps_itself``). Returns the mean loss over every fiber of the
+        batch (the official training loss) and the last fiber batch's loss."""
         assert self._optimizer is not None and self._schedule is not None, "cflow trains through fit()"
         optimizer, decoders = self._optimizer, self.networks["decoders"]
         self._schedule.before_batch()
         levels = self.encode(self.augment(batch, generator))
-        steps = []
+        total, count = torch.zeros((), device=batch.device), 0
         for flow, features in zip(decoders.decoders, levels, strict=True):
             fibers, conditions = fibers_and_conditions(features, self.options.condition_vec)
-            steps += [(flow, fibers, conditions, chosen.to(fibers.device)) for chosen in fiber_batches(len(fibers), self.options.fiber_batch_size, generator)]
-        total, count = torch.zeros((), device=batch.device), 0
-        for position, (flow, fibers, conditions, chosen) in enumerate(steps):
-            loss, losses = fiber_loss(flow, fibers[chosen], conditions[chosen])
-            total, count = total + losses.sum(), count + losses.numel()
-            if position == len(steps) - 1:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return loss + (total / count - loss.detach()), {"last_fiber_batch": float(loss.detach())}
+            for chosen in fiber_batches(len(fibers), self.options.fiber_batch_size, generator):
+                chosen = chosen.to(fibers.device)
+                loss, losses = fiber_loss(flow, fibers[chosen], conditions[chosen])
+                total, count = total + losses.detach().sum(), count + losses.numel()
+                self.optimizer_step(optimizer, loss)
+        return total / count, {"last_fiber_batch": float(loss.detach())}
 
     # ------------------------------------------------------------------ statistics
 
