@@ -272,6 +272,11 @@ def _check_onnx(model: Any, path: Path, samples: list, owner: str) -> str:
         return "skipped (onnx / onnxruntime not installed)"
     images = [s.load_image() for s in samples[:4]]
     export_onnx(model, path)  # any input size: the graph resizes as vad does
+    import onnx
+
+    outputs = [output.name for output in onnx.load(str(path)).graph.output]
+    expected = ["scores", "maps"] if model.produces_maps else ["scores"]
+    _require(outputs == expected, owner, f"its ONNX graph gives {outputs}, expected {expected} (produces_maps = {model.produces_maps})")
     difference = check_parity(model, path, images)
     _require(difference <= PARITY_TOLERANCE, owner, f"ONNX scores differ from torch's by {difference:.3g} (> {PARITY_TOLERANCE})")
     return f"parity {difference:.2g}"

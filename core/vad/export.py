@@ -163,6 +163,8 @@ def build_export_module(model: Any):
             if layout is not None:
                 stitched = layout.image_prediction(Prediction(scores, maps))
                 scores, maps = stitched.scores, stitched.maps
+            if maps is None:  # an image-level detector: scores only
+                return scores.float()
             maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
             return scores.float(), maps
 
@@ -191,14 +193,15 @@ def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | No
     if input_size is not None:
         model.geometry.check_image(input_size, f"the export input size {input_size}")
     axes = {0: "batch"} if input_size is not None else {0: "batch", 2: "height", 3: "width"}
+    outputs = ["scores", "maps"] if model.produces_maps else ["scores"]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about constants are expected here
         try:
             torch.onnx.export(
                 module, (torch.rand(2, 3, *(input_size or resized)),), buffer, dynamo=False, opset_version=opset,
-                input_names=["images"], output_names=["scores", "maps"],
-                dynamic_axes={"images": axes, "scores": {0: "batch"}, "maps": {0: "batch"}},
+                input_names=["images"], output_names=outputs,
+                dynamic_axes={"images": axes, **{name: {0: "batch"} for name in outputs}},
             )
         except Exception as error:  # the tracer raises many types; say which part failed
             raise VadError(f"ONNX export failed while tracing the model: {type(error).__name__}: {error}") from error
@@ -228,8 +231,9 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
         _resize_statement(preprocessing), crop,
         f"clamp to [0, 1], then (x - mean) / std with mean {list(preprocessing.mean)} and std {list(preprocessing.std)} (R, G, B)",
         None if tiling is None else f"tiling: {tiling}", "feature source", "detector head",
-        None if tiling is None else "stitching (blended tile maps) and the score as its maximum",
-        "bilinear upsampling" if layout is None else None, f"Gaussian blur sigma {model.sigma}",
+        None if tiling is None else "stitching (blended tile maps) and the score as its maximum" if model.produces_maps else "the score as the maximum of the tiles' scores",
+        "bilinear upsampling" if layout is None and model.produces_maps else None,
+        f"Gaussian blur sigma {model.sigma}" if model.produces_maps else None,
     ]
     map_resize = "resize of the maps to each image's original size: vad uses torch.nn.functional.interpolate(mode='bilinear', align_corners=False), no antialiasing"
     if preprocessing.crop:
@@ -247,11 +251,14 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
         },
         "outputs": {
             "scores": "raw anomaly score per image; anomalous when >= image_threshold"
-            + ("" if layout is None else " (the maximum of the stitched map)"),
-            "maps": f"anomaly map per image at {list(size)} (resize it to the original image size)",
+            + ("" if layout is None else " (the maximum of the stitched map)" if model.produces_maps else " (the maximum of the tiles' scores)"),
+            **({"maps": f"anomaly map per image at {list(size)} (resize it to the original image size)"} if model.produces_maps else {}),
         },
         "inside_graph": [step for step in steps if step],
-        "outside_graph": ["image decoding to RGB and division by 255", map_resize, "thresholding: score >= image_threshold, map >= pixel_threshold"],
+        "outside_graph": (
+            ["image decoding to RGB and division by 255", map_resize, "thresholding: score >= image_threshold, map >= pixel_threshold"]
+            if model.produces_maps else ["image decoding to RGB and division by 255", "thresholding: score >= image_threshold (an image-level detector: no maps)"]
+        ),
         "image_threshold": model.image_threshold,
         "pixel_threshold": model.pixel_threshold,
         "preprocessing": preprocessing.to_dict(),
