@@ -14,7 +14,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem plugins/reverse_distillation \
            plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
-           plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow plugins/ganomaly \
+           plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow plugins/ganomaly plugins/feature_ae \
            contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed

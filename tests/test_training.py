@@ -100,6 +100,18 @@ def test_a_resumed_fit_reaches_the_weights_of_an_uninterrupted_one(tmp_path, bat
     assert resumed.history == straight.history and resumed.epochs_trained == 4
 
 
+def test_fitted_and_loaded_networks_are_frozen():
+    detector = TinyAutoencoder()
+    detector.fit(batches())
+    loaded = TinyAutoencoder()
+    loaded.load_state(detector.state())
+    for fitted in (detector, loaded):  # eval mode, no gradients: constants for fusion and ONNX tracing
+        network = fitted.networks["autoencoder"]
+        assert not network.training and not any(p.requires_grad for p in network.parameters())
+    detector.fit(batches())  # a refit trains fresh networks
+    assert detector.epochs_trained == 4
+
+
 def test_an_interrupted_refit_keeps_the_previous_weights():
     detector = TinyAutoencoder()
     detector.fit(batches())

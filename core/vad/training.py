@@ -26,7 +26,9 @@ The loop does everything else, the same way for every method:
 * interruption safety: a fit that fails or is interrupted (Ctrl-C) leaves the detector as it
   was before (its previous networks, or unfitted);
 * model selection never looks at test labels: the loop sees training batches only, and the
-  weights after the last epoch are the model.
+  weights after the last epoch are the model;
+* a fitted (or loaded) detector's networks are frozen: eval mode, no gradients, so that a fused
+  feature source or an ONNX trace takes them as constants.
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ class TrainedDetector(Detector):
                 network.load_state_dict(part, strict=True)
             except RuntimeError as error:
                 raise VadError(f"the saved {self.describe_owner()} weights of {name!r} do not fit its options: {error}") from error
-            network.to(self.device).eval()
+            network.to(self.device).eval().requires_grad_(False)
         self.networks, self.input_meta = networks, input_meta
         self.epochs_trained = int(state.meta.get("epochs_trained", 0))
         self.history = [float(v) for v in state.meta.get("history", [])]
@@ -412,7 +414,7 @@ def train(detector: TrainedDetector, batches: Iterable[torch.Tensor]) -> None:
     finally:
         detector.resuming, detector.current_epoch = False, 0
     for network in detector.networks.values():
-        network.eval()
+        network.eval().requires_grad_(False)
     detector.history, detector.epochs_trained = run.history, run.epoch
 
 
