@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""vad's teacher-student and flow detectors side by side with anomalib 2.7's, same data, weights, size, epochs.
+"""vad's teacher-student, flow and reconstruction detectors side by side with anomalib 2.7's, same data, weights, size, epochs.
 
     python benchmarks/anomalib_compare.py --anomalib-python /work/anomalib-venv/bin/python \\
         [--categories brick gear gravel] [--epochs 10] [--image-size 224] \\
@@ -48,6 +48,13 @@ Rows, and what each checks:
   scores are its raw ones (its post-processor's min-max normalisation off: it clamps values fitted
   on six normal images).
 
+* ``ganomaly``: no backbone, both sides train the official networks from scratch with the
+  official hyper-parameters (32 px, batch 64, 15 epochs, Adam 2e-4, loss weights 1 / 50 / 1)
+  and the official input (mean = std = 0.5); image AUROC only (GANomaly has no maps). anomalib's
+  departures from the official code stay on its side (adversarial loss on the discriminator's
+  outputs instead of feature matching, smooth-L1 latent loss, no discriminator re-initialisation,
+  first-layer padding 4); its score is read raw, before its running min-max normalisation.
+
 Epoch time: the mean over the training epochs only (vad: its training loop's JSON-log record;
 anomalib: a callback around Lightning's training epochs, less the validation passes that
 Lightning runs inside them), same machine, same thread count, one job at a time.
@@ -74,7 +81,14 @@ ROWS = (
     ("fastflow", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("cflow", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
     ("uflow", "resnet18", "random ResNet-18, same weights: implementation check"),
+    ("ganomaly", "none", "trained from scratch on both"),
 )
+#: Methods whose rows have no backbone choice (their own networks, or EfficientAD's shared teacher).
+NO_BACKBONE_CHOICE = {"efficientad", "ganomaly"}
+#: Methods whose anomalib side is read from its raw scores and maps (normalisation off), because
+#: anomalib's post-processing changes them: EfficientAD's clamping min-max normalisation, and
+#: GANomaly's running min-max over the test batches (a different scale per batch).
+ANOMALIB_RAW = {"efficientad", "ganomaly"}
 #: vad's settings per method: its defaults (the official code's), and where anomalib departs from
 #: the official code, anomalib's choice, so that the implementations can be compared as well.
 VARIANTS = {
@@ -104,9 +118,10 @@ VARIANTS = {
         ("official", "defaults (official)", []),
         ("anomalib", "anomalib's lr 1e-3", ["--set", "uflow.lr=0.001"]),
     ),
+    "ganomaly": (("official", "defaults (official)", []),),
 }
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64}
 #: The vad option naming each method's backbone.
 BACKBONE_OPTION = {"stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
 #: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
@@ -201,6 +216,8 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
             "--set", f"efficientad.epochs={args.efficientad_epochs}", "--set", "efficientad.max_steps=null",
             "--set", f"efficientad.image_size={args.efficientad_image_size}", "--set", f"efficientad.validation_fraction={EFFICIENTAD_VALIDATION}",
         ]
+    elif method == "ganomaly":
+        settings = ["--set", f"ganomaly.epochs={args.ganomaly_epochs}", "--set", f"ganomaly.image_size={args.ganomaly_image_size}"]
     else:
         key = BACKBONE_OPTION[method]
         spec = backbone if backbone.startswith("tf_efficientnet") else f"timm:{backbone}"
@@ -221,7 +238,7 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
     epochs = [r for r in records if r.get("event") == "done" and r.get("task") == f"{method} epochs"]  # the training loop
     metrics = json.loads((out / "metrics.json").read_text())["categories"][category]
     loop = epochs[-1]
-    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"], "epoch_s": loop["seconds"] / max(1, loop["items"])}
+    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics.get("pixel_auroc", float("nan")), "epoch_s": loop["seconds"] / max(1, loop["items"])}
 
 
 def run_anomalib(method: str, backbone: str, data: Path, category: str, args: argparse.Namespace, cache: Path, out: Path, teacher: Path | None = None) -> dict:
@@ -231,6 +248,9 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
         digest = hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]
         settings = {"epochs": args.efficientad_epochs, "image_size": args.efficientad_image_size, "teacher": digest, "validation": EFFICIENTAD_VALIDATION}
         model_options = ["--teacher", str(teacher), "--model-size", "small", "--validation-fraction", str(EFFICIENTAD_VALIDATION)]
+    elif method == "ganomaly":
+        settings = {"epochs": args.ganomaly_epochs, "image_size": args.ganomaly_image_size}
+        model_options = []
     else:
         settings = {"epochs": args.epochs, "image_size": args.image_size}
         layers = ANOMALIB_LAYERS.get((method, backbone), LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"])
@@ -263,7 +283,7 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", default=["brick", "gear", "gravel"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation", "efficientad", "fastflow", "cflow", "uflow"])
+    parser.add_argument("--methods", nargs="+", default=["stfpm", "reverse-distillation", "efficientad", "fastflow", "cflow", "uflow", "ganomaly"])
     parser.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "resnet18"], help="backbones of the rows that have a choice")
     parser.add_argument("--efficientad-epochs", type=int, default=1, help="EfficientAD passes over its 54 training images (batch 1: 54 steps each), both sides")
     parser.add_argument("--efficientad-image-size", type=int, default=256)
@@ -271,6 +291,8 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=30, help="distillation steps of the shared EfficientAD teacher (official 60,000)")
     parser.add_argument("--teacher-batch-size", type=int, default=8, help="images per distillation step (official 16)")
     parser.add_argument("--teacher-normalization-images", type=int, default=64, help="images for the distillation targets' mean and std (official 10,000); the teacher file, named by steps and batch size, is reused when present")
+    parser.add_argument("--ganomaly-epochs", type=int, default=15, help="GANomaly epochs, both sides (official 15)")
+    parser.add_argument("--ganomaly-image-size", type=int, default=32, help="GANomaly input side, both sides (official 32)")
     parser.add_argument("--variants", nargs="+", default=["official", "anomalib"], help="vad settings to run: official, anomalib (anomalib's departures)")
     parser.add_argument("--output", default="runs/anomalib-compare")
     args = parser.parse_args()
@@ -283,10 +305,12 @@ def main() -> None:
     weights = prepare_weights(output)
     teacher = None
     lines = []
-    trained = sorted(set(args.methods) - {"efficientad"})
+    trained = sorted(set(args.methods) - NO_BACKBONE_CHOICE)
     if trained:
         batches = ", ".join(f"{method} {BATCH[method]}" for method in trained)
         lines.append(f"{', '.join(trained)}: {args.epochs} epochs, {args.image_size} px, official batch sizes ({batches}), every training image, CPU")
+    if "ganomaly" in args.methods:
+        lines.append(f"GANomaly: {args.ganomaly_epochs} epochs, {args.ganomaly_image_size} px, batch {BATCH['ganomaly']}, official hyper-parameters on both sides, image AUROC only (no maps)")
     if "efficientad" in args.methods:
         teacher = weights["pdn_small"] = prepare_teacher(data, output, args)
         train = json.loads((data / "larger_data.json").read_text())["train"]
@@ -301,17 +325,17 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for method, backbone, what in ROWS:
-        if method not in args.methods or (method != "efficientad" and backbone not in args.backbones):
+        if method not in args.methods or (method not in NO_BACKBONE_CHOICE and backbone not in args.backbones):
             continue
         for category in args.categories:
             cell = output / f"{method}-{backbone}-{category}"
             theirs = run_anomalib(method, backbone, data, category, args, output / "hf", cell / "anomalib", teacher if method == "efficientad" else None)
-            if method == "efficientad":  # anomalib's scores before its post-processor's clamping min-max normalisation
+            if method in ANOMALIB_RAW:
                 theirs = {**theirs, "image_auroc": theirs["raw_image_auroc"], "pixel_auroc": theirs["raw_pixel_auroc"]}
             for key, settings, extra in VARIANTS[method]:
                 if key not in args.variants:
                     continue
-                ours = run_vad(method, backbone, weights[backbone], data, category, args, cell / f"vad-{key}", extra)
+                ours = run_vad(method, backbone, weights.get(backbone), data, category, args, cell / f"vad-{key}", extra)
                 lines.append(
                     f"| {method} | {backbone} ({what}) | {settings} | {category} | {ours['image_auroc']:.3f} / {ours['pixel_auroc']:.3f} | "
                     f"{theirs['image_auroc']:.3f} / {theirs['pixel_auroc']:.3f} | {ours['epoch_s']:.2f} | {theirs['epoch_s']:.2f} |"

@@ -6,6 +6,8 @@ environment (never vad's), prints one JSON line.
         --backbone resnet18 --image-size 224 --epochs 10 --batch-size 32
     ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model efficientad --root DATA --category brick \\
         --teacher TEACHER.safetensors --image-size 256 --epochs 1 --batch-size 1
+    ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model ganomaly --root DATA --category brick \\
+        --image-size 32 --epochs 15 --batch-size 64
 
 Weights: ``HF_HOME`` points at a cache that ``anomalib_compare.py`` filled in the layout timm
 reads offline, so anomalib's "pretrained" backbone is exactly the state dict vad loads.
@@ -178,6 +180,22 @@ def flow_model(args: argparse.Namespace):
     return Uflow(backbone=args.backbone, pre_processor=Uflow.configure_pre_processor(image_size=size), visualizer=False)
 
 
+def ganomaly_model(args: argparse.Namespace):
+    """anomalib's GANomaly with the official hyper-parameters (vad's defaults) and the official
+    input: a resize to ``--image-size`` and mean = std = 0.5 (images in [-1, 1]); anomalib's
+    default pre-processor would resize to 256 px with ImageNet statistics."""
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from anomalib.models import Ganomaly
+    from anomalib.pre_processing import PreProcessor
+
+    transform = Compose([Resize((args.image_size, args.image_size), antialias=True), Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+    return Ganomaly(
+        batch_size=args.batch_size, n_features=64, latent_vec_size=100, extra_layers=0, add_final_conv_layer=True,
+        wadv=1, wcon=50, wenc=1, lr=0.0002, beta1=0.5, beta2=0.999, visualizer=False, pre_processor=PreProcessor(transform=transform),
+    )
+
+
 def auroc(scores, labels) -> float:
     """Exact ROC AUC (Mann-Whitney, ties counted half) of ``scores`` against binary ``labels``."""
     import torch
@@ -194,7 +212,7 @@ def auroc(scores, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", *FLOW_MODELS])
+    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", "ganomaly", *FLOW_MODELS])
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="resnet18")
@@ -235,8 +253,8 @@ def main() -> None:
             root=args.root, category=args.category, train_batch_size=1, eval_batch_size=8, num_workers=0,
             val_split_mode="from_train", val_split_ratio=args.validation_fraction, seed=args.seed,
         )
-    elif args.model in FLOW_MODELS:
-        model = flow_model(args)
+    elif args.model in FLOW_MODELS or args.model == "ganomaly":
+        model = flow_model(args) if args.model in FLOW_MODELS else ganomaly_model(args)
         data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
     else:
         cls = Stfpm if args.model == "stfpm" else ReverseDistillation
