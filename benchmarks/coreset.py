@@ -49,7 +49,8 @@ STRATEGIES = {
 
 def feature_grids(model, samples):
     """Training feature grids of the model's single member, as its detector would receive them."""
-    from vad.model import ImageBatches, SourceBatches
+    from vad.features import SourceBatches
+    from vad.model import ImageBatches
 
     member = model.members[0]
     images = ImageBatches(samples, model.input_preprocessing(member), model.batch_size, model.device, "features", geometry=model.geometry)

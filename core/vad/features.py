@@ -16,7 +16,7 @@ Steps, each configurable (defaults follow the PatchCore paper and official code)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -222,3 +222,19 @@ class PatchFeatures(FeatureSource):
             aligned.append(features)
         fused = torch.cat(aligned, dim=1)
         return channel_pool(fused, self.options.target_dim) if self.options.target_dim else fused
+
+
+class SourceBatches:
+    """Re-iterable feature grids of image batches (one backbone pass per iteration)."""
+
+    def __init__(self, images: Iterable[torch.Tensor], source: FeatureSource) -> None:
+        self.images, self.source = images, source
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.images:
+            with torch.inference_mode():
+                features = self.source(batch)
+            yield features.clone()  # usable outside inference mode (training heads)

@@ -35,6 +35,7 @@ from vad.preprocess import to_batch
 from vad.progress import info, track, warn
 from vad.calibration import METHODS as CALIBRATIONS
 from vad.calibration import false_alarm_estimate, fold_of, split_hold_out
+from vad.features import SourceBatches
 from vad.training import CachedBatches, member_session
 
 #: Validation pixels used to fit a pixel threshold, at most (sampled with the run's seed).
@@ -140,22 +141,6 @@ class ImageBatches:
                 inputs = network_inputs(kept, images, self.preprocessing, self.geometry, self.device)
                 for first in range(0, len(inputs), self.batch_size):  # tiles: batch_size at a time
                     yield inputs[first : first + self.batch_size]
-
-
-class SourceBatches:
-    """Re-iterable feature grids of image batches (one backbone pass per iteration)."""
-
-    def __init__(self, images: Iterable[torch.Tensor], source: FeatureSource) -> None:
-        self.images, self.source = images, source
-
-    def __len__(self) -> int:
-        return len(self.images)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in self.images:
-            with torch.inference_mode():
-                features = self.source(batch)
-            yield features.clone()  # usable outside inference mode (training heads)
 
 
 def _concatenated(predictions: list[Prediction]) -> Prediction:

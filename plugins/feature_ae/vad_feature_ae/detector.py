@@ -236,7 +236,7 @@ class FeatureAEFeatures(DetectorFeatures):
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
         """Train the autoencoder on the backbone's features of normal images unless it is fitted."""
-        from vad.model import SourceBatches
+        from vad.features import SourceBatches
         from vad.training import CachedBatches
 
         if not self.detector.fitted:

@@ -87,3 +87,6 @@ def test_patchwise_reconstruction_averages_overlaps():
             expected[..., top : top + 4, left : left + 4] += patch.mean((-2, -1), keepdim=True)
             counts[top : top + 4, left : left + 4] += 1
     assert torch.allclose(means, expected / counts)
+    # outputs may have another channel count than the patches (e.g. one-channel maps)
+    sums = reconstruct_by_patches(images, lambda p: p.sum(1, keepdim=True), 4, 3)
+    assert sums.shape == (2, 1, 11, 13) and torch.allclose(sums, images.sum(1, keepdim=True))

@@ -31,7 +31,7 @@ def ssim_map(
     fixed (1 for [0, 1] images) where the official code guesses it from the first image's value
     range on every call.
     """
-    channels = first.shape[1]
+    channels = int(first.shape[1])  # a Python int, also while tracing for ONNX
     window = gaussian_window(window_size, 1.5, channels, first.device, first.dtype)
     pad = window_size // 2
 

@@ -35,19 +35,28 @@ def reconstruct_by_patches(
 ) -> torch.Tensor:
     """Reconstruct ``[B, C, H, W]`` images patch by patch and average overlapping outputs.
 
-    ``reconstruct`` maps ``[N, C, p, p]`` patches to reconstructions of the same shape; it is
-    called on at most ``batch_size`` patches at a time. Returns ``[B, C, H, W]``.
+    ``reconstruct`` maps ``[N, C, p, p]`` patches to outputs ``[N, C', p, p]`` (``C'`` may differ:
+    e.g. one-channel anomaly maps); it gets the patches position by position, each position's
+    patches of the whole batch together, at most ``batch_size`` patches a call. Returns
+    ``[B, C', H, W]``. Each output is placed by zero padding and summed, and the sum divided by
+    the coverage count, a constant: an ONNX trace stays small.
     """
+    import numpy as np
+    import torch.nn.functional as F
+
     height, width = images.shape[-2:]
     corners = [(top, left) for top in patch_starts(height, patch_size, stride) for left in patch_starts(width, patch_size, stride)]
-    total = torch.zeros_like(images)
-    coverage = torch.zeros((1, 1, height, width), dtype=images.dtype, device=images.device)
+    coverage = np.zeros((height, width), np.float32)
+    for top, left in corners:
+        coverage[top : top + patch_size, left : left + patch_size] += 1
+    total = None
     corners_per_call = max(1, batch_size // len(images))
     for first in range(0, len(corners), corners_per_call):
         chunk = corners[first : first + corners_per_call]
         patches = torch.cat([images[..., top : top + patch_size, left : left + patch_size] for top, left in chunk])
-        outputs = reconstruct(patches).reshape(len(chunk), *images.shape[:2], patch_size, patch_size)
+        outputs = reconstruct(patches)
+        outputs = outputs.reshape(len(chunk), -1, *outputs.shape[1:])  # -1: the batch stays dynamic in a trace
         for (top, left), output in zip(chunk, outputs):
-            total[..., top : top + patch_size, left : left + patch_size] += output
-            coverage[..., top : top + patch_size, left : left + patch_size] += 1
-    return total / coverage
+            placed = F.pad(output, (left, width - left - patch_size, top, height - top - patch_size))
+            total = placed if total is None else total + placed
+    return total / torch.from_numpy(coverage).to(total)
