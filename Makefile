@@ -12,7 +12,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 # First-party plugins, in dependency order (draem uses augment and reconstruction, gcad uses uninformed_students,
 # the flow detectors use flows).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
-           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem plugins/autoencoder plugins/vae plugins/reverse_distillation \
+           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem plugins/autoencoder plugins/vae plugins/fanogan plugins/reverse_distillation \
            plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
            plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow plugins/ganomaly plugins/feature_ae \
            contrib/sklearn
