@@ -16,15 +16,15 @@ from tests.conftest import run_vad
 REPO = Path(__file__).resolve().parents[1]
 
 
-def first_party_plugins() -> set[str]:
-    """Entry-point names declared by the plugins/ and contrib/ folders (the template excluded; a
-    library such as vad-flows registers nothing)."""
-    names = set()
+def first_party_plugins() -> dict[str, str]:
+    """``{entry-point name: distribution}`` declared by the plugins/ and contrib/ folders (the
+    template excluded; a library such as vad-flows registers nothing)."""
+    names = {}
     for project in [*REPO.glob("plugins/*/pyproject.toml"), *REPO.glob("contrib/*/pyproject.toml")]:
         if project.parent.name == "plugin-template":
             continue
         data = tomllib.loads(project.read_text())
-        names.update(data["project"].get("entry-points", {}).get("vad", {}))
+        names.update(dict.fromkeys(data["project"].get("entry-points", {}).get("vad", {}), data["project"]["name"]))
     return names
 
 
@@ -60,10 +60,22 @@ def test_plugins_json_lists_every_first_party_plugin():
     assert result.returncode == 0, result.stderr
     listed = {p["name"]: p for p in json.loads(result.stdout)}
     expected = first_party_plugins()
-    assert expected and expected <= set(listed), expected - set(listed)
-    for name in expected:
+    assert expected and set(expected) <= set(listed), set(expected) - set(listed)
+    for name, distribution in expected.items():
         assert listed[name]["error"] is None, listed[name]
-        assert listed[name]["distribution"].startswith("vad-")
+        assert listed[name]["distribution"] == distribution and listed[name]["registers"], listed[name]
+
+
+def test_every_first_party_component_loads_from_its_distribution():
+    from vad.plugins import get_registry
+
+    registry = get_registry()
+    distributions = set(first_party_plugins().values())
+    for kind in ("detectors", "backbones", "datasets", "augmentations", "ensemblers", "metrics", "thresholds"):
+        for name, entry in registry.entries(kind).items():
+            if entry.plugin.distribution in distributions:  # imports, and is a class of that kind
+                cls = registry.load_class(kind, name)
+                assert isinstance(cls, type), (kind, name, cls)
 
 
 def test_plugins_plain_output_shows_what_each_registers():

@@ -197,11 +197,3 @@ def test_bad_batches_layers_and_states_are_clear_errors(fitted):
     with pytest.raises(VadError, match="do not fit"):
         fitted.load_state(State(fitted.state().meta, {}))
     torch.testing.assert_close(fitted.predict(images).scores, before, rtol=0, atol=0)
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["autoencoder"].plugin.distribution == "vad-autoencoder"
-    assert registry.load_class("detectors", "autoencoder") is Autoencoder

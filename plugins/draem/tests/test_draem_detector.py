@@ -148,11 +148,3 @@ def test_mismatched_state_is_refused_and_changes_nothing(fitted, train_images):
     with pytest.raises(VadError, match="do not fit"):
         fitted.load_state(State({}, {}))  # a damaged state leaves the fitted weights as they were
     assert all(torch.equal(before[k], v) for k, v in fitted.state().tensors.items())
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["draem"].plugin.distribution == "vad-draem"
-    assert registry.load_class("detectors", "draem") is Draem

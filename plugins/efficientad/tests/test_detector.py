@@ -268,13 +268,6 @@ def test_bad_inputs_and_files_are_clear_errors(fitted, tmp_path):
         EfficientAd(**SMALL).load_state(State(fitted.state().meta, {}))
 
 
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["efficientad"].plugin.distribution == "vad-efficientad"
-    assert registry.load_class("detectors", "efficientad") is EfficientAd
-
 
 def test_a_resumed_fit_reuses_the_checkpointed_teacher(tmp_path, monkeypatch):
     import vad_efficientad.detector as module

@@ -237,11 +237,3 @@ def test_mismatched_state_is_refused_and_changes_nothing(fitted, images):
     with pytest.raises(VadError, match="do not fit"):
         fitted.load_state(State({}, {}))
     torch.testing.assert_close(fitted.predict(images[:2]).scores, before, rtol=0, atol=0)
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["f-anogan"].plugin.distribution == "vad-fanogan"
-    assert registry.load_class("detectors", "f-anogan") is FAnoGan

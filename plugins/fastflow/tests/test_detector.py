@@ -211,11 +211,3 @@ def test_mismatched_state_is_refused_and_changes_nothing(fitted):
     with pytest.raises(VadError, match="do not fit"):
         fitted.load_state(State(fitted.state().meta, {}))
     torch.testing.assert_close(fitted.predict(images).scores, before, rtol=0, atol=0)
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["fastflow"].plugin.distribution == "vad-fastflow"
-    assert registry.load_class("detectors", "fastflow") is FastFlow

@@ -145,11 +145,3 @@ def test_bad_batches_and_states_are_clear_errors_that_change_nothing(fitted, tes
     with pytest.raises(VadError, match="do not fit"):
         fitted.load_state(State({}, {}))
     torch.testing.assert_close(fitted.predict(test_images[:2]).scores, before, rtol=0, atol=0)
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["ganomaly"].plugin.distribution == "vad-ganomaly"
-    assert registry.load_class("detectors", "ganomaly") is Ganomaly

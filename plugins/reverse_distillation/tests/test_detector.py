@@ -226,13 +226,6 @@ def test_a_state_for_another_encoder_is_refused_and_changes_nothing(fitted):
         ReverseDistillation(**SMALL).load_state(State(fitted.state().meta, {}))
 
 
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["reverse-distillation"].plugin.distribution == "vad-reverse-distillation"
-    assert registry.load_class("detectors", "reverse-distillation") is ReverseDistillation
-
 
 def test_run_weights_and_no_pretrained_reach_the_encoder(tmp_path):
     from vad.build import build_model

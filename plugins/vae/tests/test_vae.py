@@ -137,11 +137,3 @@ def test_a_state_with_other_samples_is_refused_and_changes_nothing(fitted):
         Vae(**SMALL).predict(torch.rand(1, 3, 32, 32))
     with pytest.raises(VadError, match="32 x 32 px"):
         fitted.predict(torch.rand(1, 3, 64, 64))
-
-
-def test_registered_through_the_entry_point():
-    from vad.plugins import get_registry
-
-    registry = get_registry()
-    assert registry.entries("detectors")["vae"].plugin.distribution == "vad-vae"
-    assert registry.load_class("detectors", "vae") is Vae
