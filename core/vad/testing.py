@@ -250,6 +250,24 @@ def tiny_image_batch(detector: Any, split: str = "train") -> Any:
     return to_batch([sample.load_image() for sample in getattr(make_tiny_splits(), split)], detector.preprocessing)
 
 
+def check_state_refused(fitted: Any, other: Any, images: Any, other_match: str = "do not fit its options", empty_match: str = "do not fit") -> None:
+    """Saved states that do not fit are clear errors that change nothing: ``other`` (the same
+    detector with other options) refuses ``fitted``'s state and stays unfitted; ``fitted`` refuses
+    an empty state and predicts ``images`` exactly as before."""
+    import torch
+
+    from vad.contracts import State
+    from vad.errors import VadError
+
+    with pytest.raises(VadError, match=other_match):
+        other.load_state(fitted.state())
+    assert not other.fitted
+    before = fitted.predict(images).scores
+    with pytest.raises(VadError, match=empty_match):
+        fitted.load_state(State({}, {}))
+    torch.testing.assert_close(fitted.predict(images).scores, before, rtol=0, atol=0)
+
+
 @pytest.fixture
 def register_plugin():
     """Context manager: ``with register_plugin(obj, name="x"):`` registers a plugin for the block."""
