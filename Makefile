@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
-# First-party plugins, in dependency order (draem uses augment and reconstruction, gcad uses uninformed_students,
-# the flow detectors use flows).
+# First-party plugins, in dependency order (draem, the autoencoders, f-AnoGAN and DSR use
+# reconstruction, vae uses autoencoder, gcad uses uninformed_students, the flow detectors use flows).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
-           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem plugins/autoencoder plugins/vae plugins/fanogan plugins/reverse_distillation \
-           plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad plugins/flows \
-           plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow plugins/ganomaly plugins/feature_ae \
+           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem \
+           plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/ddad plugins/feature_ae \
+           plugins/reverse_distillation plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad \
+           plugins/flows plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \
            contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
