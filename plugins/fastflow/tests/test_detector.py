@@ -73,7 +73,11 @@ def test_the_backbone_is_frozen_and_only_the_head_trains():
 def test_the_training_loss_is_the_summed_per_scale_likelihood(fitted):
     images = tiny_image_batch(fitted)[:3]
     generator = torch.Generator()
-    loss = fitted.training_step(images, generator)
+    fitted.networks["head"].requires_grad_(True)  # a fitted detector's networks are frozen
+    try:
+        loss = fitted.training_step(images, generator)
+    finally:
+        fitted.networks["head"].requires_grad_(False)
     features = fitted.encode(images)
     head = fitted.networks["head"]
     expected = 0.0
