@@ -170,3 +170,14 @@ def test_report_knows_no_metric(vad_fakes, register_plugin):
         names = set(registry.entries("metrics"))
     assert "curve-offering-metric" in names
     assert not [name for name in names if name in source]
+
+
+def test_histogram_of_equal_scores_with_a_threshold_just_above_them():
+    import numpy as np
+
+    from vad.report import histogram_png
+
+    scores = np.full(6, 0.25)
+    png = histogram_png(scores, np.array([0, 0, 0, 1, 1, 1]), float(np.nextafter(0.25, 1.0)), "constant scores")
+    assert png.startswith(b"\x89PNG")
+    assert histogram_png(np.array([]), np.array([]), None, "no scores").startswith(b"\x89PNG")

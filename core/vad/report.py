@@ -456,7 +456,11 @@ def histogram_png(scores: np.ndarray, labels: np.ndarray, threshold: float | Non
     scores = np.asarray(scores, np.float64)
     labels = np.asarray(labels).astype(bool)
     finite = np.isfinite(scores)
-    edges = np.histogram_bin_edges(np.r_[scores[finite], [threshold] if threshold is not None else []], bins=30)
+    values = np.r_[scores[finite], [threshold] if threshold is not None else []]
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if high - low <= 1e-9 * max(1.0, abs(high)):  # equal scores (a threshold an ulp above them): numpy finds no 30 bins
+        low, high = low - 0.5 * max(1.0, abs(low)), high + 0.5 * max(1.0, abs(high))
+    edges = np.histogram_bin_edges(values, bins=30, range=(low, high))
     good = np.histogram(scores[finite & ~labels], edges)[0]
     defective = np.histogram(scores[finite & labels], edges)[0]
     highest = max(int(good.max()), int(defective.max()), 1)
