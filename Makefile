@@ -13,7 +13,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 # reconstruction, vae uses autoencoder, gcad uses uninformed_students, the flow detectors use flows).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem \
-           plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/ddad plugins/feature_ae \
+           plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/dsr plugins/ddad plugins/feature_ae \
            plugins/reverse_distillation plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad \
            plugins/flows plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \
            contrib/sklearn

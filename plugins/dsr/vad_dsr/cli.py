@@ -1,0 +1,129 @@
+"""``vad dsr pretrain-vq``: pretrain DSR's VQ-VAE on a folder of images, once for every category.
+
+The official DSR VQ-VAE is pretrained on ImageNet; the DSR repository ships the weights but not
+the script. This follows the authors' VQ pretraining script of 3DSR (github.com/VitjanZ/3DSR,
+``train_dada.py``): Adam (2e-4), ``epochs`` (100) of ``steps_per_epoch`` (1000) random batches of
+64 images at 256 px, the learning rate x0.1 after 80 % and 90 % of the epochs, convolutions
+initialised N(0, 0.02), loss = MSE reconstruction + both commitment losses, EMA codebooks. Images
+are read in the networks' BGR order. The file loads with ``--set dsr.vq_weights=FILE`` when the
+detector's size options match. Heavy imports stay inside the functions so ``vad --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+
+from vad.options import Options, option
+
+
+class PretrainOptions(Options):
+    """What ``vad dsr pretrain-vq`` takes; its checks and defaults derive from this declaration."""
+
+    image_size: int = option(256, "Image side in pixels (official 256), a multiple of 32.", ge=32, multiple_of=32)
+    epochs: int = option(100, "Epochs (authors' 100).", ge=1)
+    steps_per_epoch: int = option(1000, "Optimiser steps per epoch (authors' 1000).", ge=1)
+    batch_size: int = option(64, "Images per step (authors' 64).", ge=1)
+    lr: float = option(2e-4, "Adam learning rate (authors' 0.0002).", gt=0)
+    hidden_channels: int = option(128, "Encoder/decoder channels (official 128); must match dsr.hidden_channels.", ge=2, multiple_of=2)
+    residual_channels: int = option(64, "Residual block channels (official 64); must match dsr.residual_channels.", ge=1)
+    residual_layers: int = option(2, "Residual blocks per stack (official 2); must match dsr.residual_layers.", ge=0)
+    embedding_dim: int = option(128, "Code dimension (official 128); must match dsr.embedding_dim.", ge=1)
+    codebook_size: int = option(4096, "Codes per codebook (official 4096); must match dsr.codebook_size.", ge=2)
+    commitment_cost: float = option(0.25, "Commitment loss weight (official 0.25).", ge=0)
+    decay: float = option(0.99, "EMA decay of the codebooks (official 0.99).", gt=0, lt=1)
+    seed: int = option(0, "All randomness (initialisation, image order).")
+
+
+def pretrain_vq(folder: Any, options: PretrainOptions, device: str = "cpu", progress: Callable[[int, float], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train a :class:`vad_dsr.vq.DiscreteLatentModel` on the images of ``folder`` (a
+    :class:`vad.distillation.FolderImages` or ``TensorImages``, drawn reshuffled); returns it (eval mode, CPU) and the
+    facts of the run. ``progress(step, loss)`` is called after every step."""
+    import math
+    import time
+
+    import torch
+
+    from vad.distillation import Sampler
+    from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, DiscreteLatentModel, bgr, init_weights, vq_pretraining_loss
+
+    o = options
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)
+        model = DiscreteLatentModel(o.hidden_channels, o.residual_layers, o.residual_channels, o.codebook_size, o.embedding_dim, o.commitment_cost, o.decay)
+    generator = torch.Generator().manual_seed(o.seed)
+    init_weights(model, generator)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr)
+    milestones = sorted({math.ceil(f * o.epochs) for f in VQ_MILESTONES})
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=VQ_GAMMA)
+    sampler = Sampler(len(folder), generator)
+    start, losses = time.perf_counter(), []
+    for step in range(o.epochs * o.steps_per_epoch):
+        images = folder.load(sampler.take(o.batch_size), o.image_size).to(device)
+        loss, _ = vq_pretraining_loss(model, bgr(images))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % o.steps_per_epoch == 0:
+            schedule.step()
+        if progress is not None:
+            progress(step, losses[-1])
+    facts = {**o.to_dict(), "images": len(folder), "seconds": time.perf_counter() - start, "first_loss": losses[0], "last_loss": losses[-1]}
+    return model.cpu().eval(), facts
+
+
+def _help(name: str) -> str:
+    _, spec, default = PretrainOptions.fields()[name]
+    return f"{spec.description} Default {default}."
+
+
+dsr_app = typer.Typer(help="DSR tools (VQ-VAE pretraining).", no_args_is_help=True)
+
+
+@dsr_app.command("pretrain-vq")
+def pretrain(
+    images: str = typer.Option(..., "--images", help="Folder of images (searched recursively); official: ImageNet train."),
+    output: str = typer.Option(..., "--output", "-o", help="VQ model file to write (.safetensors); use it with --set dsr.vq_weights=FILE."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=_help("image_size")),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=_help("epochs")),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help=_help("steps_per_epoch")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=_help("lr")),
+    hidden_channels: Optional[int] = typer.Option(None, "--hidden-channels", help=_help("hidden_channels")),
+    residual_channels: Optional[int] = typer.Option(None, "--residual-channels", help=_help("residual_channels")),
+    residual_layers: Optional[int] = typer.Option(None, "--residual-layers", help=_help("residual_layers")),
+    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help=_help("embedding_dim")),
+    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help=_help("codebook_size")),
+    commitment_cost: Optional[float] = typer.Option(None, "--commitment-cost", help=_help("commitment_cost")),
+    decay: Optional[float] = typer.Option(None, "--decay", help=_help("decay")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=_help("seed")),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Pretrain DSR's two-level VQ-VAE on a folder of images and save it as safetensors."""
+    from pathlib import Path
+
+    from vad.distillation import FolderImages, TensorImages
+    from vad.progress import info, track
+    from vad.training import CACHE_BYTES
+    from vad_dsr.vq import save_vq
+
+    given = dict(
+        image_size=image_size, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lr=lr, hidden_channels=hidden_channels,
+        residual_channels=residual_channels, residual_layers=residual_layers, embedding_dim=embedding_dim, codebook_size=codebook_size,
+        commitment_cost=commitment_cost, decay=decay, seed=seed,
+    )
+    chosen = PretrainOptions.parse({k: v for k, v in given.items() if v is not None}, owner="vad dsr pretrain-vq")
+    folder = FolderImages(images, "vad dsr pretrain-vq")
+    if len(folder) * 3 * chosen.image_size**2 * 4 <= CACHE_BYTES:  # a small folder: decode each image once
+        folder = TensorImages(folder.load(range(len(folder)), chosen.image_size))
+    steps = chosen.epochs * chosen.steps_per_epoch
+    info(f"pretraining DSR's VQ-VAE on {len(folder)} images ({steps} steps of {chosen.batch_size})")
+    bar = iter(track(range(steps), "VQ-VAE steps", total=steps))
+    model, facts = pretrain_vq(folder, chosen, device, progress=lambda step, loss: next(bar, None))
+    next(bar, None)
+    save_vq(Path(output), model, facts)
+    info(f"VQ model written to {output} ({facts['seconds']:.1f} s, loss {facts['first_loss']:.3g} -> {facts['last_loss']:.3g})", path=output)
