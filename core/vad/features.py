@@ -129,6 +129,24 @@ class FrozenLevels:
         return Preprocessing(size=(size, size), mean=own.mean, std=own.std, interpolation="bilinear")
 
 
+def network_backbone(spec: str, *, pretrained: bool, weights: str | None, owner: str, purpose: str, examples: str) -> Backbone:
+    """The backbone ``spec`` (a registered name or ``family:model``, as ``--backbone``) built as a
+    vad Backbone, with ``weights`` only when ``pretrained``, for methods that train or copy its
+    torch network: one without a ``model`` module is a clear error saying what it is needed for
+    (``purpose``) and which backbones work (``examples``)."""
+    from torch import nn
+
+    from vad.plugins import create_backbone
+
+    options: dict[str, Any] = {"pretrained": pretrained}
+    if pretrained and weights is not None:
+        options["weights"] = weights
+    backbone = create_backbone(spec, **options)
+    if not isinstance(getattr(backbone, "model", None), nn.Module):
+        raise VadError(f"{owner}: backbone {spec!r} does not expose its network (a 'model' torch module), so {purpose}; use a timm backbone such as {examples}")
+    return backbone
+
+
 def default_layers(backbone: Backbone) -> list[str]:
     """The stride-8 and stride-16 maps (PatchCore's mid-level pair); else the two shallowest past stride 4."""
     info = backbone.feature_info()

@@ -64,6 +64,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, Prediction, Preprocessing, State
 from vad.errors import VadError
+from vad.features import network_backbone
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_ast.network import AstModel, LayerOutput, student_loss, teacher_loss
@@ -158,18 +159,10 @@ class Ast(TrainedDetector):
 
     def _backbone(self, pretrained: bool) -> Backbone:
         """The backbone spec built as a vad Backbone (weights only when ``pretrained``)."""
-        from vad.plugins import create_backbone
-
-        options: dict[str, Any] = {"pretrained": pretrained}
-        if pretrained and self.options.weights is not None:
-            options["weights"] = self.options.weights
-        backbone = create_backbone(self.options.backbone, **options)
-        if not isinstance(getattr(backbone, "model", None), nn.Module):
-            raise VadError(
-                f"ast: backbone {self.options.backbone!r} does not expose its network (a 'model' torch module), "
-                "so no layer can be read from it; use a timm backbone such as tf_efficientnet_lite0 or resnet18"
-            )
-        return backbone
+        return network_backbone(
+            self.options.backbone, pretrained=pretrained, weights=self.options.weights, owner="ast",
+            purpose="no layer can be read from it", examples="tf_efficientnet_lite0 or resnet18",
+        )
 
     @property
     def skeleton(self) -> Backbone:

@@ -106,7 +106,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import chosen_levels
+from vad.features import chosen_levels, network_backbone
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_ddad.network import (
@@ -220,18 +220,10 @@ class Ddad(TrainedDetector):
 
     def _backbone(self, pretrained: bool) -> Backbone:
         """The extractor spec built as a vad Backbone (weights only when ``pretrained``)."""
-        from vad.plugins import create_backbone
-
-        options: dict[str, Any] = {"pretrained": pretrained}
-        if pretrained and self.options.weights is not None:
-            options["weights"] = self.options.weights
-        backbone = create_backbone(self.options.backbone, **options)
-        if not isinstance(getattr(backbone, "model", None), nn.Module):
-            raise VadError(
-                f"ddad: backbone {self.options.backbone!r} does not expose its network (a 'model' torch module), so it cannot "
-                "be fine-tuned; use a timm backbone such as tf_efficientnet_lite0 or wide_resnet50_2"
-            )
-        return backbone
+        return network_backbone(
+            self.options.backbone, pretrained=pretrained, weights=self.options.weights, owner="ddad",
+            purpose="it cannot be fine-tuned", examples="tf_efficientnet_lite0 or wide_resnet50_2",
+        )
 
     @property
     def skeleton(self) -> Backbone:

@@ -54,7 +54,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import layers_at_strides
+from vad.features import layers_at_strides, network_backbone
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_stfpm.network import LossReduction, StudentTeacher, normalized_differences, stfpm_loss
@@ -100,18 +100,10 @@ class Stfpm(TrainedDetector):
     def _backbone(self, pretrained: bool) -> Backbone:
         """The backbone spec built as a vad Backbone (weights only when ``pretrained``): a
         registered name, or ``family:model`` such as ``timm:resnet34`` (as ``--backbone``)."""
-        from vad.plugins import create_backbone
-
-        options: dict[str, Any] = {"pretrained": pretrained}
-        if pretrained and self.options.weights is not None:
-            options["weights"] = self.options.weights
-        backbone = create_backbone(self.options.backbone, **options)
-        if not isinstance(getattr(backbone, "model", None), nn.Module):
-            raise VadError(
-                f"stfpm: backbone {self.options.backbone!r} does not expose its network (a 'model' torch module), "
-                "so no student can be trained against it; use a timm backbone such as resnet18 or tf_efficientnet_lite0"
-            )
-        return backbone
+        return network_backbone(
+            self.options.backbone, pretrained=pretrained, weights=self.options.weights, owner="stfpm",
+            purpose="no student can be trained against it", examples="resnet18 or tf_efficientnet_lite0",
+        )
 
     @property
     def skeleton(self) -> Backbone:
