@@ -338,3 +338,48 @@ def test_demo_data_patchcore_run_report_predict_export(cli, tmp_path):
     images = np.stack([decode_png(path) for path in defective]).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     onnx_scores, _ = session.run(None, {"images": np.ascontiguousarray(images)})
     assert np.abs(onnx_scores - [expected[str(p)] for p in defective]).max() < 1e-4
+
+
+def test_train_count_chooses_nested_seeded_subsets_and_refuses_too_many(registry, cli, tmp_path):
+    from vad.pipeline import chosen_training_images
+
+    train = make_tiny_splits(train=8).train
+    four, two = chosen_training_images(train, 4, 0, "tiny"), chosen_training_images(train[::-1], 2, 0, "tiny")
+    assert [s.path for s in four[:2]] == [s.path for s in two]  # a larger count keeps a smaller one's images
+    assert len({s.path for s in four}) == 4
+    assert [s.path for s in chosen_training_images(train, 4, 1, "tiny")] != [s.path for s in four]  # the seed chooses
+    with pytest.raises(VadError, match="more training images than the 8"):
+        chosen_training_images(train, 9, 0, "tiny")
+    for bad in (0, 2.5, True):
+        with pytest.raises(VadError, match="whole number"):
+            chosen_training_images(train, bad, 0, "tiny")
+
+    folder = run_tiny(cli, tmp_path / "k3", "--category", "tiny-a", "--train-count", "3", "--no-report")
+    written = json.loads((folder / "metrics.json").read_text())
+    assert written["train_images"] == {"tiny-a": 3} and len(written["train_files"]["tiny-a"]) == 3
+    result = cli("run", "--dataset", "tiny", "--backbone", "fake-backbone", "--detector", "report-distance", "--threshold", "report-max",
+                 "--device", "cpu", "--category", "tiny-a", "--train-count", "999", "--output", str(tmp_path / "too-many"))
+    assert isinstance(result.exception, VadError) and "train_count 999" in str(result.exception)
+    assert not (tmp_path / "too-many").exists()
+
+
+def test_bench_over_train_counts_writes_one_table_and_one_plot(registry, cli, tmp_path):
+    from vad.bench import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("dataset: tiny\ndevice: cpu\nthreshold: report-max\ndetectors: [report-distance]\nbackbones: [fake-backbone]\n"
+                    "categories: [tiny-a]\ntrain_counts: [2, all]\n")
+    result = cli("bench", "--grid", str(grid), "--output", str(tmp_path / "bench"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    with open(tmp_path / "bench" / "bench.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["train_count"], r["status"]) for r in rows] == [("2", "done"), ("all", "done")]
+    assert float(rows[0]["train_images"]) == 2 and float(rows[1]["train_images"]) > 2
+    plot = decode_png(tmp_path / "bench" / "bench_train_count.png")
+    assert plot.ndim == 3 and plot.shape[0] > 100
+    grid.write_text("detectors: [a]\ncategories: [x]\ntrain_counts: [0]\n")
+    with pytest.raises(VadError, match="train_counts takes whole numbers"):
+        load_grid(grid)
+    grid.write_text("detectors: [a]\ncategories: [x]\ntrain_counts: [1]\ntrain_count: 2\n")
+    with pytest.raises(VadError, match="both train_count and train_counts"):
+        load_grid(grid)

@@ -8,6 +8,7 @@ cells, e.g. ``dataset``, ``root``, ``threshold``, ``options``, ``device``)::
     detectors: [patchcore, simplenet]   # "a+b" (or a list) = several detectors in one cell
     ensembles: [null, score-mean]       # null = no ensemble
     backbones: [tf_efficientnet_lite0, [tf_efficientnet_lite0, tf_efficientnet_lite2]]
+    train_counts: [1, 2, 4, 8, all]     # optional: the few-shot protocol (RunConfig.train_count)
     threshold: k-sigma
     report: false                       # the default in a sweep: no plots per cell
 
@@ -16,6 +17,9 @@ Each cell is one :func:`vad.pipeline.run` writing ``<output>/cells/<cell id>/``.
 fails writes ``error.txt`` and the sweep goes on, so rerunning the command retries only the
 failed and missing cells. At the end ``bench.md``, ``bench.csv`` and ``bench.json`` hold one row
 per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or the error.
+A grid over ``train_counts`` also draws ``bench_train_count.png``: the mean image AUROC over
+the categories against the number of training images, one line per detector, ensemble and
+backbone (a K below 2 usually needs ``threshold: manual``, as calibration needs unseen normals).
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vad import artifacts, runfolder
 from vad.config import DEFAULTS
 from vad.errors import VadError
 from vad.results import csv_table, markdown_table
 
-AXES = ("detectors", "ensembles", "backbones", "categories")
+AXES = ("detectors", "ensembles", "backbones", "categories", "train_counts")
 TIMINGS = ["fit_s", "predict_ms_per_image"]
 
 
@@ -45,11 +51,20 @@ class Cell:
     ensemble: str | None
     backbones: list[str]
     category: str | None
+    #: The few-shot protocol's number of training images (None: all, or the grid's shared setting).
+    train_count: int | None = None
+
+    @property
+    def group(self) -> str:
+        """The method this cell measures: detectors, ensemble and backbones."""
+        return " / ".join(["+".join(self.detectors), self.ensemble or "none", "+".join(self.backbones) or "default"])
 
     @property
     def id(self) -> str:
         """Folder name: readable and unique within the grid."""
         parts = ["+".join(self.detectors), self.ensemble or "none", "+".join(self.backbones) or "default", self.category or "all"]
+        if self.train_count is not None:
+            parts.append(f"k{self.train_count}")
         return "__".join(re.sub(r"[^A-Za-z0-9._+-]+", "-", part) for part in parts)
 
 
@@ -87,14 +102,30 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     ensembles = _as_list(data.pop("ensembles", None)) or [None]
     backbones = [b if isinstance(b, list) else [str(b)] for b in _as_list(data.pop("backbones", None))] or [[]]
     categories = [str(c) for c in _as_list(data.pop("categories", None))]
+    train_counts = _train_counts(data.pop("train_counts", None), path)
+    if train_counts != [None] and data.get("train_count") is not None:
+        raise VadError(f"grid file {path} sets both train_count and train_counts; keep the axis (train_counts) only")
     base = {"report": False, **data}
     if not categories:
         categories = _dataset_categories(base)
     cells = [
-        Cell([str(d) for d in detector], None if ensemble in (None, "none") else str(ensemble), [str(b) for b in backbone], category)
-        for detector, ensemble, backbone, category in itertools.product(detectors, ensembles, backbones, categories)
+        Cell([str(d) for d in detector], None if ensemble in (None, "none") else str(ensemble), [str(b) for b in backbone], category, count)
+        for detector, ensemble, backbone, category, count in itertools.product(detectors, ensembles, backbones, categories, train_counts)
     ]
     return base, cells
+
+
+def _train_counts(values: Any, path: str | Path) -> list[int | None]:
+    """The ``train_counts`` axis: whole numbers of at least 1, and ``all`` (or null) for every image."""
+    counts: list[int | None] = []
+    for value in _as_list(values):
+        if value is None or value == "all":
+            counts.append(None)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            counts.append(value)
+        else:
+            raise VadError(f"grid file {path}: train_counts takes whole numbers of at least 1 and 'all', got {value!r}")
+    return counts or [None]
 
 
 def _dataset_categories(base: dict[str, Any]) -> list[str]:
@@ -115,7 +146,10 @@ def cell_config(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = 
     from vad.plugins import get_registry
 
     registry = registry or get_registry()
-    config = RunConfig(**{**base, "detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)})
+    cell_fields = {"detectors": cell.detectors, "ensemble": cell.ensemble, "backbones": cell.backbones, "categories": [cell.category] if cell.category else [], "output": str(folder)}
+    if cell.train_count is not None:
+        cell_fields["train_count"] = cell.train_count
+    config = RunConfig(**{**base, **cell_fields})
     used = used_components(config, registry)
     config.options = {group: values for group, values in config.options.items() if uses_group(group, used, registry)}
     return config
@@ -151,6 +185,9 @@ def _flatten(metrics_json: dict[str, Any]) -> dict[str, Any]:
         values = [t[key] for t in timings.values() if isinstance(t.get(key), (int, float))]
         if values:
             row[key] = sum(values) / len(values)
+    counts = list((metrics_json.get("train_images") or {}).values())
+    if counts:
+        row["train_images"] = sum(counts) / len(counts)
     return row
 
 
@@ -181,8 +218,8 @@ def _columns(results: list[CellResult]) -> list[str]:
     present: list[str] = []
     for r in results:
         present.extend(k for k in r.metrics if k not in present)
-    metrics = [c for c in DEFAULTS['table_metrics'] if c in present] + sorted(c for c in present if c not in DEFAULTS['table_metrics'] and c not in TIMINGS)
-    return metrics + [c for c in TIMINGS if c in present]
+    metrics = [c for c in DEFAULTS['table_metrics'] if c in present] + sorted(c for c in present if c not in DEFAULTS['table_metrics'] and c not in TIMINGS and c != "train_images")
+    return metrics + [c for c in ["train_images", *TIMINGS] if c in present]
 
 
 def _resolved_backbones(cell: Cell) -> list[str]:
@@ -200,7 +237,8 @@ def _resolved_backbones(cell: Cell) -> list[str]:
 
 def table_rows(results: list[CellResult]) -> tuple[list[str], list[dict[str, Any]]]:
     """Columns and one row per cell."""
-    columns = ["cell", "detector", "ensemble", "backbone", "category", "status", *_columns(results), "error"]
+    swept = any(r.cell.train_count is not None for r in results)
+    columns = ["cell", "detector", "ensemble", "backbone", "category", *(["train_count"] if swept else []), "status", *_columns(results), "error"]
     rows = []
     for r in results:
         row = {
@@ -209,6 +247,7 @@ def table_rows(results: list[CellResult]) -> tuple[list[str], list[dict[str, Any
             "ensemble": r.cell.ensemble or "none",
             "backbone": "+".join(_resolved_backbones(r.cell)),
             "category": r.cell.category or "all",
+            "train_count": "all" if r.cell.train_count is None else r.cell.train_count,
             "status": r.status,
             "error": r.error or "",
             **r.metrics,
@@ -252,4 +291,32 @@ def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tup
     artifacts.atomic_write_text(output / "bench.md", to_markdown(columns, rows))
     artifacts.atomic_write_text(output / "bench.csv", to_csv(columns, rows))
     artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
+    if len({cell.train_count for cell in cells}) > 1:
+        plot = train_count_plot(results)
+        if plot is not None:
+            artifacts.atomic_write_bytes(output / "bench_train_count.png", plot)
     return output, results
+
+
+def train_count_curves(results: list[CellResult], metric: str = "image_auroc") -> list[Any]:
+    """Per method (detectors, ensemble, backbones): ``metric`` averaged over the categories
+    against the number of images that trained it (``train_images``), one point per count."""
+    from vad.contracts import Curve
+
+    points: dict[str, dict[int | None, list[tuple[float, float]]]] = {}
+    for r in results:
+        if r.status != "failed" and isinstance(r.metrics.get(metric), (int, float)) and isinstance(r.metrics.get("train_images"), (int, float)):
+            points.setdefault(r.cell.group, {}).setdefault(r.cell.train_count, []).append((r.metrics["train_images"], r.metrics[metric]))
+    curves = []
+    for group, by_count in points.items():
+        xy = sorted((sum(x for x, _ in pairs) / len(pairs), sum(y for _, y in pairs) / len(pairs)) for pairs in by_count.values())
+        curves.append(Curve(metric, np.array([x for x, _ in xy]), np.array([y for _, y in xy]), "normal training images", f"mean {metric}", group))
+    return curves
+
+
+def train_count_plot(results: list[CellResult], metric: str = "image_auroc") -> bytes | None:
+    """The PNG of :func:`train_count_curves`; None when no cell has the metric."""
+    from vad.report import curves_png
+
+    curves = train_count_curves(results, metric)
+    return curves_png(curves, f"{metric} by number of training images") if curves else None

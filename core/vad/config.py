@@ -56,6 +56,9 @@ class RunConfig:
     #: A validation split taken by the data set (0: every training image trains the detector,
     #: and thresholds are calibrated as ``calibration`` says).
     validation_fraction: float = 0.0
+    #: Few-shot protocol: train on this many normal training images, a seeded choice (``seed``;
+    #: a larger count keeps the images of a smaller one); None: every training image.
+    train_count: int | None = None
     #: How thresholds get normal scores the detector has not seen (:mod:`vad.calibration`).
     calibration: str = "auto"
     folds: int = 5

@@ -24,7 +24,7 @@ from vad.config import RunConfig
 from vad.build import backbone_specs, build_model, check_names, check_options, create_dataset
 from vad.datacheck import check_splits
 from vad.calibration import false_alarm_warning, false_alarms_on
-from vad.contracts import DataSplits, Dataset, EvaluationData, Metric
+from vad.contracts import DataSplits, Dataset, EvaluationData, Metric, Sample
 from vad.errors import VadError
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
@@ -44,6 +44,8 @@ class CategoryResult:
     thresholds: dict[str, float | None] = field(default_factory=dict)
     #: How the thresholds were calibrated and the false-alarm rate they imply (vad.calibration).
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: The images that trained the model (none when a saved model was loaded).
+    train_files: list[str] = field(default_factory=list)
 
 
 def compute_metrics(
@@ -185,6 +187,7 @@ def run_category(
         timings,
         {"image": model.image_threshold, "pixel": model.pixel_threshold},
         calibration,
+        [] if config.model else [sample.path for sample in splits.train],
     )
 
 
@@ -255,9 +258,24 @@ def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: A
     splits, bad = check_splits(splits, config.skip_bad)
     if not splits.train and not config.model:
         raise VadError(f"[{category}] no usable training images are left: a detector needs normal training images")
+    if config.train_count is not None and not config.model:
+        splits = dataclasses.replace(splits, train=chosen_training_images(splits.train, config.train_count, config.seed, category))
     if model is not None:
         model.check_calibration(len(splits.train), len(splits.validation))
     return splits, [*skipped, *((b.path, b.reason) for b in bad)]
+
+
+def chosen_training_images(train: list[Sample], count: Any, seed: int, category: str) -> list[Sample]:
+    """The few-shot protocol's ``count`` training images: the first ``count`` of one seeded
+    permutation of the (path-sorted) training images, so a larger count keeps a smaller one's
+    images and a sweep over counts varies only the number."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise VadError(f"train_count must be a whole number of at least 1 (leave it out for every training image), got {count!r}")
+    if count > len(train):
+        raise VadError(f"[{category}] train_count {count} asks for more training images than the {len(train)} there are")
+    ordered = sorted(train, key=lambda sample: sample.path)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    return [ordered[index] for index in order[:count]]
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -306,6 +324,8 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
             "calibration": {r.category: r.calibration for r in results},
             "timings": {r.category: r.timings for r in results},
             "skipped_files": {category: [list(item) for item in items] for category, items in skipped_files.items()},
+            "train_images": {r.category: len(r.train_files) for r in results if r.train_files},
+            **({"train_files": {r.category: r.train_files for r in results}} if config.train_count is not None else {}),
         },
     )
     if config.report:
