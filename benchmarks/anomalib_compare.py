@@ -54,6 +54,14 @@ Rows, and what each checks:
   departures from the official code stay on its side (adversarial loss on the discriminator's
   outputs instead of feature matching, smooth-L1 latent loss, no discriminator re-initialisation,
   first-layer padding 4); its score is read raw, before its running min-max normalisation.
+* ``dsr``: one VQ-VAE on both sides, pretrained once by ``vad dsr pretrain-vq`` on the training
+  images of every larger-data category (``--dsr-vq-steps`` steps of 8; the official ImageNet
+  checkpoint cannot be downloaded here; or ``--dsr-vq FILE``), given to anomalib in its
+  pretrained-weights cache with the BGR/RGB channel order converted (the runner's
+  ``install_dsr_vq``). ``--dsr-epochs`` main epochs, then ``--dsr-upsampling-epochs`` of the
+  up-sampling module, an epoch being one pass over the images (anomalib's; official: 1000 random
+  batches), batch 8, 256 px, Adam 2e-4 with x0.1 after 80 % of the main epochs. vad's maps are not
+  blurred (``--sigma 0``); anomalib's scores and maps are read raw.
 
 Epoch time: the mean over the training epochs only (vad: its training loop's JSON-log record;
 anomalib: a callback around Lightning's training epochs, less the validation passes that
@@ -82,13 +90,14 @@ ROWS = (
     ("cflow", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
     ("uflow", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("ganomaly", "none", "trained from scratch on both"),
+    ("dsr", "none", "one VQ-VAE (vad dsr pretrain-vq) on both"),
 )
 #: Methods whose rows have no backbone choice (their own networks, or EfficientAD's shared teacher).
-NO_BACKBONE_CHOICE = {"efficientad", "ganomaly"}
+NO_BACKBONE_CHOICE = {"efficientad", "ganomaly", "dsr"}
 #: Methods whose anomalib side is read from its raw scores and maps (normalisation off), because
 #: anomalib's post-processing changes them: EfficientAD's clamping min-max normalisation, and
-#: GANomaly's running min-max over the test batches (a different scale per batch).
-ANOMALIB_RAW = {"efficientad", "ganomaly"}
+#: GANomaly's running min-max over the test batches (a different scale per batch), DSR's min-max.
+ANOMALIB_RAW = {"efficientad", "ganomaly", "dsr"}
 #: vad's settings per method: its defaults (the official code's), and where anomalib departs from
 #: the official code, anomalib's choice, so that the implementations can be compared as well.
 VARIANTS = {
@@ -119,9 +128,11 @@ VARIANTS = {
         ("anomalib", "anomalib's lr 1e-3", ["--set", "uflow.lr=0.001"]),
     ),
     "ganomaly": (("official", "defaults (official)", []),),
+    # anomalib's epoch is one pass over the images (official: 1000 random batches): both sides so
+    "dsr": (("official", "defaults (official), one pass per epoch, maps not blurred", []),),
 }
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8}
 #: The vad option naming each method's backbone.
 BACKBONE_OPTION = {"stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
 #: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
@@ -191,6 +202,29 @@ def prepare_teacher(data: Path, folder: Path, args: argparse.Namespace) -> Path:
     return file
 
 
+def prepare_dsr_vq(data: Path, folder: Path, args: argparse.Namespace) -> Path:
+    """The VQ-VAE both DSR sides use: ``--dsr-vq``, else ``vad dsr pretrain-vq`` on the training
+    images of every larger-data category (reused when the file exists)."""
+    if args.dsr_vq:
+        return Path(args.dsr_vq)
+    file = folder / f"dsr-vq-{args.dsr_vq_steps}x8-{args.dsr_image_size}px.safetensors"
+    if not file.is_file():
+        images = folder / "dsr-vq-images"
+        images.mkdir(parents=True, exist_ok=True)
+        for image in sorted(data.glob("*/train/good/*.png")):
+            link = images / f"{image.parts[-4]}-{image.name}"
+            if not link.exists():
+                link.symlink_to(image.resolve())
+        command = [
+            str(Path(sys.executable).with_name("vad")), "dsr", "pretrain-vq", "--images", str(images), "--output", str(file),
+            "--image-size", str(args.dsr_image_size), "--epochs", "1", "--steps-per-epoch", str(args.dsr_vq_steps), "--batch-size", "8",
+        ]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            raise SystemExit(f"VQ pretraining failed: {' '.join(command)}\n{finished.stderr[-3000:]}")
+    return file
+
+
 def teacher_facts(file: Path) -> str:
     """What a vad teacher file says about its distillation (steps, batch, images, seconds, loss)."""
     if file.suffix != ".safetensors":
@@ -218,6 +252,11 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
         ]
     elif method == "ganomaly":
         settings = ["--set", f"ganomaly.epochs={args.ganomaly_epochs}", "--set", f"ganomaly.image_size={args.ganomaly_image_size}"]
+    elif method == "dsr":
+        settings = [
+            "--set", f"dsr.vq_weights={weights}", "--set", "dsr.steps_per_epoch=null", "--set", f"dsr.epochs={args.dsr_epochs}",
+            "--set", f"dsr.upsampling_epochs={args.dsr_upsampling_epochs}", "--set", f"dsr.image_size={args.dsr_image_size}", "--sigma", "0",
+        ]
     else:
         key = BACKBONE_OPTION[method]
         spec = backbone if backbone.startswith("tf_efficientnet") else f"timm:{backbone}"
@@ -229,7 +268,7 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
         str(Path(sys.executable).with_name("vad")), "--json-log", "run", "--dataset", "mvtec", "--root", str(data), "--category", category,
         "--detector", method, *settings,
         "--threshold", "manual", "--set", "manual.value=0", "--metric", "image_auroc", "--metric", "pixel_auroc",
-        "--no-report", "--device", "cpu", "--output", str(out), "--overwrite", *extra,
+        "--no-report", "--device", "cpu", "--seed", str(args.seed), "--output", str(out), "--overwrite", *extra,
     ]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -251,10 +290,17 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
     elif method == "ganomaly":
         settings = {"epochs": args.ganomaly_epochs, "image_size": args.ganomaly_image_size}
         model_options = []
+    elif method == "dsr":
+        assert teacher is not None  # the VQ-VAE file
+        digest = hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]
+        settings = {"epochs": args.dsr_epochs + args.dsr_upsampling_epochs, "image_size": args.dsr_image_size, "vq": digest, "upsampling": args.dsr_upsampling_epochs}
+        model_options = ["--vq", str(teacher), "--upsampling-epochs", str(args.dsr_upsampling_epochs)]
     else:
         settings = {"epochs": args.epochs, "image_size": args.image_size}
         layers = ANOMALIB_LAYERS.get((method, backbone), LITE0_LAYERS if backbone.startswith("tf_efficientnet") else ["layer1", "layer2", "layer3"])
         model_options = ["--backbone", backbone, "--layers", *layers]
+    if args.seed:  # seed 0's cells keep their earlier cache key
+        settings["seed"] = args.seed
     saved = out / "result.json"
     if saved.is_file():
         result = json.loads(saved.read_text())
@@ -263,7 +309,7 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
     command = [
         args.anomalib_python, str(HERE / "anomalib_runner.py"), "--model", method, "--root", str(data), "--category", category,
         *model_options, "--image-size", str(settings["image_size"]), "--epochs", str(settings["epochs"]),
-        "--batch-size", str(BATCH[method]),
+        "--batch-size", str(BATCH[method]), "--seed", str(args.seed),
     ]
     environment = {**os.environ, "HF_HOME": str(cache), "HF_HUB_OFFLINE": "1", "ANOMALIB_RESULTS": str(out)}
     finished = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -293,6 +339,12 @@ def main() -> None:
     parser.add_argument("--teacher-normalization-images", type=int, default=64, help="images for the distillation targets' mean and std (official 10,000); the teacher file, named by steps and batch size, is reused when present")
     parser.add_argument("--ganomaly-epochs", type=int, default=15, help="GANomaly epochs, both sides (official 15)")
     parser.add_argument("--ganomaly-image-size", type=int, default=32, help="GANomaly input side, both sides (official 32)")
+    parser.add_argument("--dsr-epochs", type=int, default=2, help="DSR main-training epochs (one pass over the images each), both sides (official 100 of 1000 steps)")
+    parser.add_argument("--dsr-upsampling-epochs", type=int, default=1, help="DSR up-sampling epochs after them, both sides (official 50)")
+    parser.add_argument("--dsr-image-size", type=int, default=256, help="DSR input side, both sides (official 256)")
+    parser.add_argument("--dsr-vq", help="DSR VQ-VAE file for both sides (default: pretrain one, see --dsr-vq-steps)")
+    parser.add_argument("--dsr-vq-steps", type=int, default=200, help="steps of 8 images of the shared VQ-VAE pretraining (authors' 100,000 of 64 ImageNet images)")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed on both sides (vad --seed, anomalib seed_everything); use another --output per seed")
     parser.add_argument("--variants", nargs="+", default=["official", "anomalib"], help="vad settings to run: official, anomalib (anomalib's departures)")
     parser.add_argument("--output", default="runs/anomalib-compare")
     args = parser.parse_args()
@@ -319,6 +371,12 @@ def main() -> None:
             f"EfficientAD-S: {args.efficientad_epochs} epochs of {steps} steps (batch 1, {train - steps} of {train} images held out for the quantiles), "
             f"{args.efficientad_image_size} px; {teacher_facts(teacher)}"
         )
+    if "dsr" in args.methods:
+        weights["none"] = prepare_dsr_vq(data, output, args)
+        lines.append(
+            f"DSR: {args.dsr_epochs} + {args.dsr_upsampling_epochs} up-sampling epochs of one pass (batch 8), {args.dsr_image_size} px, "
+            f"one VQ-VAE on both ({weights['none'].name}), maps not blurred on vad's side, raw anomalib scores"
+        )
     lines += [
         "",
         "| method | backbone (weights) | vad settings | category | vad img / px AUROC | anomalib img / px AUROC | vad s / epoch | anomalib s / epoch |",
@@ -329,7 +387,8 @@ def main() -> None:
             continue
         for category in args.categories:
             cell = output / f"{method}-{backbone}-{category}"
-            theirs = run_anomalib(method, backbone, data, category, args, output / "hf", cell / "anomalib", teacher if method == "efficientad" else None)
+            shared = {"efficientad": teacher, "dsr": weights.get("none")}.get(method)
+            theirs = run_anomalib(method, backbone, data, category, args, output / "hf", cell / "anomalib", shared)
             if method in ANOMALIB_RAW:
                 theirs = {**theirs, "image_auroc": theirs["raw_image_auroc"], "pixel_auroc": theirs["raw_pixel_auroc"]}
             for key, settings, extra in VARIANTS[method]:

@@ -8,6 +8,8 @@ environment (never vad's), prints one JSON line.
         --teacher TEACHER.safetensors --image-size 256 --epochs 1 --batch-size 1
     ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model ganomaly --root DATA --category brick \\
         --image-size 32 --epochs 15 --batch-size 64
+    ANOMALIB_PYTHON benchmarks/anomalib_runner.py --model dsr --root DATA --category brick \\
+        --vq VQ.safetensors --image-size 256 --epochs 3 --upsampling-epochs 1 --batch-size 8
 
 Weights: ``HF_HOME`` points at a cache that ``anomalib_compare.py`` filled in the layout timm
 reads offline, so anomalib's "pretrained" backbone is exactly the state dict vad loads.
@@ -112,6 +114,42 @@ def install_teacher(file: str, model_size: str) -> tuple[Path, dict]:
     return target, state
 
 
+def install_dsr_vq(file: str) -> dict:
+    """Save a ``vad dsr pretrain-vq`` file where anomalib's Dsr loads its pretrained VQ-VAE (no
+    download then). The file has the official state-dict keys, which anomalib shares, and the
+    official networks' BGR channel order (``cv2.imread``), while anomalib feeds RGB: the first
+    encoder convolution's input channels and the general decoder's output channels are reversed,
+    so that both sides compute the same function of an image."""
+    import torch
+    from safetensors.torch import load_file
+
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    state = load_file(file)
+    state["_encoder_b._conv_1.weight"] = state["_encoder_b._conv_1.weight"].flip(1).contiguous()
+    state["_decoder_b._conv_trans_2.weight"] = state["_decoder_b._conv_trans_2.weight"].flip(1).contiguous()  # [in, out, k, k]
+    state["_decoder_b._conv_trans_2.bias"] = state["_decoder_b._conv_trans_2.bias"].flip(0).contiguous()
+    folder = get_pretrained_weights_dir() / "dsr"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / "vq_model_pretrained_128_4096.pckl")
+    return state
+
+
+def dsr_model(args: argparse.Namespace):
+    """anomalib's Dsr with the official latent anomaly strength, ``--epochs`` in all of which the
+    last ``--upsampling-epochs`` train the up-sampling module (anomalib's ``upsampling_train_ratio``
+    sets the epoch where that starts), and the official input: a resize to ``--image-size``, [0, 1]."""
+    from torchvision.transforms.v2 import Compose, Resize
+
+    from anomalib.models import Dsr
+    from anomalib.pre_processing import PreProcessor
+
+    main_epochs = args.epochs - args.upsampling_epochs
+    ratio = (main_epochs + 0.5) / args.epochs  # int(epochs * ratio) = main_epochs exactly
+    transform = Compose([Resize((args.image_size, args.image_size), antialias=True)])
+    return Dsr(latent_anomaly_strength=0.2, upsampling_train_ratio=ratio, visualizer=False, pre_processor=PreProcessor(transform=transform))
+
+
 def efficientad_model(args: argparse.Namespace):
     """anomalib's EfficientAd without the ImageNet penalty (official ``--imagenet_train_path none``)
     and, unless ``--anomalib-schedule``, with its StepLR stepped every iteration (official)."""
@@ -212,7 +250,7 @@ def auroc(scores, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", "ganomaly", *FLOW_MODELS])
+    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", "ganomaly", "dsr", *FLOW_MODELS])
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="resnet18")
@@ -225,12 +263,14 @@ def main() -> None:
     parser.add_argument("--model-size", default="small", choices=["small", "medium"], help="efficientad: PDN size")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="efficientad: share of the training images held out for the map quantiles (official 0.1)")
     parser.add_argument("--anomalib-schedule", action="store_true", help="efficientad: keep anomalib's StepLR stepped per epoch (no lr drop)")
+    parser.add_argument("--vq", help="dsr: the VQ-VAE file (vad dsr pretrain-vq safetensors) both sides use")
+    parser.add_argument("--upsampling-epochs", type=int, default=1, help="dsr: the last epochs, which train the up-sampling module")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (smoke tests)")
     parser.add_argument("--checkpoint", help="score this trained checkpoint (Lightning model.ckpt of the same settings) instead of training")
     args = parser.parse_args()
 
     results = Path(os.environ.get("ANOMALIB_RESULTS", "results")).resolve()
-    if args.model == "efficientad":  # anomalib's weight cache (platformdirs) inside the results folder
+    if args.model in ("efficientad", "dsr"):  # anomalib's weight cache (platformdirs) inside the results folder
         os.environ["XDG_CACHE_HOME"] = str(results / "cache")
     _torchvision_shim()
     from lightning.pytorch import Callback, seed_everything
@@ -253,6 +293,13 @@ def main() -> None:
             root=args.root, category=args.category, train_batch_size=1, eval_batch_size=8, num_workers=0,
             val_split_mode="from_train", val_split_ratio=args.validation_fraction, seed=args.seed,
         )
+    elif args.model == "dsr":
+        if not args.vq or not 0 <= args.upsampling_epochs < args.epochs:
+            raise SystemExit("--model dsr needs --vq FILE (the VQ-VAE vad uses) and 0 <= --upsampling-epochs < --epochs")
+        install_dsr_vq(args.vq)
+        facts["vq_sha256"] = hashlib.sha256(Path(args.vq).read_bytes()).hexdigest()[:16]
+        model = dsr_model(args)
+        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
     elif args.model in FLOW_MODELS or args.model == "ganomaly":
         model = flow_model(args) if args.model in FLOW_MODELS else ganomaly_model(args)
         data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)

@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 import typer
 
-from vad.options import Options, option
+from vad.options import option
+from vad_dsr.vq_options import VqArchitecture
 
 
-class PretrainOptions(Options):
+class PretrainOptions(VqArchitecture):
     """What ``vad dsr pretrain-vq`` takes; its checks and defaults derive from this declaration."""
 
     image_size: int = option(256, "Image side in pixels (official 256), a multiple of 32.", ge=32, multiple_of=32)
@@ -27,13 +28,6 @@ class PretrainOptions(Options):
     steps_per_epoch: int = option(1000, "Optimiser steps per epoch (authors' 1000).", ge=1)
     batch_size: int = option(64, "Images per step (authors' 64).", ge=1)
     lr: float = option(2e-4, "Adam learning rate (authors' 0.0002).", gt=0)
-    hidden_channels: int = option(128, "Encoder/decoder channels (official 128); must match dsr.hidden_channels.", ge=2, multiple_of=2)
-    residual_channels: int = option(64, "Residual block channels (official 64); must match dsr.residual_channels.", ge=1)
-    residual_layers: int = option(2, "Residual blocks per stack (official 2); must match dsr.residual_layers.", ge=0)
-    embedding_dim: int = option(128, "Code dimension (official 128); must match dsr.embedding_dim.", ge=1)
-    codebook_size: int = option(4096, "Codes per codebook (official 4096); must match dsr.codebook_size.", ge=2)
-    commitment_cost: float = option(0.25, "Commitment loss weight (official 0.25).", ge=0)
-    decay: float = option(0.99, "EMA decay of the codebooks (official 0.99).", gt=0, lt=1)
     seed: int = option(0, "All randomness (initialisation, image order).")
 
 
@@ -47,12 +41,12 @@ def pretrain_vq(folder: Any, options: PretrainOptions, device: str = "cpu", prog
     import torch
 
     from vad.distillation import Sampler
-    from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, DiscreteLatentModel, bgr, init_weights, vq_pretraining_loss
+    from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, bgr, init_weights, vq_pretraining_loss
 
     o = options
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(o.seed)
-        model = DiscreteLatentModel(o.hidden_channels, o.residual_layers, o.residual_channels, o.codebook_size, o.embedding_dim, o.commitment_cost, o.decay)
+        model = o.build_vq()
     generator = torch.Generator().manual_seed(o.seed)
     init_weights(model, generator)
     model.to(device).train()

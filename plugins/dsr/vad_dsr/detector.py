@@ -87,6 +87,7 @@ from vad_augment.noise import integers, uniform
 from vad_dsr.anomalies import code_anomalies, color_anomalies, segmentation_target
 from vad_dsr.network import SIZE_MULTIPLE, AnomalyDetectionModule, ImageReconstructionNetwork, SubspaceRestrictionModule, UpsamplingModule
 from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, DiscreteLatentModel, bgr, init_weights, load_vq, vq_pretraining_loss
+from vad_dsr.vq_options import VqArchitecture
 from vad_reconstruction.losses import anomaly_score, focal_loss
 
 #: Official chances: an image rotated in the main / up-sampling training, an image left normal.
@@ -106,7 +107,7 @@ class Dsr(TrainedDetector):
     steps_itself = True
     allows_mixed_precision = False
 
-    class Options(TrainedDetector.Options):
+    class Options(TrainedDetector.Options, VqArchitecture):
         image_size: int = option(256, "Square input side, a multiple of 32 (official 256).", ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
         epochs: int = option(100, "Epochs of the main training (official 100); an epoch is steps_per_epoch steps.", ge=1)
         upsampling_epochs: int = option(50, "Epochs of the up-sampling module's training after it (official epochs // 2 = 50).", ge=0)
@@ -120,13 +121,6 @@ class Dsr(TrainedDetector):
         vq_epochs: int = option(100, "Without vq_weights: epochs of VQ-VAE pretraining on the training images in fit (authors' ImageNet schedule, 3DSR; short runs leave the codebooks collapsed); 0: random VQ, tests only.", ge=0)
         vq_batch_size: int = option(64, "Images per VQ pretraining step (authors' 64).", ge=1)
         vq_lr: float = option(2e-4, "Adam learning rate of the VQ pretraining (authors' 0.0002), x0.1 after 80 % and 90 % of vq_epochs.", gt=0)
-        hidden_channels: int = option(128, "VQ-VAE encoder/decoder channels (official 128; tests use 4-16).", ge=2, multiple_of=2)
-        residual_channels: int = option(64, "Channels inside the VQ-VAE's residual blocks (official 64).", ge=1)
-        residual_layers: int = option(2, "Residual blocks per VQ-VAE stack (official 2).", ge=0)
-        embedding_dim: int = option(128, "Code dimension D of both codebooks, also the restriction modules' width (official 128).", ge=1)
-        codebook_size: int = option(4096, "Codes K per codebook (official 4096).", ge=2)
-        commitment_cost: float = option(0.25, "Weight of the VQ commitment loss (official 0.25).", ge=0)
-        decay: float = option(0.99, "EMA decay of the codebook updates (official 0.99).", gt=0, lt=1)
         base_width: int = option(64, "Width of the detection and up-sampling U-Nets and of the object-specific decoder's bottleneck (official 64).", ge=1)
         score_window: int = option(21, "Mean filter size of the image score (official 21).", ge=1, rule=(lambda v: v % 2 == 1, "odd"))
 
@@ -207,7 +201,7 @@ class Dsr(TrainedDetector):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(o.seed)
             networks: dict[str, nn.Module] = {
-                "vq": DiscreteLatentModel(o.hidden_channels, o.residual_layers, o.residual_channels, o.codebook_size, o.embedding_dim, o.commitment_cost, o.decay),
+                "vq": o.build_vq(),
                 "restriction_hi": SubspaceRestrictionModule(o.embedding_dim),
                 "restriction_lo": SubspaceRestrictionModule(o.embedding_dim),
                 "decoder": ImageReconstructionNetwork(2 * o.embedding_dim, o.hidden_channels, o.residual_layers, o.residual_channels, o.base_width),
