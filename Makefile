@@ -10,12 +10,14 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
 # First-party plugins, in dependency order (draem, the autoencoders, f-AnoGAN and DSR use
-# reconstruction, vae uses autoencoder, gcad uses uninformed_students, the flow detectors use flows).
+# reconstruction, vae uses autoencoder, gcad uses uninformed_students, the flow detectors use flows,
+# dfkde uses dfm).
 PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
            plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem \
            plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/dsr plugins/ddad plugins/feature_ae \
            plugins/reverse_distillation plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad \
            plugins/flows plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \
+           plugins/dfm plugins/dfkde plugins/feature_dictionary plugins/anomaly_dino \
            contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed

@@ -201,7 +201,7 @@ def test_sigkill_at_random_points_never_leaves_a_folder_that_looks_complete_but_
         chooser = random.Random(0)
         seen = []
         window = duration
-        for kill in range(40):  # until 16 kills landed in a run; later runs are often faster than the first
+        for kill in range(25):  # until 10 kills landed in a run; later runs are often faster than the first
             pid, _ = start(kill)
             time.sleep(chooser.uniform(0, window))
             os.kill(pid, signal.SIGKILL)
@@ -209,9 +209,9 @@ def test_sigkill_at_random_points_never_leaves_a_folder_that_looks_complete_but_
             seen.append(_check_after_kill(folder))
             if seen[-1] == "complete":
                 window *= 0.8  # the run ended before the kill: aim earlier
-            if seen.count("running") >= 16:
+            if seen.count("running") >= 10:
                 break
-        assert seen.count("running") >= 16, seen  # kills land in the run itself, not after it
+        assert seen.count("running") >= 10, seen  # kills land in the run itself, not after it
         pid, _ = start(0, overwrite=False)
         assert ask(["wait", pid]) != 0  # an unfinished run is refused without --overwrite
         pid, _ = start(0)

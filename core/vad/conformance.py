@@ -216,7 +216,7 @@ def check_detector(cls: type, device: str = "cpu", onnx: bool = True, options: d
     scores = prediction.scores
     _require(isinstance(scores, torch.Tensor) and tuple(scores.shape) == (len(labels),), owner, f"scores must be a tensor [B]={len(labels)}, got {getattr(scores, 'shape', scores)}")
     _require(bool(torch.isfinite(scores).all()), owner, "predicted non-finite scores")
-    if cls.produces_maps:
+    if detector.produces_maps:  # the instance: an option may turn maps off (DFM score_type=nll)
         maps = prediction.maps
         _require(isinstance(maps, torch.Tensor) and maps.ndim == 3 and maps.shape[0] == len(labels), owner, f"maps must be [B, h, w], got {getattr(maps, 'shape', maps)}")
         _require(bool(torch.isfinite(maps).all()), owner, "predicted non-finite maps")

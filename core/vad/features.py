@@ -148,11 +148,15 @@ def network_backbone(spec: str, *, pretrained: bool, weights: str | None, owner:
 
 
 def default_layers(backbone: Backbone) -> list[str]:
-    """The stride-8 and stride-16 maps (PatchCore's mid-level pair); else the two shallowest past stride 4."""
+    """The stride-8 and stride-16 maps (PatchCore's mid-level pair); for a plain vision transformer
+    (every block at one stride) the blocks at half and three quarters of its depth, the mid-level
+    pair there; else the two shallowest past stride 4."""
     info = backbone.feature_info()
     by_stride = {f.stride: f.name for f in info}
     if 8 in by_stride and 16 in by_stride:
         return [by_stride[8], by_stride[16]]
+    if len(by_stride) == 1 and len(info) >= 4:
+        return [info[len(info) // 2 - 1].name, info[3 * len(info) // 4 - 1].name]
     deeper = [f.name for f in info if f.stride >= 8]
     if len(deeper) < 2:
         raise VadError(

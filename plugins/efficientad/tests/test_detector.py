@@ -9,7 +9,7 @@ import torch
 
 from vad.contracts import State
 from vad.errors import VadError
-from vad.testing import check_detector, make_tiny_splits, single_torch_thread, tiny_image_batch
+from vad.testing import make_tiny_splits, single_torch_thread, tiny_image_batch
 from vad_efficientad.detector import EfficientAd, EfficientAdFeatures
 
 SMALL = {"image_size": 64, "max_steps": 4, "distill_steps": 2, "distill_batch_size": 4, "seed": 0}
@@ -22,10 +22,6 @@ def fitted():
         detector.fit([tiny_image_batch(detector)])
     return detector
 
-
-def test_keeps_the_contract():
-    run = check_detector(EfficientAd)  # fit, predict, reloads, ONNX parity, features
-    assert run.onnx.startswith("parity")
 
 
 def test_declares_the_official_defaults():

@@ -4,9 +4,12 @@
 example ``timm:convnext_tiny`` or ``timm:wide_resnet50_2.tv_in1k``) through the family entry
 ``timm``. Weights come, in order, from an explicit local file (``--weights``), from installed
 packages (ImageNet EfficientNet-Lite0/1/2, the offline default), or from the Hugging Face hub
-(online or its cache); see :mod:`vad_timm.weights`. :mod:`vad_timm.compat` makes timm importable
-next to a torchvision built for another torch. Registration is lazy: this module does not
-import torch or timm.
+(online or its cache); see :mod:`vad_timm.weights`. Vision transformers (DINOv2, DINOv3, CLIP:
+``timm:vit_small_patch14_dinov2``, ``timm:vit_small_patch16_dinov3``,
+``timm:vit_base_patch16_clip_224.openai``) give the patch tokens of any block as a feature grid,
+at any input size that is a multiple of the patch size; see :mod:`vad_timm.vit`.
+:mod:`vad_timm.compat` makes timm importable next to a torchvision built for another torch.
+Registration is lazy: this module does not import torch or timm.
 """
 
 from vad import hookimpl
@@ -23,7 +26,7 @@ BACKBONES = {
     "resnet18": "ResNet-18 (timm weights from the hub or its cache, or --weights).",
     "resnet50": "ResNet-50 (timm weights from the hub or its cache, or --weights).",
     "wide_resnet50_2": "Wide ResNet-50-2, PatchCore's backbone (hub or cache, or --weights).",
-    "timm": "Family entry: timm:MODEL builds any timm network (e.g. timm:convnext_tiny).",
+    "timm": "Family entry: timm:MODEL builds any timm network (e.g. timm:convnext_tiny, or a ViT as patch-token grids: timm:vit_small_patch14_dinov2).",
 }
 
 

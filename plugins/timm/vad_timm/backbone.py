@@ -9,6 +9,11 @@ PatchCore code uses; a bare name gives timm's default tag.
 Layers are named by timm's module names (``layer2``, ``blocks.3``; see :meth:`feature_info`)
 or by their position among the feature maps as a string (``"1"``, ``"2"``).
 
+Vision transformers (DINOv2, DINOv3, CLIP and other timm ViTs, :mod:`vad_timm.vit`) offer every
+block, named ``blocks.i`` and at position ``i`` (so ``"11"`` is block 11), as the grid of its
+patch tokens ``[B, C, H/p, W/p]`` (class and register tokens dropped) at any input size that is a
+multiple of the patch size ``p``; ``final_norm`` and ``position_interpolation`` apply to them only.
+
 Preprocessing comes from the network's pretrained config (input size, mean, std,
 interpolation). Deviation from ImageNet evaluation: the image is resized to the input size
 *without* the centre crop (``crop_pct`` is reported by :meth:`describe` but not applied),
@@ -21,7 +26,7 @@ import contextlib
 import difflib
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,6 +35,10 @@ from vad.errors import VadError
 from vad.options import option
 from vad_timm import weights as weights_lib
 from vad_timm.compat import import_timm, use_offline_hub_if_unreachable
+from vad_timm.vit import TokenGrid, default_position_interpolation, is_vision_transformer
+
+#: Options that only vision transformers take (left out of a CNN's ``hparams``).
+TRANSFORMER_OPTIONS = ("final_norm", "position_interpolation")
 
 
 def _holds_meta_tensors(model: torch.nn.Module) -> bool:
@@ -51,6 +60,8 @@ class TimmBackbone(Backbone):
     class Options(Backbone.Options):
         channels_last: bool | None = option(None, "Channels-last layout for inputs and weights; null: the device default (off, the float32 reference).")
         autocast: bool | None = option(None, "bfloat16 autocast of the forward pass; null: the device default (off, the float32 reference).")
+        final_norm: bool = option(False, "Vision transformers: pass each returned block through the network's final norm (DINOv2's get_intermediate_layers(norm=True)); CNNs: must stay false.")
+        position_interpolation: Literal["timm", "dinov2"] | None = option(None, "Vision transformers: how the pretrained position embedding is resized to another grid: timm (bicubic, antialiased) or dinov2 (the official DINOv2 code: no antialias, scale (n + 0.1)/N); null: dinov2 for DINOv2 without registers, else timm. CNNs: must stay null.")
 
     def __init__(self, model_name: str, **options: Any) -> None:
         """Build timm's ``model_name`` as a feature extractor.
@@ -66,19 +77,48 @@ class TimmBackbone(Backbone):
             raise VadError(f"a timm model name is needed (e.g. resnet18), got {model_name!r}")
         super().__init__(model_name, **options)
         pretrained_cfg = self._pretrained_cfg(timm, model_name)
+        architecture = weights_lib.split_model_name(model_name)[0]
+        self.is_vision_transformer = is_vision_transformer(timm, architecture)
+        self._resolve_transformer_options(architecture)
         self.model, self.weights = self._build(timm, model_name, pretrained_cfg)
         self.model.eval().requires_grad_(False)
         self.pretrained_cfg = {k: v for k, v in dict(self.model.pretrained_cfg).items() if k != "state_dict"}
-        info = self.model.feature_info
-        self._features = [
-            FeatureInfo(name=name, stride=int(stride), channels=int(channels))
-            for name, stride, channels in zip(info.module_name(), info.reduction(), info.channels())
-        ]
+        self.tokens: TokenGrid | None = None
+        if self.is_vision_transformer:
+            self.tokens = TokenGrid(self.model, self.options.position_interpolation)
+            info = [(entry["module"], entry["reduction"], entry["num_chs"]) for entry in self.model.feature_info]
+        else:
+            listed = self.model.feature_info
+            info = list(zip(listed.module_name(), listed.reduction(), listed.channels()))
+        self._features = [FeatureInfo(name=name, stride=int(stride), channels=int(channels)) for name, stride, channels in info]
         self._position = {f.name: i for i, f in enumerate(self._features)}
         self.preprocessing = self._preprocessing(self.pretrained_cfg)
         self._feature_dict_net = isinstance(self.model, timm.models.FeatureDictNet)
 
     # ------------------------------------------------------------------ construction
+
+    def _resolve_transformer_options(self, architecture: str) -> None:
+        """Refuse the transformer-only options for other networks; resolve the default
+        position interpolation (saved resolved, so a reload resizes alike)."""
+        options = self.options
+        if not self.is_vision_transformer:
+            if options.final_norm or options.position_interpolation is not None:
+                raise VadError(
+                    f"{self.describe_owner()}: final_norm and position_interpolation apply to vision transformers; "
+                    f"{self.model_name!r} is not one"
+                )
+            return
+        if options.position_interpolation is None:
+            self.options = options.replace(position_interpolation=default_position_interpolation(architecture))
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The options; a CNN's leave out the transformer-only ones."""
+        values = self.options.to_dict()
+        if not self.is_vision_transformer:
+            for name in TRANSFORMER_OPTIONS:
+                values.pop(name)
+        return values
 
     @staticmethod
     def _pretrained_cfg(timm: Any, model_name: str) -> dict[str, Any]:
@@ -95,12 +135,13 @@ class TimmBackbone(Backbone):
         return cfg.to_dict() if cfg is not None else {}
 
     def _create(self, timm: Any, model_name: str, **kwargs: Any) -> torch.nn.Module:
+        """timm's feature extractor; for a vision transformer the whole network with dynamic input size."""
+        how = {"dynamic_img_size": True} if self.is_vision_transformer else {"features_only": True}
         try:
-            return timm.create_model(model_name, features_only=True, **kwargs)
+            return timm.create_model(model_name, **how, **kwargs)
         except (RuntimeError, AssertionError, TypeError, KeyError) as error:
-            raise VadError(
-                f"timm cannot build {model_name!r} as a feature extractor (features_only): {error}"
-            ) from error
+            what = "with dynamic input size" if self.is_vision_transformer else "as a feature extractor (features_only)"
+            raise VadError(f"timm cannot build {model_name!r} {what}: {error}") from error
 
     def _build(self, timm: Any, model_name: str, cfg: dict[str, Any]) -> tuple[torch.nn.Module, str]:
         """The feature network and a one-line description of where its weights came from."""
@@ -118,6 +159,8 @@ class TimmBackbone(Backbone):
                 origin, label = f"packaged: {distribution}", f"packaged checkpoint {packaged}"
                 state = weights_lib.packaged_state_dict(model_name)
         if state is not None:
+            if self.is_vision_transformer:
+                state = weights_lib.converted_checkpoint(state, model_name)
             reference = weights_lib.reference_state_dict(model_name)
             ready = weights_lib.check_state_dict(
                 state, reference, head_prefixes=weights_lib.classifier_prefixes(cfg),
@@ -159,7 +202,7 @@ class TimmBackbone(Backbone):
                 "local cache holds none. " + weights_lib.how_to_provide_weights(model_name)
             )
         try:
-            return timm.create_model(model_name, features_only=True, pretrained=True)
+            return self._create(timm, model_name, pretrained=True)
         except Exception as error:  # network errors come in many types
             raise weights_lib.WeightsError(
                 f"could not get weights for {model_name!r} from the Hugging Face hub: "
@@ -217,6 +260,8 @@ class TimmBackbone(Backbone):
         """Move the network to ``device`` (channels-last there when enabled)."""
         super().to(device)
         self.model.to(self.device)
+        if self.tokens is not None:
+            self.tokens.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         return self
@@ -238,7 +283,10 @@ class TimmBackbone(Backbone):
 
     def _run(self, images: torch.Tensor, wanted: set[int]) -> dict[int, torch.Tensor]:
         """Feature maps at the ``wanted`` positions, stopping after the deepest one when timm's
-        wrapper allows it (FeatureDictNet runs its modules in a plain sequence)."""
+        wrapper allows it (FeatureDictNet runs its modules in a plain sequence); a vision
+        transformer's blocks as token grids, up to the deepest one."""
+        if self.tokens is not None:
+            return self.tokens.run(images, sorted(wanted), self.options.final_norm)
         if not self._feature_dict_net:
             outputs = self.model(images)
             outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
@@ -285,6 +333,8 @@ class TimmBackbone(Backbone):
             "channels_last": self.channels_last,
             "autocast_bf16": self.autocast,
         }
+        if self.tokens is not None:
+            facts["vision_transformer"] = self.tokens.facts(self.options.final_norm)
         facts.update(super().describe())
         facts["layers_by_index"] = {str(i): f.name for i, f in enumerate(self._features)}
         return facts

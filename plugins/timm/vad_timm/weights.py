@@ -128,6 +128,28 @@ def reference_state_dict(model_name: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def converted_checkpoint(state: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
+    """A vision transformer's checkpoint in timm's key names, converted by the timm module's own
+    ``checkpoint_filter_fn`` (what timm applies to its hub weights): official DINOv2 files
+    (``dinov2_vits14_pretrain.pth``: ``mask_token`` dropped, ``register_tokens`` moved), OpenCLIP
+    and other layouts it knows; a file already in timm's names passes unchanged."""
+    import sys
+
+    timm = import_timm()
+    with torch.device("meta"):
+        skeleton = timm.create_model(model_name, pretrained=False)
+    convert = getattr(sys.modules[type(skeleton).__module__], "checkpoint_filter_fn", None)
+    if convert is None:
+        return state
+    try:
+        return convert(dict(state), skeleton)
+    except Exception as error:  # the converters index keys and reshape freely
+        raise WeightsError(
+            f"timm's converter for {model_name!r} could not read this checkpoint: {type(error).__name__}: {error}. "
+            "Pass weights saved from this exact architecture (timm's key names)."
+        ) from error
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (``weights_only=True``); unwraps
     ``{"state_dict": ...}`` / ``{"model": ...}`` and a ``module.`` prefix (DataParallel)."""
