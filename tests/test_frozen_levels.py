@@ -41,3 +41,11 @@ def test_bad_levels_are_clear_errors():
         frozen(layers=["layer2", "2"]).levels
     with pytest.raises(VadError, match="no feature map at stride"):
         frozen(strides=(4, 3)).levels
+
+
+def test_a_level_the_backbone_does_not_have_is_named_with_those_it_offers(fake_backbone):
+    from vad.features import chosen_levels
+
+    backbone = fake_backbone
+    with pytest.raises(VadError, match=r"flow: layers \['no-such-level'\] are not levels of backbone .*it offers"):
+        chosen_levels(backbone, ["no-such-level"], (8,), "flow")

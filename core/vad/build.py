@@ -156,14 +156,18 @@ def deepest_stride(source: FeatureSource | None) -> int | None:
 
 def detector_options(name: str, config: RunConfig, registry: Registry, geometry: Geometry) -> dict[str, Any]:
     """The options a detector is built with: the user's; for an image detector with its own
-    network (a teacher, an encoder) that declares ``weights`` / ``pretrained`` options, the run's
-    ``--weights`` / ``--no-pretrained`` (unless set for it); and for one that declares a square
+    network (a teacher, an encoder) that declares ``backbone`` / ``weights`` / ``pretrained``
+    options, the run's one ``--backbone`` (not a ``detector:`` source) / ``--weights`` /
+    ``--no-pretrained`` (unless set for it); and for one that declares a square
     ``image_size`` option (DRAEM) the geometry's network input side passed through, so that the
     detector's own rules (DRAEM: a multiple of 32) check it and its saved options say it."""
     options = config.options_for(name)
     cls = registry.load_class("detectors", name)
     if cls.input == "images":
         declared = cls.Options.fields()
+        networks = [spec for spec in config.backbones if not spec.startswith(DETECTOR_SOURCE_PREFIX)]
+        if len(networks) == 1 and "backbone" in declared:
+            options.setdefault("backbone", networks[0])
         if config.weights and "weights" in declared:
             options.setdefault("weights", config.weights)
         if not config.pretrained and "pretrained" in declared:

@@ -62,6 +62,9 @@ def chosen_levels(backbone: Backbone, layers: Sequence[str] | None, strides: Seq
     names = [backbone.resolve_layer(layer) for layer in layers]
     if len(set(names)) != len(names):
         raise VadError(f"{owner}: {option_name} {list(layers)} name the same level twice ({names})")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise VadError(f"{owner}: {option_name} {unknown} are not levels of backbone {backbone.name!r}; it offers {list(known)}")
     return [known[name] for name in names]
 
 

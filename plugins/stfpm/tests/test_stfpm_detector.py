@@ -207,3 +207,12 @@ def test_bad_backbones_layers_and_batches_are_clear_errors(fitted, images):
 
 def test_mismatched_state_is_refused_and_changes_nothing(fitted, images):
     check_state_refused(fitted, Stfpm(**{**SMALL, "layers": ["layer1", "layer2"], "backbone": "timm:resnet34"}), images[:2])
+
+def test_the_runs_one_backbone_reaches_the_teacher_unless_set_for_it():
+    from vad.build import build_model
+    from vad.config import RunConfig
+
+    built = build_model(RunConfig(detectors=["stfpm"], backbones=["timm:resnet18"], pretrained=False))
+    assert built.members[0].detector.options.backbone == "timm:resnet18"
+    mine = RunConfig(detectors=["stfpm"], backbones=["timm:resnet18"], pretrained=False, options={"stfpm": {"backbone": "timm:resnet34"}})
+    assert build_model(mine).members[0].detector.options.backbone == "timm:resnet34"
