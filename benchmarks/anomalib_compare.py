@@ -54,6 +54,12 @@ Rows, and what each checks:
   departures from the official code stay on its side (adversarial loss on the discriminator's
   outputs instead of feature matching, smooth-L1 latent loss, no discriminator re-initialisation,
   first-layer padding 4); its score is read raw, before its running min-max normalisation.
+* ``dfm``, ``dfkde``, ``fre`` on ``tf_efficientnet_lite0`` (packaged ImageNet weights on both; the
+  reference ResNet-50 / ResNet-18 cannot be downloaded here), one level each (DFM and FRE
+  ``blocks.4``, stride 16, as ResNet-50 ``layer3``; DFKDE ``blocks.6``, the deepest, as ResNet-18
+  ``layer4``), 256 px, no neighbourhood aggregation; anomalib's defaults otherwise. FRE runs
+  anomalib's latent 220 and 220 epochs of batch 32 on both sides (vad's defaults are the official
+  code's: latent from the PCA, 250 epochs of 64). Compared by the whole fit's time.
 * ``dsr``: one VQ-VAE on both sides, pretrained once by ``vad dsr pretrain-vq`` on the training
   images of every larger-data category (``--dsr-vq-steps`` steps of 8; the official ImageNet
   checkpoint cannot be downloaded here; or ``--dsr-vq FILE``), given to anomalib in its
@@ -91,6 +97,9 @@ ROWS = (
     ("uflow", "resnet18", "random ResNet-18, same weights: implementation check"),
     ("ganomaly", "none", "trained from scratch on both"),
     ("dsr", "none", "one VQ-VAE (vad dsr pretrain-vq) on both"),
+    ("dfm", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
+    ("dfkde", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
+    ("fre", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
 )
 #: Methods whose rows have no backbone choice (their own networks, or EfficientAD's shared teacher).
 NO_BACKBONE_CHOICE = {"efficientad", "ganomaly", "dsr"}
@@ -130,9 +139,15 @@ VARIANTS = {
     "ganomaly": (("official", "defaults (official)", []),),
     # anomalib's epoch is one pass over the images (official: 1000 random batches): both sides so
     "dsr": (("official", "defaults (official), one pass per epoch, maps not blurred", []),),
+    "dfm": (("official", "defaults, maps not blurred", ["--sigma", "0"]),),
+    "dfkde": (("official", "defaults", []),),
+    # anomalib's latent 220 and 220 epochs of batch 32 (official: latent from the PCA, 250 epochs of 64)
+    "fre": (("anomalib", "anomalib's latent 220, 220 epochs of batch 32, maps not blurred", ["--sigma", "0", "--set", "fre.latent_dim=220", "--set", "fre.epochs=220", "--set", "fre.batch_size=32"]),),
 }
+#: Detectors fitted on a frozen backbone's level: timed by their whole fit, not per epoch.
+FIT_TIMED = {"dfm": "blocks.4", "dfkde": "blocks.6", "fre": "blocks.4"}
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8, "dfm": 32, "dfkde": 32, "fre": 32}
 #: The vad option naming each method's backbone.
 BACKBONE_OPTION = {"stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
 #: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
@@ -252,6 +267,9 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
         ]
     elif method == "ganomaly":
         settings = ["--set", f"ganomaly.epochs={args.ganomaly_epochs}", "--set", f"ganomaly.image_size={args.ganomaly_image_size}"]
+    elif method in FIT_TIMED:
+        settings = ["--backbone", backbone, "--image-size", str(args.feature_image_size)]
+        settings += ["--layer", FIT_TIMED[method], "--aggregation", "1"] if method != "fre" else ["--set", f"fre.layer={FIT_TIMED[method]}"]
     elif method == "dsr":
         settings = [
             "--set", f"dsr.vq_weights={weights}", "--set", "dsr.steps_per_epoch=null", "--set", f"dsr.epochs={args.dsr_epochs}",
@@ -276,8 +294,9 @@ def run_vad(method: str, backbone: str, weights: Path, data: Path, category: str
     records = [json.loads(line) for line in finished.stderr.splitlines() if line.startswith("{")]
     epochs = [r for r in records if r.get("event") == "done" and r.get("task") == f"{method} epochs"]  # the training loop
     metrics = json.loads((out / "metrics.json").read_text())["categories"][category]
-    loop = epochs[-1]
-    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics.get("pixel_auroc", float("nan")), "epoch_s": loop["seconds"] / max(1, loop["items"])}
+    timings = json.loads((out / "metrics.json").read_text())["timings"][category]
+    epoch_s = epochs[-1]["seconds"] / max(1, epochs[-1]["items"]) if epochs else float("nan")
+    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics.get("pixel_auroc", float("nan")), "epoch_s": epoch_s, "fit_s": timings["fit_s"]}
 
 
 def run_anomalib(method: str, backbone: str, data: Path, category: str, args: argparse.Namespace, cache: Path, out: Path, teacher: Path | None = None) -> dict:
@@ -290,6 +309,10 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
     elif method == "ganomaly":
         settings = {"epochs": args.ganomaly_epochs, "image_size": args.ganomaly_image_size}
         model_options = []
+    elif method in FIT_TIMED:
+        settings = {"image_size": args.feature_image_size, "epochs": 220 if method == "fre" else 1}
+        pooled = (args.feature_image_size // 16 // 2) ** 2 * 112  # fre: lite0 blocks.4 (112 channels, stride 16), pooled 2x2
+        model_options = ["--backbone", backbone, "--layers", FIT_TIMED[method], *(["--input-dim", str(pooled)] if method == "fre" else [])]
     elif method == "dsr":
         assert teacher is not None  # the VQ-VAE file
         digest = hashlib.sha256(teacher.read_bytes()).hexdigest()[:16]
@@ -339,6 +362,7 @@ def main() -> None:
     parser.add_argument("--teacher-normalization-images", type=int, default=64, help="images for the distillation targets' mean and std (official 10,000); the teacher file, named by steps and batch size, is reused when present")
     parser.add_argument("--ganomaly-epochs", type=int, default=15, help="GANomaly epochs, both sides (official 15)")
     parser.add_argument("--ganomaly-image-size", type=int, default=32, help="GANomaly input side, both sides (official 32)")
+    parser.add_argument("--feature-image-size", type=int, default=256, help="DFM, DFKDE and FRE input side, both sides (anomalib's 256)")
     parser.add_argument("--dsr-epochs", type=int, default=2, help="DSR main-training epochs (one pass over the images each), both sides (official 100 of 1000 steps)")
     parser.add_argument("--dsr-upsampling-epochs", type=int, default=1, help="DSR up-sampling epochs after them, both sides (official 50)")
     parser.add_argument("--dsr-image-size", type=int, default=256, help="DSR input side, both sides (official 256)")
@@ -357,7 +381,7 @@ def main() -> None:
     weights = prepare_weights(output)
     teacher = None
     lines = []
-    trained = sorted(set(args.methods) - NO_BACKBONE_CHOICE)
+    trained = sorted(set(args.methods) - NO_BACKBONE_CHOICE - set(FIT_TIMED))
     if trained:
         batches = ", ".join(f"{method} {BATCH[method]}" for method in trained)
         lines.append(f"{', '.join(trained)}: {args.epochs} epochs, {args.image_size} px, official batch sizes ({batches}), every training image, CPU")
@@ -371,6 +395,9 @@ def main() -> None:
             f"EfficientAD-S: {args.efficientad_epochs} epochs of {steps} steps (batch 1, {train - steps} of {train} images held out for the quantiles), "
             f"{args.efficientad_image_size} px; {teacher_facts(teacher)}"
         )
+    fitted = [method for method in args.methods if method in FIT_TIMED]
+    if fitted:
+        lines.append(f"{', '.join(fitted)}: lite0 ({', '.join(f'{m} {FIT_TIMED[m]}' for m in fitted)}), {args.feature_image_size} px, no aggregation; fit time = the whole fit (features, PCA / KDE / training), less anomalib's validation passes")
     if "dsr" in args.methods:
         weights["none"] = prepare_dsr_vq(data, output, args)
         lines.append(
@@ -379,8 +406,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "| method | backbone (weights) | vad settings | category | vad img / px AUROC | anomalib img / px AUROC | vad s / epoch | anomalib s / epoch |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | backbone (weights) | vad settings | category | vad img / px AUROC | anomalib img / px AUROC | vad s / epoch | anomalib s / epoch | vad fit s | anomalib fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, backbone, what in ROWS:
         if method not in args.methods or (method not in NO_BACKBONE_CHOICE and backbone not in args.backbones):
@@ -397,7 +424,8 @@ def main() -> None:
                 ours = run_vad(method, backbone, weights.get(backbone), data, category, args, cell / f"vad-{key}", extra)
                 lines.append(
                     f"| {method} | {backbone} ({what}) | {settings} | {category} | {ours['image_auroc']:.3f} / {ours['pixel_auroc']:.3f} | "
-                    f"{theirs['image_auroc']:.3f} / {theirs['pixel_auroc']:.3f} | {ours['epoch_s']:.2f} | {theirs['epoch_s']:.2f} |"
+                    f"{theirs['image_auroc']:.3f} / {theirs['pixel_auroc']:.3f} | {ours['epoch_s']:.2f} | {theirs.get('epoch_s') or float('nan'):.2f} | "
+                    f"{ours['fit_s']:.1f} | {theirs.get('fit_s', float('nan')):.1f} |"
                 )
                 print(lines[-1], flush=True)
     table = "\n".join(lines)

@@ -234,6 +234,25 @@ def ganomaly_model(args: argparse.Namespace):
     )
 
 
+#: Detectors fitted on frozen backbone features (no trained backbone); one level each.
+FEATURE_MODELS = ("dfm", "dfkde", "fre")
+
+
+def feature_model(args: argparse.Namespace):
+    """anomalib's DFM, DFKDE or FRE on ``--backbone`` at ``--layers[0]`` and ``--image-size``:
+    DFM with its defaults (pooling 4, level 0.97, fre score), DFKDE with its defaults (16
+    components, scale, 40,000 points), FRE with its defaults (pooling 2, latent 220) and the input
+    size of the pooled level, ``--input-dim``."""
+    from anomalib.models import Dfkde, Dfm, Fre
+
+    size = (args.image_size, args.image_size)
+    if args.model == "dfm":
+        return Dfm(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=4, pca_level=0.97, score_type="fre", pre_processor=Dfm.configure_pre_processor(image_size=size), visualizer=False)
+    if args.model == "dfkde":
+        return Dfkde(backbone=args.backbone, layers=(args.layers[0],), n_pca_components=16, max_training_points=40000, pre_processor=Dfkde.configure_pre_processor(image_size=size), visualizer=False)
+    return Fre(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=2, input_dim=args.input_dim, latent_dim=220, pre_processor=Fre.configure_pre_processor(image_size=size), visualizer=False)
+
+
 def auroc(scores, labels) -> float:
     """Exact ROC AUC (Mann-Whitney, ties counted half) of ``scores`` against binary ``labels``."""
     import torch
@@ -250,7 +269,7 @@ def auroc(scores, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", "ganomaly", "dsr", *FLOW_MODELS])
+    parser.add_argument("--model", required=True, choices=["stfpm", "reverse-distillation", "efficientad", "ganomaly", "dsr", *FLOW_MODELS, *FEATURE_MODELS])
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="resnet18")
@@ -263,6 +282,7 @@ def main() -> None:
     parser.add_argument("--model-size", default="small", choices=["small", "medium"], help="efficientad: PDN size")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="efficientad: share of the training images held out for the map quantiles (official 0.1)")
     parser.add_argument("--anomalib-schedule", action="store_true", help="efficientad: keep anomalib's StepLR stepped per epoch (no lr drop)")
+    parser.add_argument("--input-dim", type=int, default=7168, help="fre: values per image after pooling (channels x pooled grid)")
     parser.add_argument("--vq", help="dsr: the VQ-VAE file (vad dsr pretrain-vq safetensors) both sides use")
     parser.add_argument("--upsampling-epochs", type=int, default=1, help="dsr: the last epochs, which train the up-sampling module")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (smoke tests)")
@@ -299,6 +319,9 @@ def main() -> None:
         install_dsr_vq(args.vq)
         facts["vq_sha256"] = hashlib.sha256(Path(args.vq).read_bytes()).hexdigest()[:16]
         model = dsr_model(args)
+        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
+    elif args.model in FEATURE_MODELS:
+        model = feature_model(args)
         data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
     elif args.model in FLOW_MODELS or args.model == "ganomaly":
         model = flow_model(args) if args.model in FLOW_MODELS else ganomaly_model(args)
@@ -337,9 +360,12 @@ def main() -> None:
     if args.checkpoint:  # re-score: the checkpoint holds the networks, statistics, quantiles, post-processor
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=False)["state_dict"])
     else:
+        started = time.perf_counter()
         engine.fit(model=model, datamodule=data)
+        facts["fit_s"] = time.perf_counter() - started - sum(timer.validation)  # training and fitting, not Lightning's validation
         facts["steps"] = engine.trainer.global_step
-        facts["final_lr"] = engine.trainer.optimizers[0].param_groups[0]["lr"]
+        if engine.trainer.optimizers and engine.trainer.optimizers[0].param_groups:  # DFM and DFKDE fit without one
+            facts["final_lr"] = engine.trainer.optimizers[0].param_groups[0]["lr"]
     tested = engine.test(model=model, datamodule=data, verbose=False)[0]
 
     class Collect(Callback):
