@@ -35,6 +35,7 @@ PLUGIN_API = (
     "vad.distillation",
     "vad.images",
     "vad.preprocess",
+    "vad.postprocess",
     "vad.artifacts",
     "vad.progress",
     "vad.plugins",
