@@ -60,6 +60,11 @@ Rows, and what each checks:
   ``layer4``), 256 px, no neighbourhood aggregation; anomalib's defaults otherwise. FRE runs
   anomalib's latent 220 and 220 epochs of batch 32 on both sides (vad's defaults are the official
   code's: latent from the PCA, 250 epochs of 64). Compared by the whole fit's time.
+* ``cfa`` on ``resnet18`` with the shared random state dict (anomalib's CFA takes torchvision's
+  ResNet-18, WideResNet-50 or VGG-19 only; it finds the file in torchvision's cache), levels
+  ``layer1-3``, 224 px, batch 4, 30 epochs (``--epochs``), the official losses and settings on both
+  sides; the ``anomalib`` variant keeps the radius fixed as anomalib does (its radius tensor is not
+  a parameter the optimiser sees).
 * ``dsr``: one VQ-VAE on both sides, pretrained once by ``vad dsr pretrain-vq`` on the training
   images of every larger-data category (``--dsr-vq-steps`` steps of 8; the official ImageNet
   checkpoint cannot be downloaded here; or ``--dsr-vq FILE``), given to anomalib in its
@@ -100,6 +105,7 @@ ROWS = (
     ("dfm", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
     ("dfkde", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
     ("fre", "tf_efficientnet_lite0", "ImageNet (packaged) on both"),
+    ("cfa", "resnet18", "random ResNet-18, same weights: implementation check"),
 )
 #: Methods whose rows have no backbone choice (their own networks, or EfficientAD's shared teacher).
 NO_BACKBONE_CHOICE = {"efficientad", "ganomaly", "dsr"}
@@ -142,14 +148,18 @@ VARIANTS = {
     "dfm": (("official", "defaults, maps not blurred", ["--sigma", "0"]),),
     "dfkde": (("official", "defaults", []),),
     # anomalib's latent 220 and 220 epochs of batch 32 (official: latent from the PCA, 250 epochs of 64)
+    "cfa": (
+        ("official", "defaults (official: learned radius)", []),
+        ("anomalib", "anomalib's fixed radius", ["--set", "cfa.learn_radius=false"]),
+    ),
     "fre": (("anomalib", "anomalib's latent 220, 220 epochs of batch 32, maps not blurred", ["--sigma", "0", "--set", "fre.latent_dim=220", "--set", "fre.epochs=220", "--set", "fre.batch_size=32"]),),
 }
 #: Detectors fitted on a frozen backbone's level: timed by their whole fit, not per epoch.
 FIT_TIMED = {"dfm": "blocks.4", "dfkde": "blocks.6", "fre": "blocks.4"}
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
-BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8, "dfm": 32, "dfkde": 32, "fre": 32}
+BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8, "dfm": 32, "dfkde": 32, "fre": 32, "cfa": 4}
 #: The vad option naming each method's backbone.
-BACKBONE_OPTION = {"stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
+BACKBONE_OPTION = {"cfa": "backbone", "stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
 #: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
 #: vad's ``layers=null``).
 ANOMALIB_LAYERS = {("cflow", "tf_efficientnet_lite0"): ["blocks.2", "blocks.4", "blocks.6"], ("cflow", "resnet18"): ["layer2", "layer3", "layer4"]}
@@ -184,6 +194,9 @@ def prepare_weights(folder: Path) -> dict[str, Path]:
     resnet_file = folder / "resnet18-random.safetensors"
     save_file({k: v.contiguous() for k, v in random_resnet.items()}, resnet_file)
     _hub_cache(folder / "hf", "resnet18.a1_in1k", random_resnet)
+    checkpoints = folder / "torch" / "hub" / "checkpoints"  # torchvision's cache, for anomalib's CFA (the same keys)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    torch.save(random_resnet, checkpoints / "resnet18-f37072fd.pth")
     lite0 = packaged_state_dict("tf_efficientnet_lite0")
     lite0_file = folder / "lite0-imagenet.safetensors"
     save_file({k: v.contiguous() for k, v in lite0.items()}, lite0_file)
@@ -334,7 +347,7 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
         *model_options, "--image-size", str(settings["image_size"]), "--epochs", str(settings["epochs"]),
         "--batch-size", str(BATCH[method]), "--seed", str(args.seed),
     ]
-    environment = {**os.environ, "HF_HOME": str(cache), "HF_HUB_OFFLINE": "1", "ANOMALIB_RESULTS": str(out)}
+    environment = {**os.environ, "HF_HOME": str(cache), "TORCH_HOME": str(cache.parent / "torch"), "HF_HUB_OFFLINE": "1", "ANOMALIB_RESULTS": str(out)}
     finished = subprocess.run(command, capture_output=True, text=True, env=environment)
     lines = [line for line in finished.stdout.splitlines() if line.startswith("{")]
     if finished.returncode != 0 or not lines:

@@ -234,18 +234,20 @@ def ganomaly_model(args: argparse.Namespace):
     )
 
 
-#: Detectors fitted on frozen backbone features (no trained backbone); one level each.
-FEATURE_MODELS = ("dfm", "dfkde", "fre")
+#: Detectors fitted on frozen backbone features (no trained backbone).
+FEATURE_MODELS = ("dfm", "dfkde", "fre", "cfa")
 
 
 def feature_model(args: argparse.Namespace):
-    """anomalib's DFM, DFKDE or FRE on ``--backbone`` at ``--layers[0]`` and ``--image-size``:
+    """anomalib's CFA (official settings), DFM, DFKDE or FRE on ``--backbone`` (at ``--layers[0]``) and ``--image-size``:
     DFM with its defaults (pooling 4, level 0.97, fre score), DFKDE with its defaults (16
     components, scale, 40,000 points), FRE with its defaults (pooling 2, latent 220) and the input
     size of the pooled level, ``--input-dim``."""
-    from anomalib.models import Dfkde, Dfm, Fre
+    from anomalib.models import Cfa, Dfkde, Dfm, Fre
 
     size = (args.image_size, args.image_size)
+    if args.model == "cfa":  # the official hyper-parameters; the backbone from torchvision's cache (TORCH_HOME)
+        return Cfa(backbone=args.backbone, gamma_c=1, gamma_d=1, num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5, pre_processor=Cfa.configure_pre_processor(image_size=size), visualizer=False)
     if args.model == "dfm":
         return Dfm(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=4, pca_level=0.97, score_type="fre", pre_processor=Dfm.configure_pre_processor(image_size=size), visualizer=False)
     if args.model == "dfkde":
@@ -322,7 +324,7 @@ def main() -> None:
         data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
     elif args.model in FEATURE_MODELS:
         model = feature_model(args)
-        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
+        data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=4 if args.model == "cfa" else 8, num_workers=0)
     elif args.model in FLOW_MODELS or args.model == "ganomaly":
         model = flow_model(args) if args.model in FLOW_MODELS else ganomaly_model(args)
         data = MVTecAD(root=args.root, category=args.category, train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0)
