@@ -17,7 +17,7 @@ PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugi
            plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/dsr plugins/ddad plugins/feature_ae \
            plugins/reverse_distillation plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad \
            plugins/flows plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \
-           plugins/dfm plugins/dfkde plugins/fre plugins/cfa plugins/feature_dictionary plugins/anomaly_dino plugins/winclip \
+           plugins/dfm plugins/dfkde plugins/fre plugins/cfa plugins/feature_dictionary plugins/anomaly_dino plugins/winclip plugins/gmm_texture plugins/variation_model \
            contrib/sklearn
 PLUGIN_PROJECTS := $(wildcard $(addsuffix /pyproject.toml,$(PLUGINS)))
 INSTALLED := $(VENV)/.installed
