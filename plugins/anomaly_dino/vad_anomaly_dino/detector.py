@@ -154,7 +154,7 @@ class AnomalyDINO(Detector):
                 torch.manual_seed(options.seed)
                 return create_backbone(spec, registry, **built)
         except WeightsError as error:
-            raise WeightsError(f"{error} {WEIGHTS_HINT}") from error
+            raise WeightsError(f"{str(error).rstrip('.')}. {WEIGHTS_HINT}") from error
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """The chosen block's patch tokens ``[B, C, H/p, W/p]`` (float32, out of inference mode)."""
