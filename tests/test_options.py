@@ -168,3 +168,12 @@ def test_a_score_ensembler_named_median_is_treated_as_a_score_ensembler(register
         assert backbone_specs(RunConfig(ensemble="median", detectors=["patchcore", "padim"]), registry) == [DEFAULTS["backbone"]]
         assert backbone_specs(RunConfig(ensemble="pca-global"), registry) == list(DEFAULTS["ensemble_backbones"])
         check_options(RunConfig(ensemble="median", options={"median": {}}), registry)
+
+
+def test_help_text_is_the_description_and_the_default_with_list_items_comma_separated():
+    class Declared(Options):
+        steps: int = option(60000, "Optimiser steps.")
+        sizes: list[int] = option([17, 33], "Patch sizes.")
+
+    assert Declared.help_text("steps") == "Optimiser steps. Default 60000."
+    assert Declared.help_text("sizes") == "Patch sizes. Default 17, 33."

@@ -150,6 +150,14 @@ class Options:
         instance.check()
         return instance
 
+    @classmethod
+    def help_text(cls, name: str) -> str:
+        """The command-line help of option ``name``: its description and its default (a list's
+        items comma-separated), for plugin commands that take these options as flags."""
+        _, spec, default = cls.fields()[name]
+        shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{spec.description} Default {shown}."
+
     def check(self) -> None:
         """Checks that relate several options; raise :meth:`invalid` for a bad combination."""
 

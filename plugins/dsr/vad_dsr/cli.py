@@ -70,10 +70,6 @@ def pretrain_vq(folder: Any, options: PretrainOptions, device: str = "cpu", prog
     return model.cpu().eval(), facts
 
 
-def _help(name: str) -> str:
-    _, spec, default = PretrainOptions.fields()[name]
-    return f"{spec.description} Default {default}."
-
 
 dsr_app = typer.Typer(help="DSR tools (VQ-VAE pretraining).", no_args_is_help=True)
 
@@ -82,19 +78,19 @@ dsr_app = typer.Typer(help="DSR tools (VQ-VAE pretraining).", no_args_is_help=Tr
 def pretrain(
     images: str = typer.Option(..., "--images", help="Folder of images (searched recursively); official: ImageNet train."),
     output: str = typer.Option(..., "--output", "-o", help="VQ model file to write (.safetensors); use it with --set dsr.vq_weights=FILE."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_help("image_size")),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=_help("epochs")),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help=_help("steps_per_epoch")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size")),
-    lr: Optional[float] = typer.Option(None, "--lr", help=_help("lr")),
-    hidden_channels: Optional[int] = typer.Option(None, "--hidden-channels", help=_help("hidden_channels")),
-    residual_channels: Optional[int] = typer.Option(None, "--residual-channels", help=_help("residual_channels")),
-    residual_layers: Optional[int] = typer.Option(None, "--residual-layers", help=_help("residual_layers")),
-    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help=_help("embedding_dim")),
-    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help=_help("codebook_size")),
-    commitment_cost: Optional[float] = typer.Option(None, "--commitment-cost", help=_help("commitment_cost")),
-    decay: Optional[float] = typer.Option(None, "--decay", help=_help("decay")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_help("seed")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=PretrainOptions.help_text("image_size")),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=PretrainOptions.help_text("epochs")),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help=PretrainOptions.help_text("steps_per_epoch")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=PretrainOptions.help_text("batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help=PretrainOptions.help_text("lr")),
+    hidden_channels: Optional[int] = typer.Option(None, "--hidden-channels", help=PretrainOptions.help_text("hidden_channels")),
+    residual_channels: Optional[int] = typer.Option(None, "--residual-channels", help=PretrainOptions.help_text("residual_channels")),
+    residual_layers: Optional[int] = typer.Option(None, "--residual-layers", help=PretrainOptions.help_text("residual_layers")),
+    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help=PretrainOptions.help_text("embedding_dim")),
+    codebook_size: Optional[int] = typer.Option(None, "--codebook-size", help=PretrainOptions.help_text("codebook_size")),
+    commitment_cost: Optional[float] = typer.Option(None, "--commitment-cost", help=PretrainOptions.help_text("commitment_cost")),
+    decay: Optional[float] = typer.Option(None, "--decay", help=PretrainOptions.help_text("decay")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=PretrainOptions.help_text("seed")),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Pretrain DSR's two-level VQ-VAE on a folder of images and save it as safetensors."""

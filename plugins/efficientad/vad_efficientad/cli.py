@@ -23,10 +23,6 @@ class DistillOptions(Options):
     seed: int = option(0, "All randomness.")
 
 
-def _help(name: str) -> str:
-    _, spec, default = DistillOptions.fields()[name]
-    return f"{spec.description} Default {default}."
-
 
 efficientad_app = typer.Typer(help="EfficientAD tools (teacher distillation).", no_args_is_help=True)
 
@@ -37,12 +33,12 @@ def distill(
     output: str = typer.Option(..., "--output", "-o", help="Teacher file to write (.safetensors); use it with --set efficientad.teacher_weights=FILE."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="vad backbone whose stride-8/16 features the teacher regresses (official wide_resnet101_2)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
-    model_size: Optional[str] = typer.Option(None, "--model-size", help=_help("model_size")),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_help("image_size")),
-    steps: Optional[int] = typer.Option(None, "--steps", help=_help("steps")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size")),
-    normalization_images: Optional[int] = typer.Option(None, "--normalization-images", help=_help("normalization_images")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_help("seed")),
+    model_size: Optional[str] = typer.Option(None, "--model-size", help=DistillOptions.help_text("model_size")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=DistillOptions.help_text("image_size")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=DistillOptions.help_text("steps")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=DistillOptions.help_text("batch_size")),
+    normalization_images: Optional[int] = typer.Option(None, "--normalization-images", help=DistillOptions.help_text("normalization_images")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=DistillOptions.help_text("seed")),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Train a PDN teacher to regress a backbone's features and save it as safetensors."""

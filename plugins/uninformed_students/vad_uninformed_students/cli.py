@@ -32,11 +32,6 @@ class DistillOptions(Options):
             raise self.invalid("patch_sizes", "a list without repeats")
 
 
-def _help(name: str) -> str:
-    _, spec, default = DistillOptions.fields()[name]
-    shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-    return f"{spec.description} Default {shown}."
-
 
 uninformed_students_app = typer.Typer(help="Uninformed Students tools (patch-teacher distillation).", no_args_is_help=True)
 
@@ -45,14 +40,14 @@ uninformed_students_app = typer.Typer(help="Uninformed Students tools (patch-tea
 def distill(
     images: str = typer.Option(..., "--images", help="Folder of images (searched recursively); thesis: ImageNet."),
     output: str = typer.Option(..., "--output", "-o", help="Teacher file to write (.safetensors); use it with --set uninformed-students.teacher_weights=FILE."),
-    patch_size: Optional[list[int]] = typer.Option(None, "--patch-size", "-p", help=_help("patch_sizes") + " Repeat for several."),
+    patch_size: Optional[list[int]] = typer.Option(None, "--patch-size", "-p", help=DistillOptions.help_text("patch_sizes") + " Repeat for several."),
     backbone: str = typer.Option("tf_efficientnet_lite0", "--backbone", help="vad backbone whose global-average-pooled deepest features the teachers regress (thesis resnet18)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
-    steps: Optional[int] = typer.Option(None, "--steps", help=_help("steps")),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=_help("batch_size")),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_help("image_size")),
-    backbone_input: Optional[int] = typer.Option(None, "--backbone-input", help=_help("backbone_input")),
-    seed: Optional[int] = typer.Option(None, "--seed", help=_help("seed")),
+    steps: Optional[int] = typer.Option(None, "--steps", help=DistillOptions.help_text("steps")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=DistillOptions.help_text("batch_size")),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=DistillOptions.help_text("image_size")),
+    backbone_input: Optional[int] = typer.Option(None, "--backbone-input", help=DistillOptions.help_text("backbone_input")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=DistillOptions.help_text("seed")),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Distil one patch teacher per patch size (knowledge distillation + compactness) and save them in one safetensors file."""
