@@ -68,6 +68,19 @@ def chosen_levels(backbone: Backbone, layers: Sequence[str] | None, strides: Seq
     return [known[name] for name in names]
 
 
+class MovesFrozenLevels:
+    """Mixin (listed before the detector base) of a detector that reads a :class:`FrozenLevels`
+    kept in ``self.frozen``: moving the detector moves the backbone with it."""
+
+    frozen: FrozenLevels
+
+    def to(self, device: torch.device | str) -> Any:
+        """Move the detector's own networks, then its frozen backbone."""
+        super().to(device)  # type: ignore[misc]
+        self.frozen.to(self.device)  # type: ignore[attr-defined]
+        return self
+
+
 class FrozenLevels:
     """A frozen backbone whose levels a trained detector reads (flows, distillation heads).
 

@@ -94,7 +94,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import CachedBatches, TrainedDetector
 from vad_cfa.network import CfaHead, CfaScorer, cfa_loss, initial_bank, mean_descriptor
@@ -103,7 +103,7 @@ from vad_cfa.network import CfaHead, CfaScorer, cfa_loss, initial_bank, mean_des
 PAPER_STRIDES = (4, 8, 16)
 
 
-class Cfa(TrainedDetector):
+class Cfa(MovesFrozenLevels, TrainedDetector):
     """CFA: a patch descriptor on frozen backbone levels, adapted to a fixed memory bank of centroids."""
 
     name = "cfa"
@@ -179,12 +179,6 @@ class Cfa(TrainedDetector):
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's levels for ``images`` (frozen, no gradient)."""
         return self.frozen.encode(images)
-
-    def to(self, device: torch.device | str) -> Cfa:
-        """Move the head and the backbone."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     # ------------------------------------------------------------------ contract
 

@@ -84,7 +84,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing, State
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector, train
 from vad_cflow.network import CflowDecoders, CflowHead, OfficialSchedule, fiber_batches, fiber_loss, fibers_and_conditions, summed_probabilities
@@ -95,7 +95,7 @@ OFFICIAL_STRIDES = (8, 16, 32)
 CHUNK = 8
 
 
-class Cflow(TrainedDetector):
+class Cflow(MovesFrozenLevels, TrainedDetector):
     """CFLOW-AD: frozen encoder, one conditional normalizing flow per level, likelihood maps."""
 
     name = "cflow"
@@ -164,12 +164,6 @@ class Cflow(TrainedDetector):
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's levels for ``images`` (frozen, no gradient)."""
         return self.frozen.encode(images)
-
-    def to(self, device: torch.device | str) -> Cflow:
-        """Move the decoders and the encoder."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     # ------------------------------------------------------------------ contract
 

@@ -71,7 +71,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_csflow.network import (
@@ -90,7 +90,7 @@ from vad_csflow.network import (
 OFFICIAL_STRIDE = 32
 
 
-class CsFlow(TrainedDetector):
+class CsFlow(MovesFrozenLevels, TrainedDetector):
     """CS-Flow: a fully convolutional cross-scale normalizing flow on frozen backbone features."""
 
     name = "csflow"
@@ -171,12 +171,6 @@ class CsFlow(TrainedDetector):
         backbone is frozen; cloned out of inference mode so that the flow can train on them)."""
         self.backbone
         return [self.frozen.encode(scaled)[0] for scaled in input_scales(images)]
-
-    def to(self, device: torch.device | str) -> CsFlow:
-        """Move the flow and the backbone."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     # ------------------------------------------------------------------ contract
 

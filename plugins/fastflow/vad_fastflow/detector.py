@@ -64,7 +64,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_fastflow.network import FastFlowHead, FastFlowScorer, fastflow_loss
@@ -80,7 +80,7 @@ def backbone_architecture(spec: str) -> str:
     return spec.rpartition(":")[2].partition(".")[0]
 
 
-class FastFlow(TrainedDetector):
+class FastFlow(MovesFrozenLevels, TrainedDetector):
     """FastFlow: a LayerNorm and a 2D normalizing flow per frozen backbone scale."""
 
     name = "fastflow"
@@ -151,12 +151,6 @@ class FastFlow(TrainedDetector):
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's levels for ``images`` (frozen, no gradient)."""
         return self.frozen.encode(images)
-
-    def to(self, device: torch.device | str) -> FastFlow:
-        """Move the head and the backbone."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     # ------------------------------------------------------------------ contract
 

@@ -67,7 +67,7 @@ from torch import nn
 
 from vad.contracts import DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_fre.network import FreScorer, PlainAE, TiedAE, explained_count, pooled, principal_subspace
@@ -76,7 +76,7 @@ from vad_fre.network import FreScorer, PlainAE, TiedAE, explained_count, pooled,
 PAPER_STRIDE = 16
 
 
-class Fre(TrainedDetector):
+class Fre(MovesFrozenLevels, TrainedDetector):
     """FRE: the reconstruction error of a shallow linear autoencoder on one pooled backbone level."""
 
     name = "fre"
@@ -156,12 +156,6 @@ class Fre(TrainedDetector):
                 )
             self._shape = [int(level.shape[1]), *(int(side) // kernel for side in level.shape[-2:])]
         return list(self._shape)
-
-    def to(self, device: torch.device | str) -> Fre:
-        """Move the autoencoder and the backbone."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     @property
     def preprocessing(self) -> Preprocessing:  # type: ignore[override]

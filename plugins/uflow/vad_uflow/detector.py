@@ -81,7 +81,7 @@ from torch import nn
 
 from vad.contracts import Backbone, DetectorFeatures, FeatureInfo, Prediction, Preprocessing
 from vad.errors import VadError
-from vad.features import FrozenLevels
+from vad.features import FrozenLevels, MovesFrozenLevels
 from vad.options import option
 from vad.training import TrainedDetector
 from vad_uflow.network import UShapedFlow, latent_channels, likelihood_map, uflow_loss
@@ -91,7 +91,7 @@ from vad_uflow.nfa import NFA_SCORES, half_windows, log10_nfa_map
 OFFICIAL_STRIDES = (4, 8, 16)
 
 
-class UFlow(TrainedDetector):
+class UFlow(MovesFrozenLevels, TrainedDetector):
     """U-Flow: a U-shaped normalizing flow on multi-scale features, with an a-contrario threshold."""
 
     name = "uflow"
@@ -192,12 +192,6 @@ class UFlow(TrainedDetector):
         self.require_fitted()
         with torch.no_grad():
             return self.networks["flow"].eval()(self.encode(images))[0]
-
-    def to(self, device: torch.device | str) -> UFlow:
-        """Move the flow and the backbone."""
-        super().to(device)
-        self.frozen.to(self.device)
-        return self
 
     # ------------------------------------------------------------------ contract
 
