@@ -132,8 +132,13 @@ def test_phases_follow_the_official_step_counts_and_schedules():
     assert detector.total_epochs == 8
     assert [detector.phase(e) for e in range(1, 9)] == ["vq"] * 3 + ["main"] * 3 + ["upsampling"] * 2
     rates = [detector.learning_rate(e) for e in range(1, 9)]
-    # VQ: x0.1 after ceil(0.8 * 3) = 3 epochs (never inside 3) and 0.9 likewise; main: x0.1 after ceil(0.5 * 3) = 2
-    assert rates == pytest.approx([2e-4] * 3 + [2e-4, 2e-4, 2e-5] + [2e-4] * 2)
+    # milestones int(fraction x epochs) as the official MultiStepLR: VQ int(0.8 * 3) = int(0.9 * 3) = 2,
+    # so x0.1 twice from its third epoch; main x0.1 from int(0.5 * 3) = 1
+    assert rates == pytest.approx([2e-4, 2e-4, 2e-6] + [2e-4, 2e-5, 2e-5] + [2e-4] * 2)
+    two_epochs = Dsr(vq_weights="vq.safetensors", epochs=2, upsampling_epochs=0, steps_per_epoch=None)
+    two_epochs.image_count = 8
+    # the official int(2 * 0.8) = 1: the second main epoch runs at lr x 0.1
+    assert [two_epochs.learning_rate(e) for e in (1, 2)] == pytest.approx([2e-4, 2e-5])
     with_file = Dsr(vq_weights="vq.safetensors", epochs=2, upsampling_epochs=1, steps_per_epoch=None)
     with_file.image_count = 8
     assert with_file.phase_epochs() == (0, 2, 1) and with_file.phase(1) == "main"

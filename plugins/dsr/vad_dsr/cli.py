@@ -35,13 +35,12 @@ def pretrain_vq(folder: Any, options: PretrainOptions, device: str = "cpu", prog
     """Train a :class:`vad_dsr.vq.DiscreteLatentModel` on the images of ``folder`` (a
     :class:`vad.distillation.FolderImages` or ``TensorImages``, drawn reshuffled); returns it (eval mode, CPU) and the
     facts of the run. ``progress(step, loss)`` is called after every step."""
-    import math
     import time
 
     import torch
 
     from vad.distillation import Sampler
-    from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, bgr, init_weights, vq_pretraining_loss
+    from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, bgr, init_weights, multistep_milestones, vq_pretraining_loss
 
     o = options
     with torch.random.fork_rng(devices=[]):
@@ -51,8 +50,7 @@ def pretrain_vq(folder: Any, options: PretrainOptions, device: str = "cpu", prog
     init_weights(model, generator)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=o.lr)
-    milestones = sorted({math.ceil(f * o.epochs) for f in VQ_MILESTONES})
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=VQ_GAMMA)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, multistep_milestones(VQ_MILESTONES, o.epochs), gamma=VQ_GAMMA)
     sampler = Sampler(len(folder), generator)
     start, losses = time.perf_counter(), []
     for step in range(o.epochs * o.steps_per_epoch):

@@ -86,7 +86,7 @@ from vad.training import CachedBatches, TrainedDetector
 from vad_augment.noise import integers, uniform
 from vad_dsr.anomalies import code_anomalies, color_anomalies, segmentation_target
 from vad_dsr.network import SIZE_MULTIPLE, AnomalyDetectionModule, ImageReconstructionNetwork, SubspaceRestrictionModule, UpsamplingModule
-from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, DiscreteLatentModel, bgr, init_weights, load_vq, vq_pretraining_loss
+from vad_dsr.vq import VQ_GAMMA, VQ_MILESTONES, DiscreteLatentModel, bgr, init_weights, load_vq, multistep_milestones, vq_pretraining_loss
 from vad_dsr.vq_options import VqArchitecture
 from vad_reconstruction.losses import anomaly_score, focal_loss
 
@@ -248,7 +248,7 @@ class Dsr(TrainedDetector):
         base, gamma, fractions, length, done = (
             (o.vq_lr, VQ_GAMMA, VQ_MILESTONES, vq_epochs, epoch - 1) if phase == "vq" else (o.lr, o.lr_gamma, o.lr_milestones, main_epochs, epoch - 1 - vq_epochs)
         )
-        passed = sum(1 for milestone in {math.ceil(f * length) for f in fractions} if milestone <= done)
+        passed = sum(1 for milestone in multistep_milestones(fractions, length) if milestone <= done)
         return base * gamma**passed
 
     def training_step(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:

@@ -22,6 +22,7 @@ in-place trick.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ from vad.errors import VadError
 VQ_FORMAT = "vad-dsr-vq"
 #: The VQ pretraining schedule (3DSR's ``train_dada.py``): x``VQ_GAMMA`` after these fractions of its epochs.
 VQ_MILESTONES, VQ_GAMMA = (0.8, 0.9), 0.1
+
+
+def multistep_milestones(fractions: Sequence[float], epochs: int) -> list[int]:
+    """The epochs after which a MultiStepLR multiplies the rate, ``int(fraction x epochs)`` as the
+    official ``train_dsr.py`` writes them (a repeated milestone applies its factor twice)."""
+    return [int(fraction * epochs) for fraction in fractions]
 #: How a user gets a VQ model file (for error messages).
 HOW_TO_MAKE = (
     "make one with `vad dsr pretrain-vq --images FOLDER --output FILE.safetensors`, or convert the official "
