@@ -69,6 +69,33 @@ def test_ema_update_follows_the_official_formulas_in_training_mode_only():
     torch.testing.assert_close(layer.codebook, ema_w / cluster[:, None])
 
 
+def test_data_init_and_dead_code_restarts_put_codes_on_encoder_outputs():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    layer = VectorQuantizerEMA(5, 2, decay=0.5)
+    layer.init_from(rows, generator)  # 3 rows for 5 codes: each row once, then 2 jittered copies
+    assert sorted(map(tuple, layer.codebook[:3].tolist())) == sorted(map(tuple, rows.tolist()))
+    jitter = torch.cdist(layer.codebook[3:], rows).min(dim=1).values
+    assert ((jitter > 0) & (jitter < 0.2)).all()  # 1 % of the rows' spread (std ~1.9) per dimension
+    torch.testing.assert_close(layer._ema_w, layer.codebook)
+    torch.testing.assert_close(layer._ema_cluster_size, torch.ones(5))
+
+    official = VectorQuantizerEMA(5, 2, decay=0.5).train()
+    restarted = VectorQuantizerEMA(5, 2, decay=0.5).train()
+    restarted.load_state_dict(official.state_dict())
+    restarted.restart_dead_codes(2, generator)
+    points = torch.tensor([[0.1, 0.0], [3.9, 0.1], [0.0, 4.1], [4.0, 4.0]])
+    inputs = points.t().reshape(1, 2, 1, 4)
+    for _ in range(2):
+        official(inputs), restarted(inputs)
+    unused = torch.bincount(official.nearest(points), minlength=5) == 0
+    assert unused.any() and official.codebook[unused].norm(dim=1).min() > 1e3  # official: thrown far away, dead
+    moved = torch.cdist(restarted.codebook[unused], points).min(dim=1).values
+    assert (moved < 0.2).all()  # restarted onto (jittered) inputs of the batch
+    torch.testing.assert_close(restarted._ema_cluster_size[unused], torch.ones(int(unused.sum())))
+    assert set(restarted.state_dict()) == set(official.state_dict())  # nothing new is saved
+
+
 def test_code_anomalies_replace_codes_inside_the_mask_by_codes_near_but_not_nearest():
     codebook = torch.arange(40.0).view(40, 1)  # one-dimensional codes 0 .. 39
     features = torch.full((2, 1, 4, 4), 10.2)

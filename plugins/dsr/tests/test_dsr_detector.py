@@ -145,6 +145,36 @@ def test_vq_pretraining_command_writes_weights_that_replace_phase_one(fitted, tm
         assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize(("extra", "least"), [
+    ({}, None),  # official: collapsed to one code per codebook
+    ({"codebook_init": "data"}, 8),
+    ({"dead_code_steps": 2}, 8),
+    ({"codebook_init": "data", "dead_code_steps": 2}, 8),
+])
+def test_short_vq_pretraining_collapses_unless_codes_start_or_restart_on_encoder_outputs(extra, least):
+    from vad.distillation import TensorImages
+    from vad.options import OptionError
+    from vad_dsr.cli import PretrainOptions, pretrain_vq
+
+    assert (PretrainOptions().codebook_init, PretrainOptions().dead_code_steps) == ("random", 0)  # official by default
+    with pytest.raises(OptionError, match="codebook_init"):
+        PretrainOptions.parse({"codebook_init": "kmeans"}, owner="test")
+    images = tiny_image_batch(Dsr(**TINY))
+    options = PretrainOptions(image_size=32, epochs=1, steps_per_epoch=5, batch_size=4, **VQ_SIZES, **extra)
+    model, facts = pretrain_vq(TensorImages(images), options)
+    assert facts["codebook_init"] == options.codebook_init and model.quantizer_lo._dead_code_steps == 0  # restarts end with the run
+    with torch.no_grad():
+        latents = model.latents(bgr(images))
+    used = [
+        len(torch.unique(quantizer.nearest(latents[key].permute(0, 2, 3, 1).reshape(-1, VQ_SIZES["embedding_dim"]))))
+        for key, quantizer in (("z_lo", model.quantizer_lo), ("z_hi", model.quantizer_hi))
+    ]
+    if least is None:
+        assert used == [1, 1]
+    else:
+        assert min(used) >= least, used
+
+
 def test_feature_source_gives_the_codes(fitted):
     images = tiny_image_batch(fitted, "test")[:2]
     source = fitted.feature_source()

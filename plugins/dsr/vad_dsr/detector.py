@@ -46,7 +46,8 @@ Deviations (each also in the option it concerns, where there is one):
   EMA sum divided by the Laplace-smoothed count (about 1e-5), far from the data, and it only
   comes back into reach as that sum decays (by 0.99 per step: over a thousand steps or more).
   A short VQ pretraining leaves nearly every position on one code, and DSR then cannot tell
-  images apart: give the full schedule, or a VQ model file.
+  images apart: give the full schedule, or a VQ model file (``vad dsr pretrain-vq
+  --codebook-init data --dead-code-steps 10`` avoids the collapse in short runs, a deviation).
 * **Epochs**: an official epoch is 1000 batches drawn at random whatever the number of training
   images (``__len__`` 8000 at batch 8; 64,000 at batch 64 for the VQ). ``steps_per_epoch``
   (1000) keeps that: each phase runs as many passes over the N training images as its epochs x

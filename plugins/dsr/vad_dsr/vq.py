@@ -17,6 +17,16 @@ keeps them as parameters that no optimiser can reach): they change by the EMA up
 The official ``Residual`` applies an in-place ReLU to its input before adding it back, so its
 output is ``relu(x) + block(relu(x))``; :class:`Residual` computes exactly that without the
 in-place trick.
+
+Deviations against codebook collapse, off unless ``vad dsr pretrain-vq`` asks for them
+(``codebook_init="data"``, ``dead_code_steps``): the official quantizer starts its codes and EMA
+sums N(0, 1), independently, with zero EMA counts, so its first update divides the random sum of
+every code the first batch did not use by a Laplace-smoothed count of ~1e-5 and throws it out of
+reach for about a thousand steps (short runs end on 1-2 codes).
+:func:`init_codebooks_from_data` starts both codebooks at encoder outputs of a batch
+(:meth:`VectorQuantizerEMA.init_from`), and :meth:`VectorQuantizerEMA.restart_dead_codes` moves
+codes left unused for a number of steps to current encoder outputs. Neither changes the state
+dict; with both off every update is the official one.
 """
 
 from __future__ import annotations
@@ -69,6 +79,9 @@ class VectorQuantizerEMA(nn.Module):
         self._embedding = Codebook(num_embeddings, embedding_dim)
         self.register_buffer("_ema_cluster_size", torch.zeros(num_embeddings))
         self.register_buffer("_ema_w", torch.randn(num_embeddings, embedding_dim))
+        # Dead-code restarts (deviation, off by default: see restart_dead_codes); not saved.
+        self.register_buffer("_idle_steps", torch.zeros(num_embeddings, dtype=torch.long), persistent=False)
+        self._dead_code_steps, self._restart_generator = 0, None
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -99,7 +112,8 @@ class VectorQuantizerEMA(nn.Module):
     @torch.no_grad()
     def ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         """The official update: EMA of the code counts (Laplace-smoothed) and of the sums of the
-        assigned inputs; each code becomes their ratio."""
+        assigned inputs; each code becomes their ratio. Then, only if :meth:`restart_dead_codes`
+        turned them on, the restarts (a deviation)."""
         counts = torch.bincount(indices, minlength=self._num_embeddings).to(flat.dtype)
         cluster = self._ema_cluster_size * self._decay + (1 - self._decay) * counts
         total = cluster.sum()
@@ -108,6 +122,63 @@ class VectorQuantizerEMA(nn.Module):
         self._ema_cluster_size.copy_(cluster)
         self._ema_w.mul_(self._decay).add_((1 - self._decay) * sums)
         self.codebook.copy_(self._ema_w / cluster.unsqueeze(1))
+        if self._dead_code_steps > 0:
+            self._idle_steps.add_(1).masked_fill_(counts > 0, 0)
+            dead = (self._idle_steps >= self._dead_code_steps).nonzero().squeeze(1)
+            if dead.numel():
+                codes = pick_rows(flat, dead.numel(), self._restart_generator)
+                self.codebook.index_copy_(0, dead, codes)
+                self._ema_w.index_copy_(0, dead, codes)
+                self._ema_cluster_size.index_fill_(0, dead, 1.0)
+                self._idle_steps.index_fill_(0, dead, 0)
+
+    def restart_dead_codes(self, steps: int, generator: torch.Generator | None) -> None:
+        """From now on, in training mode, move every code that no input was assigned to in
+        ``steps`` consecutive updates to a random input of the current batch (EMA count 1, the
+        code as its EMA sum, as :meth:`init_from`); 0 turns it off (official: dead codes stay)."""
+        self._dead_code_steps, self._restart_generator = steps, generator
+        self._idle_steps.zero_()
+
+    @torch.no_grad()
+    def init_from(self, flat: torch.Tensor, generator: torch.Generator) -> None:
+        """Start the codebook at ``K`` rows of ``[N, D]`` inputs drawn at random (deviation: the
+        official codebook and EMA sums start N(0, 1), independently, with zero counts). Without
+        replacement while the rows last; rows drawn again get a jitter of 1 % of the inputs' spread
+        per dimension so that copies can split a cluster. Each code starts with an EMA count of 1
+        and the code itself as its EMA sum, so the next update moves it by the usual rate
+        instead of dividing a random sum by a near-zero count."""
+        codes = pick_rows(flat, self._num_embeddings, generator)
+        self.codebook.copy_(codes)
+        self._ema_w.copy_(codes)
+        self._ema_cluster_size.fill_(1.0)
+
+
+def pick_rows(flat: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` rows of ``flat [N, D]`` drawn at random: each row once while they last, then
+    again with a jitter of 1 % of each dimension's spread (so no two picks coincide)."""
+    total = flat.shape[0]
+    order = torch.randperm(total, generator=generator)[:count]
+    rows = flat[order.to(flat.device)]
+    if count > total:
+        again = flat[torch.randint(total, (count - total,), generator=generator).to(flat.device)]
+        spread = flat.std(dim=0, unbiased=False).clamp_min(1e-6) if total > 1 else flat.abs().mean().clamp_min(1e-6).expand(flat.shape[1])
+        noise = torch.randn(again.shape, generator=generator).to(flat.device, flat.dtype)
+        rows = torch.cat((rows, again + 0.01 * spread * noise))
+    return rows
+
+
+@torch.no_grad()
+def init_codebooks_from_data(model: DiscreteLatentModel, images: torch.Tensor, generator: torch.Generator) -> None:
+    """Start both codebooks at the encoder's outputs on ``images`` (the first pretraining batch):
+    K_lo at random positions of F_lo, then K_hi at random positions of F_hi computed from the
+    images' Q_lo under the new K_lo (:meth:`VectorQuantizerEMA.init_from`)."""
+    encoded, z_lo = model.encode_lo(images)
+    lo, hi = model.quantizer_lo, model.quantizer_hi
+    flat_lo = z_lo.permute(0, 2, 3, 1).reshape(-1, z_lo.shape[1])
+    lo.init_from(flat_lo, generator)
+    q_lo = lo.codebook.index_select(0, lo.nearest(flat_lo)).view(z_lo.shape[0], z_lo.shape[2], z_lo.shape[3], -1).permute(0, 3, 1, 2)
+    z_hi = model.features_hi(encoded, q_lo)
+    hi.init_from(z_hi.permute(0, 2, 3, 1).reshape(-1, z_hi.shape[1]), generator)
 
 
 class Residual(nn.Module):
