@@ -191,12 +191,15 @@ def detector_options(name: str, config: RunConfig, registry: Registry, geometry:
 
 
 def check_geometry(geometry: Geometry, sources: list[FeatureSource]) -> None:
-    """Network inputs at least as large as the deepest feature stride."""
+    """Network inputs at least as large as the deepest feature stride, and of a size each
+    backbone can read (:meth:`Backbone.check_input_size`)."""
     if not geometry.active:
         return
     planned = geometry.planned_network_size
     smallest = min(planned) if planned is not None else geometry.image_size[0] if geometry.image_size else None
     for source in sources:
+        if planned is not None and isinstance(source, PatchFeatures):
+            source.backbone.check_input_size(*planned)
         stride = deepest_stride(source)
         if smallest is not None and stride is not None and smallest < stride:
             what = f"--tile {geometry.tile}" if geometry.tiled else f"the {smallest} px network input"

@@ -240,6 +240,11 @@ class Backbone(Component):
         position); names pass through unchanged by default."""
         return layer
 
+    def check_input_size(self, height: int, width: int) -> None:
+        """A clear :class:`~vad.errors.VadError` when the network cannot read ``height x width``
+        inputs (a vision transformer: sides that are not multiples of its patch); vad calls it
+        with the planned input size before a run folder is made. Any size passes by default."""
+
     #: The user's spec (``"tf_efficientnet_lite0"``, ``"timm:convnext_tiny"``); set by vad.
     spec: str = ""
 

@@ -105,3 +105,18 @@ def test_patch_features_default_to_the_mid_level_blocks_of_a_vit(registers_vit):
     from vad.features import default_layers
 
     assert default_layers(registers_vit) == ["blocks.3", "blocks.5"]  # half and three quarters of 8 blocks
+
+
+def test_run_with_an_input_size_the_vit_cannot_read_stops_before_the_run_folder(vad_fakes, tmp_path):
+    from typer.testing import CliRunner
+
+    from vad.cli import app
+
+    run_folder = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "--quiet", "run", "--dataset", "tiny", "--category", "tiny-a", "--detector", "patchcore", "--device", "cpu", "--no-report",
+        "--backbone", "timm:test_vit2", "--no-pretrained", "--image-size", "70", "--output", str(run_folder),
+    ])
+    assert isinstance(result.exception, VadError)
+    assert "70x70 px input is not a multiple of 16" in str(result.exception) and "height 64 or 80" in str(result.exception)
+    assert not run_folder.exists()

@@ -302,6 +302,11 @@ class TimmBackbone(Backbone):
                 position += 1
         return out
 
+    def check_input_size(self, height: int, width: int) -> None:
+        """Vision transformers read inputs whose sides are multiples of their patch."""
+        if self.tokens is not None:
+            self.tokens.check_size(height, width)
+
     def forward_features(self, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{layer: [B, C, H/stride, W/stride]}`` (float32) for the requested layers only."""
         if isinstance(layers, str):
