@@ -59,7 +59,7 @@ def test_hparams_rebuild_the_ensemble_with_members_and_resolved_options(members)
     assert hparams["members"] == [m.config() for m in members]
     # the default n_components (None) is saved resolved: the widest member's channels
     assert {k: v for k, v in hparams.items() if k != "members"} == {
-        "grid": [4, 5], "max_fit_patches": 500, "seed": 3, "n_components": max(m.out_channels for m in members)
+        "grid": [4, 5], "max_fit_patches": 500, "seed": 3, "n_components": max(m.out_channels for m in members), "scaling": "none",
     }
     assert ensemble.config() == {"kind": "pca-global", "hparams": hparams}
     individual = PCAIndividualEnsemble(members, n_components=[3, 0.5])
@@ -186,3 +186,44 @@ def test_members_scale_with_the_shared_input(members):
     for index, size in enumerate(own):
         scaled = ensemble.member_size(index, doubled)
         assert all(s % 32 == 0 and abs(s - 2 * o) <= 16 for s, o in zip(scaled, size))
+
+
+def test_member_scaling_gives_every_member_the_same_variance(make_member, image_batches):
+    loud = make_member(96, (8, 12), seed=2, mean=(0.5,) * 3, std=(0.01,) * 3)  # features ~50x larger
+    members = [make_member(64, (6, 10), seed=1), loud]
+    training = image_batches(6, 96)
+    raw = ConcatEnsemble(members)
+    scaled = ConcatEnsemble(members, scaling="member")
+    assert not raw.requires_fit and scaled.requires_fit
+    scaled.fit(training)
+
+    def member_variances(ensemble):
+        grids = [ensemble.member_grids(batch) for batch in training]
+        return [float(torch.cat([g[i] for g in grids]).transpose(0, 1).flatten(1).var(dim=1, unbiased=False).sum()) for i in range(2)]
+
+    quiet_raw, loud_raw = member_variances(raw)
+    assert loud_raw > 100 * quiet_raw
+    assert member_variances(scaled) == pytest.approx([1.0, 1.0], rel=1e-3)
+    channel = ConcatEnsemble(members, scaling="channel")
+    channel.fit(training)
+    grids = torch.cat([channel.member_grids(batch)[1] for batch in training]).transpose(0, 1).flatten(1)
+    torch.testing.assert_close(grids.std(dim=1, unbiased=False), torch.ones(grids.shape[0]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grids.mean(dim=1), torch.zeros(grids.shape[0]), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [ConcatEnsemble, PCAGlobalEnsemble, PCAIndividualEnsemble])
+def test_member_scaling_is_saved_and_refused_before_fit(cls, make_member, image_batches):
+    def members():
+        return [make_member(64, (6, 10), seed=1), make_member(96, (8, 12), seed=2, mean=(0.5,) * 3, std=(0.05,) * 3)]
+
+    options = {} if cls is ConcatEnsemble else {"n_components": 4}
+    ensemble = cls(members(), scaling="member", **options)
+    with pytest.raises(VadError, match="must be fitted"):
+        ensemble(image_batches(1, 96)[0])
+    ensemble.fit(image_batches(6, 96))
+    test = image_batches(2, 96, seed=5)[0]
+    torch.testing.assert_close(rebuild(ensemble, members())(test), ensemble(test))
+    state = ensemble.state()
+    again = cls(members(), **{k: v for k, v in ensemble.hparams.items() if k != "members"})
+    with pytest.raises(VadError, match="without its member scaling"):
+        again.load_state(State(dict(state.meta), {k: v for k, v in state.tensors.items() if not k.startswith("scaling")}))

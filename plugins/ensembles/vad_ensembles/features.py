@@ -19,6 +19,14 @@ size and normalised with the member's own mean/std. So every member sees the sam
 view (the largest member's resize/crop), at its own resolution. Members whose inputs have a
 different aspect ratio are refused: resizing would distort the image for one of them.
 
+**Member scaling** (``scaling``): members' features can differ in scale by orders of magnitude,
+and the PCA fusions (and a distance-based head on ``concat``) then follow the loudest member. With
+``scaling="member"`` each member's features are centred and divided by the root of their total
+variance on the training images, so every member contributes the same variance (one unit per
+patch); ``"channel"`` standardises every channel (the PCA then works on correlations);
+``"none"`` fuses the raw features (seed 000). The statistics are fitted on the training images
+after the members, on each member's own grid, before any PCA, and saved with the ensemble.
+
 **The fused grid** is ``grid=(h, w)`` (or one side ``grid=n`` for ``(n, n)``) when given, else the
 finest member grid (the one with the most positions); each member map is resized to it
 bilinearly (``align_corners=False``).
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +118,19 @@ class FeatureEnsemble(FeatureEnsembler):
 
     class Options(FeatureEnsembler.Options):
         grid: tuple[int, int] | int | None = option(None, "Fused grid (height, width), or one side for a square grid; default: the finest member grid.", ge=1)
+        scaling: Literal["none", "member", "channel"] = option(
+            "none",
+            "Members' features before fusion, statistics from the training images: none (seed 000: raw); member: centred, "
+            "each member divided by the root of its total variance (every member weighs the same); channel: every channel standardised.",
+        )
 
     def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
         super().__init__(_check_members(members, self.name), **options)
         if isinstance(self.options.grid, int):  # saved as (height, width)
             self.options = self.options.replace(grid=(self.options.grid, self.options.grid))
         self.preprocessing = _input_preprocessing(self.members, self.name)
+        #: Per member ``(mean [C], scale [C])`` of ``scaling``, fitted on the training images.
+        self.scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -128,17 +143,48 @@ class FeatureEnsemble(FeatureEnsembler):
     learns: ClassVar[bool] = False
 
     @property
+    def scaled(self) -> bool:
+        """True when members' features are rescaled before fusion (``scaling`` is not none)."""
+        return self.options.scaling != "none"
+
+    @property
     def requires_fit(self) -> bool:  # type: ignore[override]
-        """True when the fusion learns or a member still has to (a detector's features, e.g. DRAEM)."""
-        return self.learns or any(member.requires_fit for member in self.members)
+        """True when the fusion learns (PCA, member scaling) or a member still has to (a
+        detector's features, e.g. DRAEM)."""
+        return self.learns or self.scaled or any(member.requires_fit for member in self.members)
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
-        """Fit the members that learn (each on its own inputs, one pass per member); subclasses
-        then fit their fusion on the fitted members' features."""
+        """Fit the members that learn (each on its own inputs, one pass per member), then the
+        member scaling (one pass); subclasses then fit their fusion on the scaled features."""
         for index, member in enumerate(self.members):
             if member.requires_fit:
                 with member_session(f"member{index}"):  # a trained member keeps its own checkpoints
                     member.fit(_MemberInputs(self, index, images))
+        if self.scaled:
+            self.scales = self._fit_scales(images)
+
+    def _fit_scales(self, images: Iterable[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``scaling``'s per-member mean and scale from the training images (float64 sums)."""
+        counts = [0] * len(self.members)  # positions per member (members' grids differ)
+        sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per member: sum, sum of squares
+        with torch.inference_mode():
+            for batch in images:
+                flat = [g.transpose(0, 1).reshape(g.shape[1], -1).double() for g in self._raw_member_grids(batch)]
+                counts = [count + f.shape[1] for count, f in zip(counts, flat)]
+                parts = [(f.sum(dim=1), (f * f).sum(dim=1)) for f in flat]
+                sums = parts if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, parts)]
+        if sums is None:
+            raise VadError(f"ensemble {self.name!r} got no training images to fit its member scaling on")
+        scales = []
+        for count, (total, squares) in zip(counts, sums):
+            mean = total / count
+            variance = (squares / count - mean * mean).clamp_min(0)
+            if self.options.scaling == "member":
+                scale = torch.full_like(variance, float(variance.sum().sqrt()))
+            else:
+                scale = variance.sqrt()
+            scales.append((mean.float().to(self.device), scale.clamp_min(1e-6).float().to(self.device)))
+        return scales
 
     def state(self) -> State:
         """The members' fitted states (those that have one), under ``member<i>/``."""
@@ -149,6 +195,11 @@ class FeatureEnsemble(FeatureEnsembler):
             if member_state.meta or member_state.tensors:
                 meta[f"member{index}"] = member_state.meta
                 tensors.update(artifacts.prefixed(f"member{index}", member_state.tensors))
+        if self.scaled:
+            self._require_fitted(self.scales is not None)
+            assert self.scales is not None
+            for index, (mean, scale) in enumerate(self.scales):
+                tensors[f"scaling{index}/mean"], tensors[f"scaling{index}/scale"] = mean, scale
         return State(meta={"members": meta} if meta else {}, tensors=tensors)
 
     def load_state(self, state: State) -> None:
@@ -158,6 +209,12 @@ class FeatureEnsemble(FeatureEnsembler):
             key = f"member{index}"
             if key in saved:
                 member.load_state(State(saved[key], artifacts.unprefixed(key, state.tensors)))
+        if self.scaled:
+            names = [(f"scaling{index}/mean", f"scaling{index}/scale") for index in range(len(self.members))]
+            missing = [name for pair in names for name in pair if name not in state.tensors]
+            if missing:
+                raise VadError(f"ensemble {self.name!r} was saved without its member scaling ({', '.join(missing)} missing); save it again")
+            self.scales = [(state.tensors[mean].to(self.device), state.tensors[scale].to(self.device)) for mean, scale in names]
 
     # ------------------------------------------------------------------ device
 
@@ -169,6 +226,8 @@ class FeatureEnsemble(FeatureEnsembler):
         for member in self.members:
             member.to(device)
         self._device = torch.device(device)
+        if self.scales is not None:
+            self.scales = [(mean.to(self._device), scale.to(self._device)) for mean, scale in self.scales]
         self._move_fitted(self._device)
         return self
 
@@ -200,7 +259,16 @@ class FeatureEnsemble(FeatureEnsembler):
         return [self.member_input(images, index) for index in range(len(self.members))]
 
     def member_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Every member's feature grid on its own resolution."""
+        """Every member's feature grid on its own resolution, scaled as ``scaling`` says."""
+        grids = self._raw_member_grids(images)
+        if not self.scaled:
+            return grids
+        self._require_fitted(self.scales is not None)
+        assert self.scales is not None
+        return [(g - mean.view(1, -1, 1, 1)) / scale.view(1, -1, 1, 1) for g, (mean, scale) in zip(grids, self.scales)]
+
+    def _raw_member_grids(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's own features on its own resolution."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise VadError(f"expected an image batch [B, 3, H, W], got shape {tuple(images.shape)}")
         return [member(x) for member, x in zip(self.members, self.member_inputs(images))]
