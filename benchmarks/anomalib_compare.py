@@ -31,9 +31,18 @@ Rows, and what each checks:
   (``blocks.2/4/6``; official WideResNet-50 ``layer2-4``). vad's epoch is one official sub-epoch,
   run with ``sub_epochs=1``; the ``anomalib`` variant takes anomalib's departures from the
   official code (lr 1e-4 instead of 2e-4, hard permutations, 64-fiber batches instead of 256, no
-  rotation augmentation, no warm-up; anomalib also has no cosine schedule).
+  rotation augmentation, no warm-up; anomalib also has no cosine schedule). anomalib's default
+  pre-processor normalises every backbone's input with ImageNet's mean and std, also the Lite0's,
+  which was trained on [-1, 1] inputs (mean = std = 0.5, what vad feeds it);
+  ``--anomalib-input backbone`` gives the flows' anomalib side the backbone's own statistics, so
+  both sides see the same inputs. anomalib also normalises each level's likelihoods by their
+  maximum over each prediction batch (test statistics; vad: the training images').
 * ``uflow`` on ``resnet18`` with the shared random state dict (anomalib's U-Flow accepts MS-CaiT
-  and ResNets only): 4 flow steps, clamp 2, batch 8, Adam 1e-4 (anomalib 1e-3) / 1e-5.
+  and ResNets only): 4 flow steps, clamp 2, batch 8, Adam 1e-4 (anomalib 1e-3) / 1e-5, maps not
+  blurred on vad's side. anomalib's U-Flow pre-processor resizes to 448 px whatever size it is
+  given, so the runner gives it the resize to ``--image-size``. anomalib's loss sums the latents'
+  squares over the batch as well (the official code: per image), which weighs that term by the
+  batch size; vad follows the official code.
 * ``efficientad`` (EfficientAD-S) against ``anomalib.models.EfficientAd`` (model_size small) with
   one PDN-S teacher on both sides, distilled once by ``vad efficientad distill`` from
   ``tf_efficientnet_lite0`` (packaged ImageNet weights) on every training image of every
@@ -112,7 +121,7 @@ NO_BACKBONE_CHOICE = {"efficientad", "ganomaly", "dsr"}
 #: Methods whose anomalib side is read from its raw scores and maps (normalisation off), because
 #: anomalib's post-processing changes them: EfficientAD's clamping min-max normalisation, and
 #: GANomaly's running min-max over the test batches (a different scale per batch), DSR's min-max.
-ANOMALIB_RAW = {"efficientad", "ganomaly", "dsr"}
+ANOMALIB_RAW = {"efficientad", "ganomaly", "dsr", "uflow"}
 #: vad's settings per method: its defaults (the official code's), and where anomalib departs from
 #: the official code, anomalib's choice, so that the implementations can be compared as well.
 VARIANTS = {
@@ -132,15 +141,15 @@ VARIANTS = {
     ),
     # one vad epoch is one official sub-epoch; sub_epochs=1 keeps the official schedule's shape over short runs
     "cflow": (
-        ("official", "defaults (official), sub_epochs 1", ["--set", "cflow.sub_epochs=1"]),
-        ("anomalib", "anomalib's lr 1e-4, hard permutations, 64 fibers, no rotation, no warm-up", [
-            "--set", "cflow.sub_epochs=1", "--set", "cflow.lr=0.0001", "--set", "cflow.permute_soft=false", "--set", "cflow.fiber_batch_size=64",
+        ("official", "defaults (official), sub_epochs 1, maps not blurred", ["--sigma", "0", "--set", "cflow.sub_epochs=1"]),
+        ("anomalib", "anomalib's lr 1e-4, hard permutations, 64 fibers, no rotation, no warm-up, maps not blurred", [
+            "--sigma", "0", "--set", "cflow.sub_epochs=1", "--set", "cflow.lr=0.0001", "--set", "cflow.permute_soft=false", "--set", "cflow.fiber_batch_size=64",
             "--set", "cflow.rotation=0", "--set", "cflow.warmup_meta_epochs=0",
         ]),
     ),
     "uflow": (
-        ("official", "defaults (official)", []),
-        ("anomalib", "anomalib's lr 1e-3", ["--set", "uflow.lr=0.001"]),
+        ("official", "defaults (official), maps not blurred", ["--sigma", "0"]),
+        ("anomalib", "anomalib's lr 1e-3, maps not blurred", ["--sigma", "0", "--set", "uflow.lr=0.001"]),
     ),
     "ganomaly": (("official", "defaults (official)", []),),
     # anomalib's epoch is one pass over the images (official: 1000 random batches): both sides so
@@ -158,6 +167,8 @@ VARIANTS = {
 FIT_TIMED = {"dfm": "blocks.4", "dfkde": "blocks.6", "fre": "blocks.4"}
 LITE0_LAYERS = ["blocks.1", "blocks.2", "blocks.4"]
 BATCH = {"stfpm": 32, "reverse-distillation": 16, "efficientad": 1, "fastflow": 32, "cflow": 32, "uflow": 8, "ganomaly": 64, "dsr": 8, "dfm": 32, "dfkde": 32, "fre": 32, "cfa": 4}
+#: The methods whose anomalib inputs ``--anomalib-input`` chooses (the flows and feature models).
+INPUT_CHOICE = ("fastflow", "cflow", "uflow", "cfa", "dfm", "dfkde", "fre")
 #: The vad option naming each method's backbone.
 BACKBONE_OPTION = {"cfa": "backbone", "stfpm": "backbone", "reverse-distillation": "encoder", "fastflow": "backbone", "cflow": "encoder", "uflow": "backbone"}
 #: anomalib's levels where they are not those at strides 4, 8, 16 (CFLOW: strides 8, 16, 32, as
@@ -337,6 +348,10 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
         model_options = ["--backbone", backbone, "--layers", *layers]
     if args.seed:  # seed 0's cells keep their earlier cache key
         settings["seed"] = args.seed
+    if args.anomalib_input != "anomalib" and method in INPUT_CHOICE:  # as the seed: default cells keep their key
+        settings["input"] = args.anomalib_input
+    if method == "uflow":  # earlier cells ran anomalib's U-Flow at its fixed 448 px (see the runner)
+        settings["input_size"] = args.image_size
     saved = out / "result.json"
     if saved.is_file():
         result = json.loads(saved.read_text())
@@ -345,7 +360,7 @@ def run_anomalib(method: str, backbone: str, data: Path, category: str, args: ar
     command = [
         args.anomalib_python, str(HERE / "anomalib_runner.py"), "--model", method, "--root", str(data), "--category", category,
         *model_options, "--image-size", str(settings["image_size"]), "--epochs", str(settings["epochs"]),
-        "--batch-size", str(BATCH[method]), "--seed", str(args.seed),
+        "--batch-size", str(BATCH[method]), "--seed", str(args.seed), *(["--input", args.anomalib_input] if method in INPUT_CHOICE else []),
     ]
     environment = {**os.environ, "HF_HOME": str(cache), "TORCH_HOME": str(cache.parent / "torch"), "HF_HUB_OFFLINE": "1", "ANOMALIB_RESULTS": str(out)}
     finished = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -383,6 +398,10 @@ def main() -> None:
     parser.add_argument("--dsr-vq-steps", type=int, default=200, help="steps of 8 images of the shared VQ-VAE pretraining (authors' 100,000 of 64 ImageNet images)")
     parser.add_argument("--seed", type=int, default=0, help="the runs' seed on both sides (vad --seed, anomalib seed_everything); use another --output per seed")
     parser.add_argument("--variants", nargs="+", default=["official", "anomalib"], help="vad settings to run: official, anomalib (anomalib's departures)")
+    parser.add_argument(
+        "--anomalib-input", default="anomalib", choices=["anomalib", "backbone"],
+        help="anomalib's inputs for the flows and feature models: its own pre-processor (ImageNet mean and std for every backbone) or the backbone's mean and std, as vad's",
+    )
     parser.add_argument("--output", default="runs/anomalib-compare")
     args = parser.parse_args()
 
@@ -395,9 +414,10 @@ def main() -> None:
     teacher = None
     lines = []
     trained = sorted(set(args.methods) - NO_BACKBONE_CHOICE - set(FIT_TIMED))
+    inputs = "the backbone's mean and std on both sides" if args.anomalib_input == "backbone" else "anomalib's own pre-processor for anomalib"
     if trained:
         batches = ", ".join(f"{method} {BATCH[method]}" for method in trained)
-        lines.append(f"{', '.join(trained)}: {args.epochs} epochs, {args.image_size} px, official batch sizes ({batches}), every training image, CPU")
+        lines.append(f"{', '.join(trained)}: {args.epochs} epochs, {args.image_size} px, official batch sizes ({batches}), every training image, CPU; {inputs}")
     if "ganomaly" in args.methods:
         lines.append(f"GANomaly: {args.ganomaly_epochs} epochs, {args.ganomaly_image_size} px, batch {BATCH['ganomaly']}, official hyper-parameters on both sides, image AUROC only (no maps)")
     if "efficientad" in args.methods:
@@ -410,7 +430,7 @@ def main() -> None:
         )
     fitted = [method for method in args.methods if method in FIT_TIMED]
     if fitted:
-        lines.append(f"{', '.join(fitted)}: lite0 ({', '.join(f'{m} {FIT_TIMED[m]}' for m in fitted)}), {args.feature_image_size} px, no aggregation; fit time = the whole fit (features, PCA / KDE / training), less anomalib's validation passes")
+        lines.append(f"{', '.join(fitted)}: lite0 ({', '.join(f'{m} {FIT_TIMED[m]}' for m in fitted)}), {args.feature_image_size} px, no aggregation; fit time = the whole fit (features, PCA / KDE / training), less anomalib's validation passes; {inputs}")
     if "dsr" in args.methods:
         weights["none"] = prepare_dsr_vq(data, output, args)
         lines.append(

@@ -211,11 +211,28 @@ def flow_model(args: argparse.Namespace):
     from anomalib.models import Cflow, Fastflow, Uflow
 
     size = (args.image_size, args.image_size)
-    if args.model == "fastflow":
-        return Fastflow(backbone=args.backbone, pre_processor=Fastflow.configure_pre_processor(image_size=size), visualizer=False)
+    cls = {"fastflow": Fastflow, "cflow": Cflow, "uflow": Uflow}[args.model]
+    # Uflow.configure_pre_processor ignores image_size (always 448 px), and anomalib sizes the
+    # model from it: U-Flow gets the resize to --image-size (ImageNet statistics for its ResNets).
+    own = args.input == "backbone" or args.model == "uflow"
+    pre_processor = backbone_pre_processor(args) if own else cls.configure_pre_processor(image_size=size)
     if args.model == "cflow":
-        return Cflow(backbone=args.backbone, layers=args.layers, pre_processor=Cflow.configure_pre_processor(image_size=size), visualizer=False)
-    return Uflow(backbone=args.backbone, pre_processor=Uflow.configure_pre_processor(image_size=size), visualizer=False)
+        return Cflow(backbone=args.backbone, layers=args.layers, pre_processor=pre_processor, visualizer=False)
+    return cls(backbone=args.backbone, pre_processor=pre_processor, visualizer=False)
+
+
+def backbone_pre_processor(args: argparse.Namespace):
+    """A resize to ``--image-size`` and the backbone's own mean and std from timm's pretrained
+    configuration, as vad feeds it (anomalib's default pre-processor uses ImageNet's statistics
+    for every backbone, also for the EfficientNet-Lites, which were trained on [-1, 1] inputs)."""
+    import timm
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from anomalib.pre_processing import PreProcessor
+
+    config = timm.get_pretrained_cfg(args.backbone)
+    transform = Compose([Resize((args.image_size, args.image_size), antialias=True), Normalize(mean=list(config.mean), std=list(config.std))])
+    return PreProcessor(transform=transform)
 
 
 def ganomaly_model(args: argparse.Namespace):
@@ -245,14 +262,15 @@ def feature_model(args: argparse.Namespace):
     size of the pooled level, ``--input-dim``."""
     from anomalib.models import Cfa, Dfkde, Dfm, Fre
 
-    size = (args.image_size, args.image_size)
+    cls = {"cfa": Cfa, "dfm": Dfm, "dfkde": Dfkde, "fre": Fre}[args.model]
+    pre_processor = backbone_pre_processor(args) if args.input == "backbone" else cls.configure_pre_processor(image_size=(args.image_size, args.image_size))
     if args.model == "cfa":  # the official hyper-parameters; the backbone from torchvision's cache (TORCH_HOME)
-        return Cfa(backbone=args.backbone, gamma_c=1, gamma_d=1, num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5, pre_processor=Cfa.configure_pre_processor(image_size=size), visualizer=False)
+        return Cfa(backbone=args.backbone, gamma_c=1, gamma_d=1, num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5, pre_processor=pre_processor, visualizer=False)
     if args.model == "dfm":
-        return Dfm(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=4, pca_level=0.97, score_type="fre", pre_processor=Dfm.configure_pre_processor(image_size=size), visualizer=False)
+        return Dfm(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=4, pca_level=0.97, score_type="fre", pre_processor=pre_processor, visualizer=False)
     if args.model == "dfkde":
-        return Dfkde(backbone=args.backbone, layers=(args.layers[0],), n_pca_components=16, max_training_points=40000, pre_processor=Dfkde.configure_pre_processor(image_size=size), visualizer=False)
-    return Fre(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=2, input_dim=args.input_dim, latent_dim=220, pre_processor=Fre.configure_pre_processor(image_size=size), visualizer=False)
+        return Dfkde(backbone=args.backbone, layers=(args.layers[0],), n_pca_components=16, max_training_points=40000, pre_processor=pre_processor, visualizer=False)
+    return Fre(backbone=args.backbone, layer=args.layers[0], pooling_kernel_size=2, input_dim=args.input_dim, latent_dim=220, pre_processor=pre_processor, visualizer=False)
 
 
 def auroc(scores, labels) -> float:
@@ -287,6 +305,7 @@ def main() -> None:
     parser.add_argument("--input-dim", type=int, default=7168, help="fre: values per image after pooling (channels x pooled grid)")
     parser.add_argument("--vq", help="dsr: the VQ-VAE file (vad dsr pretrain-vq safetensors) both sides use")
     parser.add_argument("--upsampling-epochs", type=int, default=1, help="dsr: the last epochs, which train the up-sampling module")
+    parser.add_argument("--input", default="anomalib", choices=["anomalib", "backbone"], help="flows and feature models: anomalib's pre-processor (ImageNet statistics) or the backbone's own mean and std, as vad")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (smoke tests)")
     parser.add_argument("--checkpoint", help="score this trained checkpoint (Lightning model.ckpt of the same settings) instead of training")
     args = parser.parse_args()
@@ -356,7 +375,13 @@ def main() -> None:
             self.validation.append(self.in_validation)
 
     timer = EpochTimer()
-    engine = Engine(max_epochs=args.epochs, max_steps=args.max_steps, accelerator="cpu", devices=1, callbacks=[timer], logger=False, enable_progress_bar=False, default_root_dir=str(results))
+    # FRE validates on the test split after each of its 220 epochs: once, after the last, is what
+    # its post-processor needs, and the epochs it times do not change.
+    validate_every = args.epochs if args.model == "fre" else 1
+    engine = Engine(
+        max_epochs=args.epochs, max_steps=args.max_steps, accelerator="cpu", devices=1, callbacks=[timer], logger=False, enable_progress_bar=False,
+        default_root_dir=str(results), check_val_every_n_epoch=validate_every,
+    )
     import torch
 
     if args.checkpoint:  # re-score: the checkpoint holds the networks, statistics, quantiles, post-processor
