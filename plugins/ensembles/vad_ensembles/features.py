@@ -56,7 +56,7 @@ from vad.options import Options, option
 from vad.preprocess import resize_batch
 from vad.training import member_session
 
-from vad_ensembles.pca import PCA, PCAFitter
+from vad_ensembles.pca import PCA, PCAFitter, grid_to_patches
 
 #: Relative aspect-ratio difference above which members are refused (resizing would distort).
 ASPECT_TOLERANCE = 0.02
@@ -169,9 +169,9 @@ class FeatureEnsemble(FeatureEnsembler):
         sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per member: sum, sum of squares
         with torch.inference_mode():
             for batch in images:
-                flat = [g.transpose(0, 1).reshape(g.shape[1], -1).double() for g in self._raw_member_grids(batch)]
-                counts = [count + f.shape[1] for count, f in zip(counts, flat)]
-                parts = [(f.sum(dim=1), (f * f).sum(dim=1)) for f in flat]
+                rows = [grid_to_patches(g).double() for g in self._raw_member_grids(batch)]
+                counts = [count + r.shape[0] for count, r in zip(counts, rows)]
+                parts = [(r.sum(dim=0), (r * r).sum(dim=0)) for r in rows]
                 sums = parts if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, parts)]
         if sums is None:
             raise VadError(f"ensemble {self.name!r} got no training images to fit its member scaling on")
