@@ -139,15 +139,11 @@ def dsr_model(args: argparse.Namespace):
     """anomalib's Dsr with the official latent anomaly strength, ``--epochs`` in all of which the
     last ``--upsampling-epochs`` train the up-sampling module (anomalib's ``upsampling_train_ratio``
     sets the epoch where that starts), and the official input: a resize to ``--image-size``, [0, 1]."""
-    from torchvision.transforms.v2 import Compose, Resize
-
     from anomalib.models import Dsr
-    from anomalib.pre_processing import PreProcessor
 
     main_epochs = args.epochs - args.upsampling_epochs
     ratio = (main_epochs + 0.5) / args.epochs  # int(epochs * ratio) = main_epochs exactly
-    transform = Compose([Resize((args.image_size, args.image_size), antialias=True)])
-    return Dsr(latent_anomaly_strength=0.2, upsampling_train_ratio=ratio, visualizer=False, pre_processor=PreProcessor(transform=transform))
+    return Dsr(latent_anomaly_strength=0.2, upsampling_train_ratio=ratio, visualizer=False, pre_processor=resize_to(args))
 
 
 def efficientad_model(args: argparse.Namespace):
@@ -210,44 +206,50 @@ def flow_model(args: argparse.Namespace):
     U-Flow accept ResNets and their transformers only; CFLOW any timm network, at ``--layers``)."""
     from anomalib.models import Cflow, Fastflow, Uflow
 
-    size = (args.image_size, args.image_size)
     cls = {"fastflow": Fastflow, "cflow": Cflow, "uflow": Uflow}[args.model]
-    # Uflow.configure_pre_processor ignores image_size (always 448 px), and anomalib sizes the
-    # model from it: U-Flow gets the resize to --image-size (ImageNet statistics for its ResNets).
-    own = args.input == "backbone" or args.model == "uflow"
-    pre_processor = backbone_pre_processor(args) if own else cls.configure_pre_processor(image_size=size)
     if args.model == "cflow":
-        return Cflow(backbone=args.backbone, layers=args.layers, pre_processor=pre_processor, visualizer=False)
-    return cls(backbone=args.backbone, pre_processor=pre_processor, visualizer=False)
+        return Cflow(backbone=args.backbone, layers=args.layers, pre_processor=model_pre_processor(cls, args), visualizer=False)
+    return cls(backbone=args.backbone, pre_processor=model_pre_processor(cls, args), visualizer=False)
 
 
-def backbone_pre_processor(args: argparse.Namespace):
-    """A resize to ``--image-size`` and the backbone's own mean and std from timm's pretrained
-    configuration, as vad feeds it (anomalib's default pre-processor uses ImageNet's statistics
-    for every backbone, also for the EfficientNet-Lites, which were trained on [-1, 1] inputs)."""
-    import timm
+def resize_to(args: argparse.Namespace, mean: list[float] | None = None, std: list[float] | None = None):
+    """A pre-processor resizing to ``--image-size`` (anti-aliased), then normalising with
+    ``mean`` and ``std`` when given (inputs stay in [0, 1] otherwise)."""
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     from anomalib.pre_processing import PreProcessor
 
-    config = timm.get_pretrained_cfg(args.backbone)
-    transform = Compose([Resize((args.image_size, args.image_size), antialias=True), Normalize(mean=list(config.mean), std=list(config.std))])
-    return PreProcessor(transform=transform)
+    steps = [Resize((args.image_size, args.image_size), antialias=True)]
+    if mean is not None and std is not None:
+        steps.append(Normalize(mean=mean, std=std))
+    return PreProcessor(transform=Compose(steps))
+
+
+def model_pre_processor(cls, args: argparse.Namespace):
+    """What a flow or feature model of anomalib class ``cls`` reads: with ``--input backbone`` a
+    resize to ``--image-size`` and the backbone's own mean and std from timm's pretrained
+    configuration, as vad feeds it (anomalib's default pre-processor uses ImageNet's statistics
+    for every backbone, also for the EfficientNet-Lites, which were trained on [-1, 1] inputs);
+    else anomalib's own. ``Uflow.configure_pre_processor`` ignores ``image_size`` (always 448 px)
+    and anomalib sizes the model from it, so U-Flow always gets the backbone's resize (ImageNet
+    statistics for its ResNets, as its own)."""
+    if args.input == "backbone" or args.model == "uflow":
+        import timm
+
+        config = timm.get_pretrained_cfg(args.backbone)
+        return resize_to(args, list(config.mean), list(config.std))
+    return cls.configure_pre_processor(image_size=(args.image_size, args.image_size))
 
 
 def ganomaly_model(args: argparse.Namespace):
     """anomalib's GANomaly with the official hyper-parameters (vad's defaults) and the official
     input: a resize to ``--image-size`` and mean = std = 0.5 (images in [-1, 1]); anomalib's
     default pre-processor would resize to 256 px with ImageNet statistics."""
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
-
     from anomalib.models import Ganomaly
-    from anomalib.pre_processing import PreProcessor
 
-    transform = Compose([Resize((args.image_size, args.image_size), antialias=True), Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
     return Ganomaly(
         batch_size=args.batch_size, n_features=64, latent_vec_size=100, extra_layers=0, add_final_conv_layer=True,
-        wadv=1, wcon=50, wenc=1, lr=0.0002, beta1=0.5, beta2=0.999, visualizer=False, pre_processor=PreProcessor(transform=transform),
+        wadv=1, wcon=50, wenc=1, lr=0.0002, beta1=0.5, beta2=0.999, visualizer=False, pre_processor=resize_to(args, [0.5] * 3, [0.5] * 3),
     )
 
 
@@ -262,8 +264,7 @@ def feature_model(args: argparse.Namespace):
     size of the pooled level, ``--input-dim``."""
     from anomalib.models import Cfa, Dfkde, Dfm, Fre
 
-    cls = {"cfa": Cfa, "dfm": Dfm, "dfkde": Dfkde, "fre": Fre}[args.model]
-    pre_processor = backbone_pre_processor(args) if args.input == "backbone" else cls.configure_pre_processor(image_size=(args.image_size, args.image_size))
+    pre_processor = model_pre_processor({"cfa": Cfa, "dfm": Dfm, "dfkde": Dfkde, "fre": Fre}[args.model], args)
     if args.model == "cfa":  # the official hyper-parameters; the backbone from torchvision's cache (TORCH_HOME)
         return Cfa(backbone=args.backbone, gamma_c=1, gamma_d=1, num_nearest_neighbors=3, num_hard_negative_features=3, radius=1e-5, pre_processor=pre_processor, visualizer=False)
     if args.model == "dfm":
