@@ -9,11 +9,11 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 
-# First-party plugins, in dependency order (draem, the autoencoders, f-AnoGAN and DSR use
+# First-party plugins, in dependency order (ensembles uses augment, draem, the autoencoders, f-AnoGAN and DSR use
 # reconstruction, vae uses autoencoder, gcad uses uninformed_students, the flow detectors use flows,
 # dfkde uses dfm).
-PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/ensembles \
-           plugins/simplenet plugins/padim plugins/augment plugins/reconstruction plugins/draem \
+PLUGINS := plugins/timm plugins/datasets plugins/metrics plugins/patchcore plugins/augment plugins/ensembles \
+           plugins/simplenet plugins/padim plugins/reconstruction plugins/draem \
            plugins/autoencoder plugins/vae plugins/fanogan plugins/ganomaly plugins/dsr plugins/ddad plugins/feature_ae \
            plugins/reverse_distillation plugins/stfpm plugins/efficientad plugins/uninformed_students plugins/gcad \
            plugins/flows plugins/fastflow plugins/ast plugins/uflow plugins/cflow plugins/csflow \

@@ -379,6 +379,8 @@ def check_ensembler(cls: type) -> None:
     with _raises_vad_error(owner, "calibration on one member"):
         cls(**_tiny(cls)).calibrate(validation[:1])
     ensemble.calibrate(validation)
+    if cls.learns_from_anomalies:
+        _check_learning(ensemble, owner, validation, [member(20, 4, 2.0), member(20, 8, 2.0)], test)
     fused = ensemble.combine(test)
     _require(tuple(fused.scores.shape) == (6,), owner, f"combine must give scores [B]=6, got {tuple(fused.scores.shape)}")
     _require(fused.maps is not None and fused.maps.ndim == 3 and fused.maps.shape[0] == 6, owner, "combine must give maps [B, h, w] when members have maps")
@@ -392,6 +394,24 @@ def check_ensembler(cls: type) -> None:
     again = rebuilt.combine(test)
     _close(again.scores, fused.scores, owner, "fused scores after rebuilding from hparams + state")
     _close(again.maps, fused.maps, owner, "fused maps after rebuilding from hparams + state")
+
+
+def _check_learning(ensemble: Any, owner: str, normal: list, anomalous: list, test: list) -> None:
+    """An ensemble that learns from synthetic anomalies: ``synthesize`` keeps the image's shape
+    and range and changes it; ``combine`` before ``learn`` is refused; ``learn`` succeeds."""
+    import torch
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    made = [ensemble.synthesize(image.clone(), torch.Generator().manual_seed(seed)) for seed in range(4)]
+    made = [anomaly for anomaly in made if anomaly is not None]
+    _require(bool(made), owner, "synthesize() left the image normal in 4 draws out of 4")
+    for anomaly in made:
+        _require(tuple(anomaly.shape) == tuple(image.shape), owner, f"synthesize() must keep the shape {tuple(image.shape)}, got {tuple(anomaly.shape)}")
+        _require(float(anomaly.min()) >= 0 and float(anomaly.max()) <= 1, owner, "synthesize() must keep values in [0, 1]")
+        _require(not torch.equal(anomaly, image), owner, "synthesize() returned the image unchanged instead of None")
+    with _raises_vad_error(owner, "combine() before learn()"):
+        ensemble.combine(test)
+    ensemble.learn(normal, anomalous)
 
 
 # --------------------------------------------------------------------------- metrics, thresholds

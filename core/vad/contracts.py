@@ -483,13 +483,31 @@ class ScoreEnsembler(Configurable, abc.ABC):
 
     ``calibrate`` sees each member's predictions on held-out *training normals* (never test
     data); ``combine`` fuses one batch of member predictions into one Prediction.
+
+    An ensemble that learns how to weigh its members (``learns_from_anomalies``) also needs
+    anomalous examples, and test labels are off limits: vad turns every calibration image into a
+    synthetic anomaly with :meth:`synthesize`, has the same members score those images the same
+    way (left out, cross-fitted or held out, as the normals), and after :meth:`calibrate` passes
+    both sets of predictions to :meth:`learn`.
     """
 
     role = "ensembler"
+    learns_from_anomalies: ClassVar[bool] = False
 
     @abc.abstractmethod
     def calibrate(self, member_predictions: Sequence[Prediction]) -> None:
         """Fit per-member statistics from one concatenated Prediction per member on validation normals."""
+
+    def synthesize(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+        """A synthetic anomaly made from one normal image ``[1, 3, H, W]`` in [0, 1] (same shape
+        and range), or None when this draw left the image normal; randomness only from
+        ``generator``. Needed when ``learns_from_anomalies``."""
+        raise NotImplementedError(f"score ensemble {self.name!r} learns from anomalies but does not implement synthesize()")
+
+    def learn(self, normal_predictions: Sequence[Prediction], anomalous_predictions: Sequence[Prediction]) -> None:
+        """Learn how to combine the members from their predictions (one concatenated Prediction
+        per member) on the calibration normals and on the synthetic anomalies; called after
+        :meth:`calibrate` when ``learns_from_anomalies``."""
 
     @abc.abstractmethod
     def combine(self, member_predictions: Sequence[Prediction]) -> Prediction:

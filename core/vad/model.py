@@ -149,6 +149,11 @@ def _concatenated(predictions: list[Prediction]) -> Prediction:
     return Prediction(torch.cat([p.scores for p in predictions]), None if any(m is None for m in maps) else torch.cat(maps))
 
 
+def _rows(prediction: Prediction, keep: torch.Tensor) -> Prediction:
+    """The images of ``prediction`` where the boolean ``keep`` is True."""
+    return Prediction(prediction.scores[keep], None if prediction.maps is None else prediction.maps[keep])
+
+
 def _thresholds_where(keep: Callable[[type], bool]) -> str:
     """The registered threshold rules whose class ``keep`` accepts, for messages."""
     from vad.plugins import get_registry
@@ -202,6 +207,9 @@ class Scored:
     samples: list[Sample]
     sizes: list[tuple[int, int]]
     predictions: list[Prediction]
+    #: Each member's predictions on synthetic anomalies made from ``samples`` (for a score
+    #: ensemble that learns from anomalies; image-level), else None.
+    anomalous: list[Prediction] | None = None
 
 
 @dataclass
@@ -296,12 +304,13 @@ class AnomalyModel:
         self._fit_members(self.members, train)
         self.timings["fit_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
+        synthetic = torch.Generator().manual_seed(self.seed) if self.ensembler is not None and self.ensembler.learns_from_anomalies else None
         if method == "hold-out":
-            scored = self._member_predictions(self.members, validation, "calibrate")
+            scored = self._member_predictions(self.members, validation, "calibrate", synthetic=synthetic)
         elif method == "leave-one-out":
-            scored = self._member_predictions(self.members, train, "left out", left_out=True)
+            scored = self._member_predictions(self.members, train, "left out", left_out=True, synthetic=synthetic)
         else:
-            scored = self._cross_fit_predictions(train)
+            scored = self._cross_fit_predictions(train, synthetic)
         self.timings["calibration_seconds"] = time.perf_counter() - start
         self._fit_thresholds(scored, method)
 
@@ -431,13 +440,18 @@ class AnomalyModel:
         layout = self.geometry.layout()
         return prediction if layout is None else layout.image_prediction(prediction)
 
-    def _member_predictions(self, members: Sequence[Member], samples: Sequence[Sample], description: str, left_out: bool = False) -> Scored:
+    def _member_predictions(
+        self, members: Sequence[Member], samples: Sequence[Sample], description: str, left_out: bool = False, synthetic: torch.Generator | None = None
+    ) -> Scored:
         """Each member's predictions on the readable ``samples``; ``left_out``: ``samples`` are
         the training images in fit order, scored as left out (with tiles: each tile, at its
-        position among the tiles in fit order)."""
+        position among the tiles in fit order). With a ``synthetic`` generator, also each
+        member's (image-level) predictions on the ensembler's synthetic anomalies made from the
+        samples, scored the same way (an anomaly made from a left-out image is left out as it)."""
         kept: list[Sample] = []
         sizes: list[tuple[int, int]] = []
         per_member: list[list[Prediction]] = [[] for _ in members]
+        anomalous: list[list[Prediction]] = [[] for _ in members]
         position, per_image = 0, self._tiles_per_image
         for start in track(range(0, len(samples), self.batch_size), description):
             chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [])
@@ -449,9 +463,35 @@ class AnomalyModel:
             sizes.extend(image.shape[:2] for image in images)
             for predictions, prediction in zip(per_member, self._member_outputs(members, chunk, images, indices)):
                 predictions.append(prediction)
-        return Scored(kept, sizes, [_concatenated(predictions) for predictions in per_member])
+            if synthetic is not None:
+                made = self._synthetic_anomalies(images, synthetic)
+                if made:
+                    picked = [index for index, _ in made]
+                    rows = None if indices is None else indices.reshape(len(images), per_image)[picked].reshape(-1)
+                    outputs = self._member_outputs(members, [chunk[i] for i in picked], [image for _, image in made], rows)
+                    for predictions, prediction in zip(anomalous, outputs):
+                        predictions.append(self._image_level(prediction))
+        scored = Scored(kept, sizes, [_concatenated(predictions) for predictions in per_member])
+        if synthetic is not None:
+            scored.anomalous = [_concatenated(predictions) for predictions in anomalous] if anomalous[0] else []
+        return scored
 
-    def _cross_fit_predictions(self, train: Sequence[Sample]) -> Scored:
+    def _synthetic_anomalies(self, images: Sequence[np.ndarray], generator: torch.Generator) -> list[tuple[int, np.ndarray]]:
+        """The ensembler's synthetic anomalies made from decoded images: ``(index, image)`` for
+        each image the draw turned anomalous, as uint8 RGB like a decoded image."""
+        made = []
+        for index, image in enumerate(images):
+            batch = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+            anomaly = self.ensembler.synthesize(batch, generator)  # type: ignore[union-attr]
+            if anomaly is None:
+                continue
+            if tuple(anomaly.shape) != tuple(batch.shape):
+                raise VadError(f"score ensemble {self.ensembler_name!r}: synthesize() changed the image's shape {tuple(batch.shape)} to {tuple(anomaly.shape)}")
+            pixels = (anomaly[0].clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            made.append((index, np.ascontiguousarray(pixels)))
+        return made
+
+    def _cross_fit_predictions(self, train: Sequence[Sample], synthetic: torch.Generator | None = None) -> Scored:
         """Each training image scored by copies of the members fitted on the other folds."""
         assignment = fold_of(len(train), self.folds, self.seed)
         parts: list[Scored] = []
@@ -461,18 +501,33 @@ class AnomalyModel:
             copies = [member.fresh() for member in self.members]
             with member_session(f"fold{fold}"):
                 self._fit_members(copies, fitted_on)
-            parts.append(self._member_predictions(copies, held_out, f"cross-fit {fold + 1}/{self.folds}"))
+            parts.append(self._member_predictions(copies, held_out, f"cross-fit {fold + 1}/{self.folds}", synthetic=synthetic))
+        anomalous = None
+        if synthetic is not None:
+            with_anomalies = [part.anomalous for part in parts if part.anomalous]
+            anomalous = [_concatenated([part[index] for part in with_anomalies]) for index in range(len(self.members))] if with_anomalies else []
         return Scored(
             [s for part in parts for s in part.samples],
             [size for part in parts for size in part.sizes],
             [_concatenated([part.predictions[index] for part in parts]) for index in range(len(self.members))],
+            anomalous,
         )
 
     def _fit_thresholds(self, scored: Scored, method: str) -> None:
         samples = scored.samples
-        if self.ensembler is not None:
-            self.ensembler.calibrate([self._image_level(prediction) for prediction in scored.predictions])
         self.calibration = {"method": method, "scores": len(samples)}
+        if self.ensembler is not None:
+            normal = [self._image_level(prediction) for prediction in scored.predictions]
+            self.ensembler.calibrate(normal)
+            if self.ensembler.learns_from_anomalies:
+                if not scored.anomalous:
+                    raise VadError(
+                        f"score ensemble {self.ensembler_name!r} learns from synthetic anomalies, but none was made from the "
+                        f"{len(samples)} calibration image(s); check its anomaly options"
+                    )
+                keep = torch.tensor([s.label == 0 for s in samples])
+                self.ensembler.learn([_rows(p, keep) for p in normal], scored.anomalous)
+                self.calibration["synthetic_anomalies"] = int(scored.anomalous[0].scores.numel())
         if method == "cross-fit":
             self.calibration["folds"] = self.folds
         if self.threshold is None:

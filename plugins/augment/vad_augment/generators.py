@@ -222,3 +222,49 @@ class RandomRotation(Augmentation):
         rotated = rotate_images(x, angles)
         keep = chosen.to(x.device).view(-1, 1, 1, 1)
         return torch.where(keep, rotated, x), None
+
+
+BUILTIN_GENERATORS: dict[str, type[AnomalyGenerator]] = {"perlin": PerlinTextureAnomaly, "cutout": CutoutAnomaly, "swirl": SwirlAnomaly}
+
+
+def anomaly_generators(names: list[str], options: dict[str, dict[str, Any]], owner: str) -> list[Augmentation]:
+    """The anomaly generators ``names`` (this package's, else any registered augmentation) built
+    with ``options[name]``. Each is probed once on a blank image, with its own generator so no
+    caller's randomness is used, and a transform without masks is refused (``owner`` names the
+    caller in the message) before any training or scoring starts."""
+    generators = []
+    for name in names:
+        if name in BUILTIN_GENERATORS:
+            cls: type[Augmentation] = BUILTIN_GENERATORS[name]
+        else:
+            from vad.plugins import get_registry
+
+            cls = get_registry().load_class("augmentations", name)
+        augmentation = cls(**options.get(name, {}))
+        probe = torch.full((1, 3, 32, 32), 0.5)
+        if getattr(augmentation, "target", "image") != "image" or augmentation(probe, torch.Generator().manual_seed(0))[1] is None:
+            raise VadError(f"{owner}: augmentation {name!r} returns no anomaly mask, so it is not an anomaly generator")
+        generators.append(augmentation)
+    return generators
+
+
+def one_anomaly_each(
+    images: torch.Tensor, generators: list[Augmentation], generator: torch.Generator, normal_probability: float, owner: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One path per image of ``[B, 3, H, W]``: left normal (``normal_probability``) or given an
+    anomaly by one of ``generators`` chosen uniformly (seed 001's none / Perlin / cutout).
+    Returns the batch and the binary masks ``[B, 1, H, W]``."""
+    count = images.shape[0]
+    normal = uniform(generator, count) < normal_probability
+    which = integers(generator, count, 0, len(generators))
+    augmented = images.clone()
+    masks = torch.zeros((count, 1, *images.shape[2:]), device=images.device, dtype=images.dtype)
+    for index, anomaly in enumerate(generators):
+        chosen = torch.nonzero(~normal & (which == index)).flatten().tolist()
+        if not chosen:
+            continue
+        out, mask = anomaly(images[chosen], generator)
+        if mask is None:
+            raise VadError(f"{owner}: augmentation {anomaly.name!r} returns no mask, so it is not an anomaly generator")
+        augmented[chosen], masks[chosen] = out, (mask > 0.5).to(images.dtype)
+    return augmented, masks

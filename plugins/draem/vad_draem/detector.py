@@ -159,28 +159,12 @@ class Draem(TrainedDetector):
 
     def _anomaly_generators(self) -> list[Augmentation]:
         """The anomaly generators named in ``anomalies`` (vad_augment's, else any registered one)."""
-        from vad_augment.generators import CutoutAnomaly, PerlinTextureAnomaly, SwirlAnomaly
+        from vad_augment.generators import anomaly_generators
 
-        builtin = {"perlin": PerlinTextureAnomaly, "cutout": CutoutAnomaly, "swirl": SwirlAnomaly}
-        generators = []
-        for name in self.options.anomalies:
-            options = dict(self.options.anomaly_options.get(name, {}))
-            if name == "perlin":
-                options.setdefault("textures", self.options.textures)
-            if name in builtin:
-                cls = builtin[name]
-            else:
-                from vad.plugins import get_registry
-
-                cls = get_registry().load_class("augmentations", name)
-            augmentation = cls(**options)
-            # Probe once on a blank image (own generator: training randomness is untouched) so a
-            # transform without masks is refused before training, not at a random later step.
-            probe = torch.full((1, 3, SIZE_MULTIPLE, SIZE_MULTIPLE), 0.5)
-            if getattr(augmentation, "target", "image") != "image" or augmentation(probe, torch.Generator().manual_seed(0))[1] is None:
-                raise VadError(f"draem: augmentation {name!r} returns no anomaly mask, so it is not an anomaly generator")
-            generators.append(augmentation)
-        return generators
+        options = {name: dict(self.options.anomaly_options.get(name, {})) for name in self.options.anomalies}
+        if "perlin" in options:
+            options["perlin"].setdefault("textures", self.options.textures)
+        return anomaly_generators(self.options.anomalies, options, "draem")
 
     def synthesize(
         self, images: torch.Tensor, generators: Sequence[Augmentation], generator: torch.Generator
@@ -188,22 +172,9 @@ class Draem(TrainedDetector):
         """One training path per image: normal (``no_anomaly_probability``) or one of the
         ``generators`` chosen uniformly (seed 001's none / Perlin / cutout). Returns the
         anomalous batch and the masks ``[B, 1, H, W]``."""
-        from vad_augment.noise import integers, uniform
+        from vad_augment.generators import one_anomaly_each
 
-        count = images.shape[0]
-        normal = uniform(generator, count) < self.options.no_anomaly_probability
-        which = integers(generator, count, 0, len(generators))
-        augmented = images.clone()
-        masks = torch.zeros((count, 1, *images.shape[2:]), device=images.device, dtype=images.dtype)
-        for index, anomaly in enumerate(generators):
-            chosen = torch.nonzero(~normal & (which == index)).flatten().tolist()
-            if not chosen:
-                continue
-            out, mask = anomaly(images[chosen], generator)
-            if mask is None:
-                raise VadError(f"draem: augmentation {anomaly.name!r} returns no mask, so it is not an anomaly generator")
-            augmented[chosen], masks[chosen] = out, (mask > 0.5).to(images.dtype)
-        return augmented, masks
+        return one_anomaly_each(images, list(generators), generator, self.options.no_anomaly_probability, "draem")
 
     def training_loss(self, images: torch.Tensor, augmented: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The official loss ``L2 + SSIM + focal`` for one batch, with its parts."""

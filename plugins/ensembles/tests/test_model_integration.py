@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vad import hookimpl
@@ -94,3 +95,53 @@ def test_score_mean_model_fits_saves_and_loads(vad_fakes, register_plugin, tiny_
         )
         model.fit(tiny_dataset.train, tiny_dataset.validation)
         round_trip(model, registry, tmp_path, tiny_dataset.test)
+
+
+@pytest.mark.parametrize("name, calibration", [("learned-weights", "cross-fit"), ("stacker", "hold-out")])
+def test_a_model_learns_from_synthetic_anomalies_of_its_calibration_images(vad_fakes, register_plugin, tiny_dataset, tmp_path, name, calibration):
+    with register_plugin(MeanDistancePlugin(), name="mean-distance-plugin") as registry:
+        model = AnomalyModel(
+            [Member("mean-distance", MeanDistance(), source) for source in members(registry)],
+            ensembler=registry.load_class("ensemblers", name)(anomalies=["cutout"]),
+            ensembler_name=name,
+            batch_size=4,
+            calibration_method=calibration,
+        )
+        model.fit(tiny_dataset.train)
+        assert model.calibration["method"] == calibration
+        assert model.calibration["synthetic_anomalies"] == model.calibration["scores"]  # cutout always changes the image
+        assert model.ensembler.weights is not None
+        round_trip(model, registry, tmp_path, tiny_dataset.test)
+
+
+class LeftOutRecorder(MeanDistance):
+    """MeanDistance that says it scores training images as left out, and records the positions."""
+
+    name = "left-out-recorder"
+    leave_one_out = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left_out: list[list[int]] = []
+
+    def predict_left_out(self, batch, indices):
+        self.left_out.append(indices.tolist())
+        return self.predict(batch)
+
+
+def test_synthetic_anomalies_are_scored_left_out_as_the_images_they_were_made_from(vad_fakes, register_plugin, tiny_dataset):
+    with register_plugin(MeanDistancePlugin(), name="mean-distance-plugin") as registry:
+        recorders = [LeftOutRecorder(), LeftOutRecorder()]
+        model = AnomalyModel(
+            [Member("left-out-recorder", recorder, source) for recorder, source in zip(recorders, members(registry))],
+            ensembler=registry.load_class("ensemblers", "learned-weights")(anomalies=["cutout"]),
+            ensembler_name="learned-weights",
+            batch_size=4,
+        )
+        model.fit(tiny_dataset.train)
+    assert model.calibration["method"] == "leave-one-out"
+    count = len(tiny_dataset.train)
+    for recorder in recorders:
+        # Per batch: the normals' positions, then the same positions for their synthetic anomalies.
+        assert recorder.left_out[0::2] == recorder.left_out[1::2]
+        assert sorted(i for batch in recorder.left_out[0::2] for i in batch) == list(range(count))

@@ -72,6 +72,15 @@ def rank(values: torch.Tensor, table_x: torch.Tensor, table_p: torch.Tensor, spr
     return torch.where(x < table_x[0], below, torch.where(x > table_x[-1], above, inside))
 
 
+def weighted_mean(stacked: torch.Tensor, weights: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
+    """Mean of the calibrated values ``[M', ...]`` of the members ``present`` with their
+    ``weights`` (one per member of the ensemble) renormalised to sum 1 over those present."""
+    weights = weights[list(present)]
+    if weights.sum() <= 0:
+        raise VadError("every member with anomaly maps has weight 0: the fused map is undefined")
+    return torch.einsum("m,m...->...", weights / weights.sum(), stacked)
+
+
 def _resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
@@ -230,11 +239,7 @@ class WeightedScores(CalibratedScoreEnsemble):
             raise self.options.invalid("weights", f"one number per member: {len(self.options.weights)} weights for {members} members")
 
     def fuse(self, stacked: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
-        weights = torch.tensor(self.options.weights, dtype=torch.float64)[list(present)]
-        if weights.sum() <= 0:
-            raise VadError("every member with anomaly maps has weight 0: the fused map is undefined")
-        weights = weights / weights.sum()
-        return torch.einsum("m,m...->...", weights, stacked)
+        return weighted_mean(stacked, torch.tensor(self.options.weights, dtype=torch.float64), present)
 
 
 class RankMean(CalibratedScoreEnsemble):
