@@ -110,7 +110,7 @@ def test_an_exception_marks_the_run_failed(registry, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- SIGKILL at random points
 
-EXPECTED_FILES = {"run.json", "config.yaml", "metrics.json", "results.csv", "results.json", "results.md", "report.html"}
+EXPECTED_FILES = {"run.json", "config.yaml", "metrics.json", "results.csv", "results.json", "results.md", "decisions.csv", "decisions.md", "report.html"}
 
 
 def _check_after_kill(folder: Path) -> str:

@@ -29,7 +29,8 @@ from vad.errors import VadError
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
-from vad.results import table_with_mean, write_results_table
+from vad.decisions import decision_table
+from vad.results import table_with_mean, write_decisions_table, write_results_table
 from vad.training import session
 
 
@@ -46,6 +47,8 @@ class CategoryResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     #: The images that trained the model (none when a saved model was loaded).
     train_files: list[str] = field(default_factory=list)
+    #: What each threshold rule decides on the test images (:mod:`vad.decisions`).
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def compute_metrics(
@@ -170,6 +173,7 @@ def run_category(
         if false_alarm_warning(calibration):
             warn(f"[{splits.category}] {false_alarm_warning(calibration)}")
     values, skipped, computed = compute_metrics(data, config, registry, model.produces_maps)
+    decisions = decision_table(model, data.scores, data.labels, registry, config.options_for) if outputs else {}
     artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs))
     if model.skipped:
         warn(f"[{splits.category}] skipped {len(model.skipped)} unreadable image(s): " + ", ".join(s.path for s in model.skipped))
@@ -188,6 +192,7 @@ def run_category(
         {"image": model.image_threshold, "pixel": model.pixel_threshold},
         calibration,
         [] if config.model else [sample.path for sample in splits.train],
+        decisions,
     )
 
 
@@ -313,6 +318,7 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
     """The run's tables, ``metrics.json`` (with the files ``--skip-bad`` left out) and report."""
     per_category = {r.category: {**r.metrics, **{k: v for k, v in r.timings.items() if k != "predict_s"}} for r in results}
     write_results_table(folder, per_category)
+    write_decisions_table(folder, {r.category: r.decisions for r in results})
     columns, rows = table_with_mean(per_category)
     artifacts.atomic_write_json(
         folder / "metrics.json",
@@ -322,6 +328,7 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
             "skipped_metrics": {r.category: r.skipped_metrics for r in results if r.skipped_metrics},
             "thresholds": {r.category: r.thresholds for r in results},
             "calibration": {r.category: r.calibration for r in results},
+            "decisions": {r.category: r.decisions for r in results},
             "timings": {r.category: r.timings for r in results},
             "skipped_files": {category: [list(item) for item in items] for category, items in skipped_files.items()},
             "train_images": {r.category: len(r.train_files) for r in results if r.train_files},

@@ -6,6 +6,7 @@ info line and each finished loop as one JSON object on stderr; the default shows
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,8 +46,27 @@ def info(message: str, **fields: Any) -> None:
     Console(stderr=True, highlight=False).print(escape(message))  # "[brick] ..." is text, not markup
 
 
+#: Lists that collect warnings instead of printing them (innermost last; see :func:`collected_warnings`).
+_COLLECTORS: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """Inside the block, :func:`warn` appends to the yielded list instead of printing: for work
+    whose warnings belong in a table next to its result (a comparison), not in the log."""
+    collected: list[str] = []
+    _COLLECTORS.append(collected)
+    try:
+        yield collected
+    finally:
+        _COLLECTORS.remove(collected)
+
+
 def warn(message: str) -> None:
-    """A warning users must see, even in quiet mode."""
+    """A warning users must see, even in quiet mode (or collected, see :func:`collected_warnings`)."""
+    if _COLLECTORS:
+        _COLLECTORS[-1].append(message)
+        return
     if log_mode() == "json":
         print(json.dumps({"event": "warning", "message": message}), file=sys.stderr, flush=True)
         return

@@ -693,6 +693,23 @@ def describe_calibration(calibration: dict[str, Any]) -> str:
     return text + "."
 
 
+def decisions_html(decisions: dict[str, dict[str, Any]]) -> str:
+    """One category's decision table (:mod:`vad.decisions`): a row per threshold rule."""
+    from vad.decisions import COLUMNS
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["rule", *COLUMNS])
+    rows = [
+        f"<tr><td>{html.escape(rule)}</td>" + "".join(f"<td>{_fmt(values.get(c))}</td>" for c in COLUMNS) + "</tr>"
+        + (f'<tr><td colspan="{len(COLUMNS) + 1}" class="note">{html.escape(values["note"])}</td></tr>' if values.get("note") else "")
+        for rule, values in decisions.items()
+    ]
+    return (
+        '<h3>Decisions</h3><p class="note">What each threshold rule decides on the test images (rules refitted on the '
+        "same normal calibration scores; the F1-optimal row reads the test labels, an upper bound; the baseline flags "
+        "nothing)</p><table><tr>" + head + "</tr>" + "".join(rows) + "</table>"
+    )
+
+
 def render_html(folder: Path, config: RunConfig) -> str:
     """The report page for the run folder ``folder`` (reads the files the run wrote)."""
     metrics = _read_json(folder / "metrics.json") or {}
@@ -738,6 +755,9 @@ def render_html(folder: Path, config: RunConfig) -> str:
         calibration_text = describe_calibration(index.get("calibration") or {})
         if calibration_text:
             parts.append(f'<p class="note">{html.escape(calibration_text)}</p>')
+        decisions = (metrics.get("decisions") or {}).get(category) or {}
+        if decisions:
+            parts.append(decisions_html(decisions))
         for path, reason in index.get("skipped_images", []):
             parts.append(f'<div class="warn">unreadable image skipped: {html.escape(path)} ({html.escape(reason)})</div>')
         for note in index.get("notes", []):
