@@ -72,6 +72,12 @@ class RunConfig:
     keep_aspect: bool = False
     tile: int | None = None
     tile_stride: int | None = None
+    #: Region of interest (:mod:`vad.roi`): a mask PNG or polygons (lists of [x, y] vertices)
+    #: for every category, or a mapping from category (``"*"``: the others) to one; ``roi_mode``
+    #: before (paint outside it) or after (restrict the map); ``roi_fill`` the paint [R, G, B].
+    roi: Any = None
+    roi_mode: str = "after"
+    roi_fill: list[int] = field(default_factory=lambda: [0, 0, 0])
     sigma: float = 4.0
     batch_size: int = 8
     device: str = "auto"
@@ -193,6 +199,12 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         raise VadError(f"holdout_fraction must be in (0, 1), got {config.holdout_fraction}")
     if not config.checkpoint_minutes >= 0:
         raise VadError(f"checkpoint_minutes must be >= 0, got {config.checkpoint_minutes}")
+    from vad.roi import MODES
+
+    if config.roi_mode not in MODES:
+        raise VadError(f"roi_mode must be one of {', '.join(MODES)}, got {config.roi_mode!r}")
+    if config.roi is not None and config.model:
+        raise VadError("--roi is saved with a fitted model: a model given with --model keeps its own region of interest; drop --roi")
     geometry = config.geometry()  # validates; sizes are saved as [H, W]
     config.image_size, config.resize, config.center_crop = (
         None if size is None else list(size) for size in (geometry.image_size, geometry.resize, geometry.center_crop)

@@ -557,6 +557,9 @@ class EvaluationData:
     samples: list[Sample] = field(default_factory=list)
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    #: The region of interest (bool ``[H, W]``, every image's size) when the run has one: pixel
+    #: metrics count the pixels inside it only (:mod:`vad.roi`).
+    roi: np.ndarray | None = None
 
 
 @dataclass

@@ -139,16 +139,26 @@ def build_export_module(model: Any):
     source = member.source
     resized = tuple(preprocessing.resize or preprocessing.size)
 
+    roi = model.roi
+    if roi is not None and layout is not None:
+        raise VadError("a model with a region of interest and tiles cannot be exported")
+
     class ExportGraph(torch.nn.Module):
-        """Preprocessing + feature source + head + upsample/blur, for tracing."""
+        """ROI paint + preprocessing + feature source + head + upsample/blur (+ ROI score), for tracing."""
 
         def __init__(self) -> None:
             super().__init__()
             self.head = head
             self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+            if roi is not None:
+                self.register_buffer("roi_inside", torch.from_numpy(roi.mask.astype("float32"))[None, None])
+                self.register_buffer("roi_fill", torch.tensor(roi.fill, dtype=torch.float32).view(1, 3, 1, 1) / 255.0)
+                self.register_buffer("roi_working", roi.working_mask(preprocessing))
 
         def forward(self, images: torch.Tensor):
+            if roi is not None and roi.mode == "before":
+                images = images * self.roi_inside + self.roi_fill * (1.0 - self.roi_inside)
             rows = resize_operator(images.shape[-2], resized[0], preprocessing.interpolation)
             cols = resize_operator(images.shape[-1], resized[1], preprocessing.interpolation)
             x = torch.matmul(torch.matmul(rows, images), cols.T)
@@ -166,6 +176,8 @@ def build_export_module(model: Any):
             if maps is None:  # an image-level detector: scores only
                 return scores.float()
             maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
+            if roi is not None and roi.mode == "after":
+                scores = roi.restrict(maps, self.roi_working)
             return scores.float(), maps
 
     return ExportGraph().eval()
@@ -186,6 +198,10 @@ def export_onnx(model: Any, output: str | Path, input_size: tuple[int, int] | No
 
     onnx, _ = require_onnx()
     model.to(torch.device("cpu"))
+    if model.roi is not None:
+        if input_size is not None and tuple(input_size) != model.roi.size:
+            raise VadError(f"the model's region of interest was set on {model.roi.size[0]}x{model.roi.size[1]} images; export it for that --input-size or none")
+        input_size = model.roi.size  # the ROI holds for images of its size only
     module = build_export_module(model)
     member = model.members[0]
     preprocessing = model.input_preprocessing(member)
@@ -227,13 +243,17 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
     size, resized = tuple(preprocessing.size), tuple(preprocessing.resize or preprocessing.size)
     tiling = None if layout is None else f"{layout.count} tiles of {layout.tile} px, stride {layout.stride}"
     crop = f"centre crop to {size[0]}x{size[1]}" if preprocessing.crop else None
+    roi = model.roi
+    painted = f"pixels outside the region of interest (the mask in model.json's folder) set to {list(roi.fill)} / 255" if roi is not None and roi.mode == "before" else None
+    restricted = "the score as the maximum of the blurred map inside the region of interest" if roi is not None and roi.mode == "after" else None
     steps = [
-        _resize_statement(preprocessing), crop,
+        painted, _resize_statement(preprocessing), crop,
         f"clamp to [0, 1], then (x - mean) / std with mean {list(preprocessing.mean)} and std {list(preprocessing.std)} (R, G, B)",
         None if tiling is None else f"tiling: {tiling}", "feature source", "detector head",
         None if tiling is None else "stitching (blended tile maps) and the score as its maximum" if model.produces_maps else "the score as the maximum of the tiles' scores",
         "bilinear upsampling" if layout is None and model.produces_maps else None,
         f"Gaussian blur sigma {model.sigma}" if model.produces_maps else None,
+        restricted,
     ]
     map_resize = "resize of the maps to each image's original size: vad uses torch.nn.functional.interpolate(mode='bilinear', align_corners=False), no antialiasing"
     if preprocessing.crop:
@@ -266,6 +286,10 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
         "detector": member.detector_name,
         "opset": opset,
     }
+    if roi is not None:
+        description["roi"] = {"mode": roi.mode, "fill": list(roi.fill), "size": list(roi.size), "inspected_fraction": float(roi.mask.mean())}
+        if roi.mode == "after":
+            description["outside_graph"].append("the map outside the region of interest: vad sets it to the map's smallest value inside")
     if geometry.keep_aspect:
         fit = geometry.fit_size
         description["input"]["aspect_ratio"] = (
@@ -283,6 +307,7 @@ def parity_images(model: Any, input_size: tuple[int, int] | None = None, seed: i
 
     preprocessing = model.input_preprocessing(model.members[0])
     height, width = preprocessing.resize or preprocessing.size
+    input_size = model.roi.size if model.roi is not None else input_size  # an ROI holds for its size only
     sizes = [input_size] * 2 if input_size else [(height, width), (height * 3 // 2 + 1, width * 3 // 2 + 1), (height * 2 // 3 + 1, width * 2 // 3 + 1)]
     rng = np.random.default_rng(seed)
     images = []

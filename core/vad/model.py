@@ -30,9 +30,10 @@ from vad.options import OptionError
 from vad.geometry import Geometry
 from vad.images import BadImageError
 from vad.plugins import Registry
-from vad.postprocess import postprocess_maps
+from vad.postprocess import postprocess_maps, upsample_and_blur
 from vad.preprocess import to_batch
 from vad.progress import info, track, warn
+from vad.roi import Roi
 from vad.calibration import METHODS as CALIBRATIONS
 from vad.calibration import false_alarm_estimate, fold_of, split_hold_out
 from vad.features import SourceBatches
@@ -78,17 +79,25 @@ class SkippedImage:
     reason: str
 
 
-def load_images(samples: Sequence[Sample], skip_bad: bool, skipped: list[SkippedImage]) -> tuple[list[Sample], list[np.ndarray]]:
-    """Decode a batch; bad files stop the run, or are listed in ``skipped`` with ``skip_bad``."""
+def load_images(
+    samples: Sequence[Sample], skip_bad: bool, skipped: list[SkippedImage], roi: Roi | None = None
+) -> tuple[list[Sample], list[np.ndarray]]:
+    """Decode a batch; bad files stop the run, or are listed in ``skipped`` with ``skip_bad``.
+    With an ``roi``, every image must have its size, and ``before`` mode paints outside it."""
     kept, images = [], []
     for sample in samples:
         try:
-            images.append(sample.load_image())
+            image = sample.load_image()
         except BadImageError as error:
             if not skip_bad:
                 raise VadError(f"{error} (pass --skip-bad to skip unreadable images and list them)") from error
             skipped.append(SkippedImage(sample.path, str(error)))
             continue
+        if roi is not None:
+            roi.check_image(image.shape, sample.path)
+            if roi.mode == "before":
+                image = roi.paint(image)
+        images.append(image)
         kept.append(sample)
     return kept, images
 
@@ -119,10 +128,12 @@ class ImageBatches:
         description: str,
         skip_bad: bool = False,
         geometry: Geometry | None = None,
+        roi: Roi | None = None,
     ) -> None:
         self.samples, self.preprocessing, self.batch_size = list(samples), preprocessing, batch_size
         self.device, self.description, self.skip_bad = device, description, skip_bad
         self.geometry = geometry or Geometry()
+        self.roi = roi
         self.skipped: list[SkippedImage] = []
 
     def __len__(self) -> int:
@@ -136,7 +147,7 @@ class ImageBatches:
         self.skipped = []
         starts = range(0, len(self.samples), self.batch_size)
         for start in track(starts, self.description):
-            kept, images = load_images(self.samples[start : start + self.batch_size], self.skip_bad, self.skipped)
+            kept, images = load_images(self.samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi)
             if images:
                 inputs = network_inputs(kept, images, self.preprocessing, self.geometry, self.device)
                 for first in range(0, len(inputs), self.batch_size):  # tiles: batch_size at a time
@@ -252,6 +263,8 @@ class AnomalyModel:
     #: The input geometry of every member (:mod:`vad.geometry`); empty: each member's own
     #: preprocessing. ``fit`` decides what depends on the training images (``fit_size``).
     geometry: Geometry = field(default_factory=Geometry)
+    #: The region of interest (:mod:`vad.roi`), or None: every pixel is inspected.
+    roi: Roi | None = None
     skipped: list[SkippedImage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -397,7 +410,7 @@ class AnomalyModel:
         for index, member in enumerate(members):
             seed_everything(self.seed)
             images = ImageBatches(
-                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry
+                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi
             )
             with member_session(f"member{index}"):
                 if member.source is not None and member.source.requires_fit:
@@ -454,7 +467,7 @@ class AnomalyModel:
         anomalous: list[list[Prediction]] = [[] for _ in members]
         position, per_image = 0, self._tiles_per_image
         for start in track(range(0, len(samples), self.batch_size), description):
-            chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [])
+            chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [], self.roi)
             if not images:
                 continue
             indices = torch.arange(position, position + len(images) * per_image) if left_out else None
@@ -574,12 +587,28 @@ class AnomalyModel:
             batch = [self._image_level(Prediction(p.scores[rows], None if p.maps is None else p.maps[rows])) for p in scored.predictions]
             fused = self.ensembler.combine(batch) if self.ensembler is not None else batch[0]
             chunk = scored.samples[window]
-            maps = None
-            if fused.maps is not None:
-                maps = postprocess_maps(fused.maps, reference, scored.sizes[window], self.sigma)
-            scores = fused.scores.detach().float().cpu().numpy()
+            scores, maps = self._scores_and_maps(fused, reference, scored.sizes[window])
             for index, sample in enumerate(chunk):
                 yield Output(sample, float(scores[index]), None, None if maps is None else maps[index])
+
+    def _scores_and_maps(self, prediction: Prediction, reference: Preprocessing, sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Image scores and maps at the images' ``sizes`` from the fused prediction; with an
+        ``after`` ROI, the score is the working-size map's maximum inside it (:mod:`vad.roi`)."""
+        maps = None
+        if prediction.maps is not None:
+            maps = postprocess_maps(prediction.maps, reference, sizes, self.sigma)
+        if self.roi is None or self.roi.mode != "after":
+            return prediction.scores.detach().float().cpu().numpy(), maps
+        working = upsample_and_blur(prediction.maps.float(), reference.size, self.sigma)  # type: ignore[union-attr]
+        scores = self.roi.restrict(working, self.roi.working_mask(reference, working.device))
+        return scores.detach().float().cpu().numpy(), [self.roi.fill_outside(m) for m in maps]  # type: ignore[union-attr]
+
+    def check_roi(self, roi: Roi) -> None:
+        """A clear error, before anything is fitted, for an ROI this model cannot honour."""
+        if self.geometry.tiled:
+            raise VadError("a region of interest (--roi) cannot be combined with tiles (--tile) yet; use --image-size instead")
+        if roi.mode == "after" and not self.produces_maps:
+            raise VadError("ROI mode 'after' restricts the anomaly map, but the detector gives image scores only; use --roi-mode before")
 
     # ------------------------------------------------------------------ predict
 
@@ -587,15 +616,12 @@ class AnomalyModel:
         """Score every sample; maps come back at each image's original resolution."""
         reference = self.input_preprocessing(self.members[0])
         for start in track(range(0, len(samples), self.batch_size), description):
-            kept, images = load_images(samples[start : start + self.batch_size], self.skip_bad, self.skipped)
+            kept, images = load_images(samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi)
             if not images:
                 continue
             predictions = [self._image_level(p) for p in self._member_outputs(self.members, kept, images)]
             prediction = self.ensembler.combine(predictions) if self.ensembler is not None else predictions[0]
-            maps = None
-            if prediction.maps is not None:
-                maps = postprocess_maps(prediction.maps, reference, [image.shape[:2] for image in images], self.sigma)
-            scores = prediction.scores.detach().float().cpu().numpy()
+            scores, maps = self._scores_and_maps(prediction, reference, [image.shape[:2] for image in images])
             for index, sample in enumerate(kept):
                 score = float(scores[index])
                 decision = None if self.image_threshold is None else bool(score >= self.image_threshold)

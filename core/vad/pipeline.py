@@ -26,10 +26,12 @@ from vad.datacheck import check_splits
 from vad.calibration import false_alarm_warning, false_alarms_on
 from vad.contracts import DataSplits, Dataset, EvaluationData, Metric, Sample
 from vad.errors import VadError
+from vad.images import image_size
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
 from vad.decisions import decision_table
+from vad.roi import Roi, read_roi_mask
 from vad.results import table_with_mean, write_decisions_table, write_results_table
 from vad.training import session
 
@@ -93,6 +95,7 @@ def evaluation_data(outputs: list[Output], model: AnomalyModel) -> EvaluationDat
         samples=[o.sample for o in outputs],
         image_threshold=model.image_threshold,
         pixel_threshold=model.pixel_threshold,
+        roi=None if model.roi is None else model.roi.mask,
     )
 
 
@@ -156,6 +159,8 @@ def run_category(
         info(f"[{splits.category}] loaded the saved model from {config.model}")
     else:
         model = (model or build_model(config, registry)).to(device)
+        if config.roi is not None:
+            model.roi = category_roi(config, splits)
         start = time.perf_counter()
         model.fit(splits.train, splits.validation)
         timings["fit_s"] = time.perf_counter() - start
@@ -267,7 +272,25 @@ def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: A
         splits = dataclasses.replace(splits, train=chosen_training_images(splits.train, config.train_count, config.seed, category))
     if model is not None:
         model.check_calibration(len(splits.train), len(splits.validation))
+        if config.roi is not None:
+            model.check_roi(category_roi(config, splits))
     return splits, [*skipped, *((b.path, b.reason) for b in bad)]
+
+
+def category_roi(config: RunConfig, splits: DataSplits) -> Roi:
+    """The region of interest ``config.roi`` gives this category, in the frame of its first
+    training image; every image of the category (test included) must have that size."""
+    spec = config.roi
+    if isinstance(spec, dict):
+        if splits.category not in spec and "*" not in spec:
+            raise VadError(f"roi names no region for category {splits.category!r} (keys: {', '.join(map(str, spec))}); add it or a '*' entry")
+        spec = spec.get(splits.category, spec.get("*"))
+    size = splits.train[0].load_image().shape[:2]
+    roi = Roi(read_roi_mask(spec, size, splits.category), config.roi_mode, tuple(config.roi_fill))
+    for sample in [*splits.train, *splits.validation, *splits.test]:
+        shape = image_size(sample.path) if sample.image_loader is None else sample.load_image().shape[:2]
+        roi.check_image(shape, sample.path)
+    return roi
 
 
 def chosen_training_images(train: list[Sample], count: Any, seed: int, category: str) -> list[Sample]:

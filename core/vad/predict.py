@@ -115,13 +115,17 @@ def _overlay_name(path: str, used: set[str]) -> str:
 def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
     """``{path: reason}`` for the images that cannot be scored as far as their file headers tell:
     an unreadable header, or a size the model's geometry refuses (``--keep-aspect``: another
-    aspect ratio), which would stop the whole call if found while scoring a batch."""
+    aspect ratio) or its region of interest does not fit, which would stop the whole call if
+    found while scoring a batch."""
     from vad.images import image_size
 
     refused = {}
     for path in paths:
         try:
-            model.geometry.check_image(image_size(path), path)
+            size = image_size(path)
+            model.geometry.check_image(size, path)
+            if model.roi is not None:
+                model.roi.check_image(size, path)
         except VadError as error:
             refused[path] = str(error)
     return refused

@@ -556,6 +556,13 @@ def write_category_report(
         "skipped_images": [[s.path, s.reason] for s in getattr(model, "skipped", [])],
         "calibration": calibration or {},
     }
+    roi = getattr(model, "roi", None)
+    if roi is not None:
+        how = "painted over before the detector" if roi.mode == "before" else "left out of the image score"
+        index["notes"].append(
+            f"region of interest ({roi.mode}): {100 * float(roi.mask.mean()):.1f} % of each image is inspected, the rest is {how}; "
+            "pixel metrics count the pixels inside it only"
+        )
     if not outputs:
         index["notes"].append("no test image could be scored")
         artifacts.atomic_write_json(report_folder / INDEX_JSON, index)

@@ -161,7 +161,7 @@ class PixelAUROC(_PixelMetric):
 
     def compute(self, data):
         """Exact Mann-Whitney AUROC (equal to scikit-learn's), see :mod:`vad_metrics.pixel`."""
-        return pixel.auroc_from_split(*pixel.split_pixels(data.maps, data.masks))
+        return pixel.auroc_from_split(*pixel.split_pixels(data.maps, data.masks, data.roi))
 
 
 class PixelAP(_PixelMetric):
@@ -171,7 +171,7 @@ class PixelAP(_PixelMetric):
 
     def compute(self, data):
         """Exact average precision (equal to scikit-learn's)."""
-        return pixel.average_precision_from_split(*pixel.split_pixels(data.maps, data.masks))
+        return pixel.average_precision_from_split(*pixel.split_pixels(data.maps, data.masks, data.roi))
 
 
 class PixelF1Max(_PixelMetric):
@@ -181,7 +181,7 @@ class PixelF1Max(_PixelMetric):
 
     def compute(self, data):
         """``{"pixel_f1_max": …, "pixel_f1_max_threshold": …}`` (an oracle: chosen on the test set)."""
-        f1, threshold = pixel.f1_max_from_split(*pixel.split_pixels(data.maps, data.masks))
+        f1, threshold = pixel.f1_max_from_split(*pixel.split_pixels(data.maps, data.masks, data.roi))
         return {"pixel_f1_max": f1, "pixel_f1_max_threshold": threshold}
 
 
@@ -198,7 +198,7 @@ class PixelIoU(_PixelMetric):
 
     def compute(self, data):
         """IoU of ``score >= pixel_threshold``, pooled over all pixels."""
-        return pixel.iou_at(data.maps, data.masks, data.pixel_threshold)
+        return pixel.iou_at(data.maps, data.masks, data.pixel_threshold, data.roi)
 
 
 class PixelPROAnomalib(_PixelMetric):
@@ -214,7 +214,7 @@ class PixelPROAnomalib(_PixelMetric):
 
     def compute(self, data):
         """Mean recall of 8-connected regions at ``score > pixel_threshold``."""
-        return pixel.pro_at_threshold_anomalib(data.maps, data.masks, data.pixel_threshold)
+        return pixel.pro_at_threshold_anomalib(data.maps, data.masks, data.pixel_threshold, data.roi)
 
 
 class AUPRO(_PixelMetric):
@@ -225,12 +225,12 @@ class AUPRO(_PixelMetric):
 
     def compute(self, data):
         """See :func:`vad_metrics.pro.au_pro`."""
-        return pro.au_pro(data.maps, data.masks, self.options.fpr_limit)
+        return pro.au_pro(data.maps, data.masks, self.options.fpr_limit, data.roi)
 
     def curves(self, data):
         """The PRO curve up to the first point past ``fpr_limit`` (the points the area uses),
         labelled with the normalised area."""
-        fprs, pros = pro.points_up_to(*pro.pro_curve(data.maps, data.masks, self.options.fpr_limit), self.options.fpr_limit)
+        fprs, pros = pro.points_up_to(*pro.pro_curve(data.maps, data.masks, self.options.fpr_limit, data.roi), self.options.fpr_limit)
         label = f"AU-PRO({self.options.fpr_limit:g}) {pro.area_under_curve(fprs, pros, self.options.fpr_limit):.4f}"
         return [Curve("pro", fprs, pros, "pixel false positive rate", "per-region overlap", label, self.options.fpr_limit)]
 
@@ -250,6 +250,8 @@ class AUSPRO(Metric):
             return "the samples of the anomaly maps are not known"
         if not any(sample.regions for sample in data.samples):
             return "no sample has annotated regions with saturation thresholds (MVTec LOCO only)"
+        if data.roi is not None:
+            return "LOCO's annotated regions are defined on whole images; with a region of interest AU-sPRO is left out"
         return None
 
     def compute(self, data):

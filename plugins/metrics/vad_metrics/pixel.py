@@ -14,18 +14,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from vad.errors import VadError
-from vad_metrics.pro import EIGHT_CONNECTED, _pairs
+from vad_metrics.pro import EIGHT_CONNECTED, _pairs, restricted, within
 
 
-def split_pixels(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of all ground-truth-negative and of all positive pixels (``None`` masks: all negative)."""
+def split_pixels(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], roi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of all ground-truth-negative and of all positive pixels (``None`` masks: all
+    negative); with a region of interest ``roi`` (bool, the maps' size), of the pixels inside it."""
     negatives, positives = [], []
     for anomaly_map, mask in _pairs(anomaly_maps, masks):
+        inside = within(roi, anomaly_map.shape)
         if mask is None:
-            negatives.append(anomaly_map.ravel())
+            negatives.append(anomaly_map.ravel() if inside is None else anomaly_map[inside])
         else:
-            negatives.append(anomaly_map[~mask])
-            positives.append(anomaly_map[mask])
+            normal = ~mask if inside is None else ~mask & inside
+            negatives.append(anomaly_map[normal])
+            positives.append(anomaly_map[restricted(mask, inside)])
     negatives = np.concatenate(negatives)
     positives = np.concatenate(positives) if positives else np.zeros(0, dtype=negatives.dtype)
     return negatives, positives
@@ -85,9 +88,10 @@ def f1_max_from_split(negatives: np.ndarray, positives: np.ndarray) -> tuple[flo
     return float(f1[best]), float(thresholds[best])
 
 
-def iou_at(anomaly_maps, masks, threshold: float) -> float:
-    """Intersection over union of ``score >= threshold`` and the ground truth over all pixels."""
-    negatives, positives = split_pixels(anomaly_maps, masks)
+def iou_at(anomaly_maps, masks, threshold: float, roi: np.ndarray | None = None) -> float:
+    """Intersection over union of ``score >= threshold`` and the ground truth over all pixels
+    (inside ``roi`` when given)."""
+    negatives, positives = split_pixels(anomaly_maps, masks, roi)
     true_positives = int(np.count_nonzero(positives >= threshold))
     false_positives = int(np.count_nonzero(negatives >= threshold))
     union = positives.size + false_positives
@@ -96,7 +100,7 @@ def iou_at(anomaly_maps, masks, threshold: float) -> float:
     return true_positives / union
 
 
-def pro_at_threshold_anomalib(anomaly_maps, masks, threshold: float) -> float:
+def pro_at_threshold_anomalib(anomaly_maps, masks, threshold: float, roi: np.ndarray | None = None) -> float:
     """Per-region overlap at one threshold, as anomalib 1.x's ``PRO`` metric computes it.
 
     anomalib binarises min-max-normalised maps at 0.5, which is ``raw score > pixel threshold``
@@ -107,6 +111,7 @@ def pro_at_threshold_anomalib(anomaly_maps, masks, threshold: float) -> float:
 
     total, count = 0.0, 0
     for anomaly_map, mask in _pairs(anomaly_maps, masks):
+        mask = restricted(mask, within(roi, anomaly_map.shape))
         if mask is None or not mask.any():
             continue
         labeled, regions = ndimage.label(mask, structure=EIGHT_CONNECTED)

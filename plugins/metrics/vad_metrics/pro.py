@@ -221,25 +221,44 @@ def _pairs(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None
         yield anomaly_map, check_mask(mask, anomaly_map.shape, index)
 
 
-def region_contributions(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]):
+def within(roi: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The region of interest as a bool mask of ``shape`` (None: every pixel counts)."""
+    if roi is None:
+        return None
+    inside = np.asarray(roi, bool)
+    if inside.shape != tuple(shape):
+        raise VadError(f"the region of interest is {inside.shape} but an anomaly map is {tuple(shape)}")
+    return inside
+
+
+def restricted(mask: np.ndarray | None, inside: np.ndarray | None) -> np.ndarray | None:
+    """The ground truth inside the region of interest (pixels outside it are ignored)."""
+    return mask if mask is None or inside is None else mask & inside
+
+
+def region_contributions(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], roi: np.ndarray | None = None):
     """Negative scores, positive scores with weights ``1 / area``, and the number of regions.
 
-    Regions are the 8-connected components of each mask; ``None`` masks are all negative.
+    Regions are the 8-connected components of each mask; ``None`` masks are all negative. With a
+    region of interest ``roi`` (bool, the maps' size) only pixels inside it count: regions are
+    the components of the ground truth inside it, negatives the normal pixels inside it.
     """
     from scipy import ndimage
 
     negatives, positives, weights = [], [], []
     num_regions = 0
     for anomaly_map, mask in _pairs(anomaly_maps, masks):
+        counted = within(roi, anomaly_map.shape)
+        mask = restricted(mask, counted)
         if mask is None or not mask.any():
-            negatives.append(anomaly_map.ravel())
+            negatives.append(anomaly_map.ravel() if counted is None else anomaly_map[counted])
             continue
         labeled, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
         labeled = labeled.ravel()
         flat = anomaly_map.ravel()
         inside = labeled > 0
         areas = np.bincount(labeled, minlength=count + 1)
-        negatives.append(flat[~inside])
+        negatives.append(flat[~inside] if counted is None else flat[~inside & counted.ravel()])
         positives.append(flat[inside])
         weights.append(1.0 / areas[labeled[inside]])
         num_regions += count
@@ -255,21 +274,22 @@ def _concat(parts: list[np.ndarray], dtype=None) -> np.ndarray:
 # --------------------------------------------------------------------------- AU-PRO
 
 
-def pro_curve(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], fpr_limit: float | None = None):
-    """(fprs, pros) of the PRO curve; with ``fpr_limit`` only the part the area needs."""
-    negatives, positives, weights, num_regions = region_contributions(anomaly_maps, masks)
+def pro_curve(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], fpr_limit: float | None = None, roi: np.ndarray | None = None):
+    """(fprs, pros) of the PRO curve; with ``fpr_limit`` only the part the area needs; with
+    ``roi`` only the pixels inside it (:func:`region_contributions`)."""
+    negatives, positives, weights, num_regions = region_contributions(anomaly_maps, masks, roi)
     return overlap_curve(negatives, positives, weights, num_regions, fpr_limit)
 
 
-def au_pro(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], fpr_limit: float = 0.3) -> float:
+def au_pro(anomaly_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], fpr_limit: float = 0.3, roi: np.ndarray | None = None) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` (MVTec AD's AU-PRO).
 
     ``anomaly_maps`` are real ``[H, W]`` arrays (any size per image); ``masks`` bool arrays of the
-    same shapes or None for images without defects. Raises VadError without negative pixels or
-    without any anomalous pixel.
+    same shapes or None for images without defects; ``roi``: only the pixels inside it count.
+    Raises VadError without negative pixels or without any anomalous pixel.
     """
     fpr_limit = check_fpr_limit(fpr_limit, "au_pro")
-    fprs, pros = pro_curve(anomaly_maps, masks, fpr_limit)
+    fprs, pros = pro_curve(anomaly_maps, masks, fpr_limit, roi)
     return area_under_curve(fprs, pros, fpr_limit)
 
 
