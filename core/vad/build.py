@@ -32,6 +32,7 @@ from vad.contracts import Dataset, DetectorFeatures, FeatureEnsembler, FeatureSo
 from vad.errors import UnknownNameError, VadError
 from vad.features import PatchFeatures
 from vad.geometry import Geometry
+from vad.registration import Registration
 from vad.roi import Roi
 from vad.plugins import KINDS, Registry, backbone_entry, create_backbone, get_registry
 from vad.progress import warn
@@ -387,9 +388,10 @@ def model_document(model: AnomalyModel, registry: Registry | None = None) -> tup
         "seed": model.seed,
         "batch_size": model.batch_size,
     }
-    if model.roi is not None:
-        document["roi"], roi_tensors = model.roi.to_document()
-        tensors.update(roi_tensors)
+    for name, part in (("roi", model.roi), ("registration", model.registration)):
+        if part is not None:
+            document[name], part_tensors = part.to_document()
+            tensors.update(part_tensors)
     if model.ensembler is not None:
         state = model.ensembler.state()
         tensors.update(artifacts.prefixed("ensembler", state.tensors))
@@ -440,6 +442,7 @@ def model_from_document(document: dict[str, Any], tensors: dict[str, torch.Tenso
         calibration=document.get("calibration", {}),
         geometry=Geometry.from_dict(document.get("geometry")),  # absent (older folders): as before
         roi=Roi.from_document(document.get("roi"), tensors),
+        registration=Registration.from_document(document.get("registration"), tensors),
     )
 
 

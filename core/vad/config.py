@@ -78,6 +78,12 @@ class RunConfig:
     roi: Any = None
     roi_mode: str = "after"
     roi_fill: list[int] = field(default_factory=lambda: [0, 0, 0])
+    #: Image registration (:mod:`vad.registration`): None, translation, rigid or affine; every
+    #: image aligned to ``registration_reference`` (a path; default: the first training image)
+    #: with ``registration_options`` (keypoints, ratio, residual, min_inliers, min_overlap).
+    registration: str | None = None
+    registration_reference: str | None = None
+    registration_options: dict[str, Any] = field(default_factory=dict)
     sigma: float = 4.0
     batch_size: int = 8
     device: str = "auto"
@@ -205,6 +211,15 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
         raise VadError(f"roi_mode must be one of {', '.join(MODES)}, got {config.roi_mode!r}")
     if config.roi is not None and config.model:
         raise VadError("--roi is saved with a fitted model: a model given with --model keeps its own region of interest; drop --roi")
+    from vad.registration import KINDS
+
+    if config.registration is not None and config.registration not in KINDS:
+        raise VadError(f"registration must be one of {', '.join(KINDS)} (or left out), got {config.registration!r}")
+    if config.registration is not None and config.model:
+        raise VadError("--registration is saved with a fitted model: a model given with --model keeps its own; drop --registration")
+    unknown = sorted(set(config.registration_options) - {"keypoints", "ratio", "residual", "min_inliers", "min_overlap"})
+    if unknown:
+        raise VadError(f"registration_options has unknown keys {unknown}; known: keypoints, ratio, residual, min_inliers, min_overlap")
     geometry = config.geometry()  # validates; sizes are saved as [H, W]
     config.image_size, config.resize, config.center_crop = (
         None if size is None else list(size) for size in (geometry.image_size, geometry.resize, geometry.center_crop)

@@ -286,6 +286,11 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
         "detector": member.detector_name,
         "opset": opset,
     }
+    if model.registration is not None:
+        description["outside_graph"].insert(1, (
+            f"registration ({model.registration.kind}) of each image to the model's reference view (vad.registration, "
+            "scikit-image): the graph takes aligned images; their maps are in the reference frame"
+        ))
     if roi is not None:
         description["roi"] = {"mode": roi.mode, "fill": list(roi.fill), "size": list(roi.size), "inspected_fraction": float(roi.mask.mean())}
         if roi.mode == "after":
@@ -307,7 +312,8 @@ def parity_images(model: Any, input_size: tuple[int, int] | None = None, seed: i
 
     preprocessing = model.input_preprocessing(model.members[0])
     height, width = preprocessing.resize or preprocessing.size
-    input_size = model.roi.size if model.roi is not None else input_size  # an ROI holds for its size only
+    fixed = model.roi or model.registration  # an ROI or a reference holds for its size only
+    input_size = fixed.size if fixed is not None else input_size
     sizes = [input_size] * 2 if input_size else [(height, width), (height * 3 // 2 + 1, width * 3 // 2 + 1), (height * 2 // 3 + 1, width * 2 // 3 + 1)]
     rng = np.random.default_rng(seed)
     images = []
@@ -330,9 +336,10 @@ def check_parity(model: Any, onnx_file: str | Path, images: list[Any]) -> float:
 
     _, onnxruntime = require_onnx()
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    aligned = images if model.registration is None else [model.registration.align(image)[0] for image in images]  # outside the graph
     onnx_scores = np.array([
         session.run(["scores"], {"images": np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)})[0][0]
-        for image in images
+        for image in aligned
     ], dtype=np.float64)
     samples = [
         Sample(path=f"parity-{i}", label=0, category="export", split="test", image_loader=lambda image=image: image)

@@ -33,6 +33,7 @@ from vad.plugins import Registry
 from vad.postprocess import postprocess_maps, upsample_and_blur
 from vad.preprocess import to_batch
 from vad.progress import info, track, warn
+from vad.registration import Alignment, Registration
 from vad.roi import Roi
 from vad.calibration import METHODS as CALIBRATIONS
 from vad.calibration import false_alarm_estimate, fold_of, split_hold_out
@@ -80,10 +81,17 @@ class SkippedImage:
 
 
 def load_images(
-    samples: Sequence[Sample], skip_bad: bool, skipped: list[SkippedImage], roi: Roi | None = None
+    samples: Sequence[Sample],
+    skip_bad: bool,
+    skipped: list[SkippedImage],
+    roi: Roi | None = None,
+    registration: Registration | None = None,
+    alignments: list[Alignment] | None = None,
 ) -> tuple[list[Sample], list[np.ndarray]]:
     """Decode a batch; bad files stop the run, or are listed in ``skipped`` with ``skip_bad``.
-    With an ``roi``, every image must have its size, and ``before`` mode paints outside it."""
+    With a ``registration``, each image is aligned to its reference (each image's alignment
+    appended to ``alignments``); with an ``roi``, every image must have its size, and ``before``
+    mode paints outside it."""
     kept, images = [], []
     for sample in samples:
         try:
@@ -93,6 +101,11 @@ def load_images(
                 raise VadError(f"{error} (pass --skip-bad to skip unreadable images and list them)") from error
             skipped.append(SkippedImage(sample.path, str(error)))
             continue
+        if registration is not None:
+            registration.check_image(image.shape, sample.path)
+            image, alignment = registration.align(image)
+            if alignments is not None:
+                alignments.append(alignment)
         if roi is not None:
             roi.check_image(image.shape, sample.path)
             if roi.mode == "before":
@@ -129,11 +142,12 @@ class ImageBatches:
         skip_bad: bool = False,
         geometry: Geometry | None = None,
         roi: Roi | None = None,
+        registration: Registration | None = None,
     ) -> None:
         self.samples, self.preprocessing, self.batch_size = list(samples), preprocessing, batch_size
         self.device, self.description, self.skip_bad = device, description, skip_bad
         self.geometry = geometry or Geometry()
-        self.roi = roi
+        self.roi, self.registration = roi, registration
         self.skipped: list[SkippedImage] = []
 
     def __len__(self) -> int:
@@ -147,7 +161,7 @@ class ImageBatches:
         self.skipped = []
         starts = range(0, len(self.samples), self.batch_size)
         for start in track(starts, self.description):
-            kept, images = load_images(self.samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi)
+            kept, images = load_images(self.samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi, self.registration)
             if images:
                 inputs = network_inputs(kept, images, self.preprocessing, self.geometry, self.device)
                 for first in range(0, len(inputs), self.batch_size):  # tiles: batch_size at a time
@@ -231,6 +245,8 @@ class Output:
     score: float
     anomalous: bool | None
     map: np.ndarray | None
+    #: Why the image was scored as it is although the model aligns images (its registration failed), else None.
+    registration_error: str | None = None
 
 
 @dataclass
@@ -265,6 +281,8 @@ class AnomalyModel:
     geometry: Geometry = field(default_factory=Geometry)
     #: The region of interest (:mod:`vad.roi`), or None: every pixel is inspected.
     roi: Roi | None = None
+    #: Alignment of every image to a reference view (:mod:`vad.registration`), or None.
+    registration: Registration | None = None
     skipped: list[SkippedImage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -410,7 +428,7 @@ class AnomalyModel:
         for index, member in enumerate(members):
             seed_everything(self.seed)
             images = ImageBatches(
-                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi
+                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi, self.registration
             )
             with member_session(f"member{index}"):
                 if member.source is not None and member.source.requires_fit:
@@ -467,7 +485,7 @@ class AnomalyModel:
         anomalous: list[list[Prediction]] = [[] for _ in members]
         position, per_image = 0, self._tiles_per_image
         for start in track(range(0, len(samples), self.batch_size), description):
-            chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [], self.roi)
+            chunk, images = load_images(samples[start : start + self.batch_size], self.skip_bad, [], self.roi, self.registration)
             if not images:
                 continue
             indices = torch.arange(position, position + len(images) * per_image) if left_out else None
@@ -616,16 +634,20 @@ class AnomalyModel:
         """Score every sample; maps come back at each image's original resolution."""
         reference = self.input_preprocessing(self.members[0])
         for start in track(range(0, len(samples), self.batch_size), description):
-            kept, images = load_images(samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi)
+            alignments: list[Alignment] = []
+            kept, images = load_images(samples[start : start + self.batch_size], self.skip_bad, self.skipped, self.roi, self.registration, alignments)
             if not images:
                 continue
             predictions = [self._image_level(p) for p in self._member_outputs(self.members, kept, images)]
             prediction = self.ensembler.combine(predictions) if self.ensembler is not None else predictions[0]
             scores, maps = self._scores_and_maps(prediction, reference, [image.shape[:2] for image in images])
+            if self.registration is not None and maps is not None:  # back into each file's own frame
+                maps = [self.registration.to_original(m, a, m.shape) for m, a in zip(maps, alignments)]
             for index, sample in enumerate(kept):
                 score = float(scores[index])
                 decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
-                yield Output(sample, score, decision, None if maps is None else maps[index])
+                error = alignments[index].error if alignments else None
+                yield Output(sample, score, decision, None if maps is None else maps[index], error)
 
     # ------------------------------------------------------------------ save / load
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,8 @@ from vad.datacheck import check_splits
 from vad.calibration import false_alarm_warning, false_alarms_on
 from vad.contracts import DataSplits, Dataset, EvaluationData, Metric, Sample
 from vad.errors import VadError
-from vad.images import image_size
+from vad.images import image_size, read_rgb
+from vad.registration import Registration
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
@@ -51,6 +53,8 @@ class CategoryResult:
     train_files: list[str] = field(default_factory=list)
     #: What each threshold rule decides on the test images (:mod:`vad.decisions`).
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The test images whose alignment to the reference failed, with why (:mod:`vad.registration`).
+    registration_failures: dict[str, str] = field(default_factory=dict)
 
 
 def compute_metrics(
@@ -99,14 +103,16 @@ def evaluation_data(outputs: list[Output], model: AnomalyModel) -> EvaluationDat
     )
 
 
-def scores_csv(outputs: list[Output]) -> str:
-    """Per-image raw scores and decisions."""
+def scores_csv(outputs: list[Output], registered: bool = False) -> str:
+    """Per-image raw scores and decisions (and, for a model that aligns images, why an image's
+    alignment failed: empty when it succeeded)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "category", "defect_type", "label", "score", "decision"])
+    writer.writerow(["path", "category", "defect_type", "label", "score", "decision", *(["registration_error"] if registered else [])])
     for o in outputs:
         decision = "" if o.anomalous is None else int(o.anomalous)
-        writer.writerow([o.sample.path, o.sample.category, o.sample.defect_type, o.sample.label, repr(o.score), decision])
+        extra = [o.registration_error or ""] if registered else []
+        writer.writerow([o.sample.path, o.sample.category, o.sample.defect_type, o.sample.label, repr(o.score), decision, *extra])
     return buffer.getvalue()
 
 
@@ -161,6 +167,8 @@ def run_category(
         model = (model or build_model(config, registry)).to(device)
         if config.roi is not None:
             model.roi = category_roi(config, splits)
+        if config.registration is not None:
+            model.registration = category_registration(config, splits)
         start = time.perf_counter()
         model.fit(splits.train, splits.validation)
         timings["fit_s"] = time.perf_counter() - start
@@ -179,7 +187,11 @@ def run_category(
             warn(f"[{splits.category}] {false_alarm_warning(calibration)}")
     values, skipped, computed = compute_metrics(data, config, registry, model.produces_maps)
     decisions = decision_table(model, data.scores, data.labels, registry, config.options_for) if outputs else {}
-    artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs))
+    artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs, model.registration is not None))
+    failures = {o.sample.path: o.registration_error for o in outputs if o.registration_error}
+    if failures:
+        warn(f"[{splits.category}] registration failed for {len(failures)} test image(s), scored unaligned (listed in scores.csv and metrics.json): "
+             + "; ".join(f"{path} ({reason})" for path, reason in list(failures.items())[:3]))
     if model.skipped:
         warn(f"[{splits.category}] skipped {len(model.skipped)} unreadable image(s): " + ", ".join(s.path for s in model.skipped))
     if config.report:
@@ -198,6 +210,7 @@ def run_category(
         calibration,
         [] if config.model else [sample.path for sample in splits.train],
         decisions,
+        failures,
     )
 
 
@@ -274,7 +287,28 @@ def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: A
         model.check_calibration(len(splits.train), len(splits.validation))
         if config.roi is not None:
             model.check_roi(category_roi(config, splits))
+        if config.registration is not None:
+            category_registration(config, splits)
     return splits, [*skipped, *((b.path, b.reason) for b in bad)]
+
+
+def _every_size(splits: DataSplits) -> Iterator[tuple[tuple[int, int], str]]:
+    """``((H, W), path)`` of every image of the category (file headers, or decoded in-memory images)."""
+    for sample in [*splits.train, *splits.validation, *splits.test]:
+        yield (image_size(sample.path) if sample.image_loader is None else sample.load_image().shape[:2]), sample.path
+
+
+def category_registration(config: RunConfig, splits: DataSplits) -> Registration:
+    """The registration ``config`` asks for, with this category's reference (the given image or
+    its first training image); every image of the category must have the reference's size."""
+    reference = read_rgb(config.registration_reference) if config.registration_reference else splits.train[0].load_image()
+    try:
+        registration = Registration(reference, str(config.registration), **config.registration_options)
+    except TypeError as error:
+        raise VadError(f"registration_options: {error}") from error
+    for size, path in _every_size(splits):
+        registration.check_image(size, path)
+    return registration
 
 
 def category_roi(config: RunConfig, splits: DataSplits) -> Roi:
@@ -287,9 +321,8 @@ def category_roi(config: RunConfig, splits: DataSplits) -> Roi:
         spec = spec.get(splits.category, spec.get("*"))
     size = splits.train[0].load_image().shape[:2]
     roi = Roi(read_roi_mask(spec, size, splits.category), config.roi_mode, tuple(config.roi_fill))
-    for sample in [*splits.train, *splits.validation, *splits.test]:
-        shape = image_size(sample.path) if sample.image_loader is None else sample.load_image().shape[:2]
-        roi.check_image(shape, sample.path)
+    for shape, path in _every_size(splits):
+        roi.check_image(shape, path)
     return roi
 
 
@@ -352,6 +385,7 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
             "thresholds": {r.category: r.thresholds for r in results},
             "calibration": {r.category: r.calibration for r in results},
             "decisions": {r.category: r.decisions for r in results},
+            **({"registration_failures": {r.category: r.registration_failures for r in results}} if config.registration else {}),
             "timings": {r.category: r.timings for r in results},
             "skipped_files": {category: [list(item) for item in items] for category, items in skipped_files.items()},
             "train_images": {r.category: len(r.train_files) for r in results if r.train_files},

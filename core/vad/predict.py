@@ -124,8 +124,9 @@ def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
         try:
             size = image_size(path)
             model.geometry.check_image(size, path)
-            if model.roi is not None:
-                model.roi.check_image(size, path)
+            for frame in (model.roi, model.registration):
+                if frame is not None:
+                    frame.check_image(size, path)
         except VadError as error:
             refused[path] = str(error)
     return refused
@@ -168,6 +169,7 @@ def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | Non
             "map_max": None if output.map is None else float(np.max(output.map)),
             "overlay": None,
             "error": None,
+            **({"registration_error": output.registration_error} if model.registration is not None else {}),
         }
         if overlay_folder is not None:
             image = output.sample.load_image()
