@@ -78,3 +78,48 @@ def test_a_run_writes_the_decisions_to_metrics_tables_and_report(vad_fakes, regi
     assert "| tiny-a | chosen: max |" in (folder / "decisions.md").read_text()
     assert (folder / "decisions.csv").read_text().startswith("category,rule,threshold,tp,fp,tn,fn,")
     assert "<h3>Decisions</h3>" in (folder / "report.html").read_text()
+
+
+def test_a_shot_is_flagged_when_any_view_is_and_anomalous_when_any_view_shows_an_anomaly():
+    from vad.decisions import shot_tables
+
+    def view(name, images, threshold):
+        return {"view": name, "images": images, "decisions": {"chosen: max": {"threshold": threshold}, BASELINE: {"threshold": None}}}
+
+    views = {
+        "machine/A": view("A", [("a/test/good/s1.png", 0, 0.2), ("a/test/cut/s2.png", 1, 0.9), ("a/test/good/s3.png", 0, 0.6)], 0.5),
+        "machine/B": view("B", [("b/test/good/s1.png", 0, 0.1), ("b/test/good/s2.png", 0, 0.1), ("b/test/good/s3.png", 0, 0.1)], 0.5),
+        "other/A": view("A", [("x/s1.png", 0, 0.0)], 1.0),  # a machine of one view: no shot table
+    }
+    tables, problems = shot_tables(views)
+    assert list(tables) == ["machine"] and not problems
+    chosen = tables["machine"]["chosen: max"]
+    assert (chosen["tp"], chosen["fp"], chosen["tn"], chosen["fn"]) == (1, 1, 1, 0)  # s2 found, s3 a false alarm (view A)
+    assert tables["machine"][BASELINE]["accuracy"] == pytest.approx(2 / 3)
+    views["machine/B"]["images"].append(("b/test/cut/s1.png", 1, 0.9))
+    tables, problems = shot_tables(views)
+    assert not tables and "s1 in machine/B" in problems["machine"]
+
+
+def test_a_multi_view_run_writes_decisions_per_shot(tmp_path):
+    import importlib.util
+
+    from vad.config import RunConfig
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "line_clearance_data.py"
+    spec = importlib.util.spec_from_file_location("line_clearance_data", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = module.build(tmp_path / "data", size=64, train=6, good=3, anomalous=3)
+    config = RunConfig(
+        dataset="multi-view", root=str(root), detectors=["patchcore"], backbones=["tf_efficientnet_lite0"], image_size=[64, 64],
+        report=True, output=str(tmp_path / "run"), device="cpu", roi=module.roi_polygons(64), registration="translation",
+    )
+    folder, results = run(config)
+    assert sorted(r.category for r in results) == ["machine/A", "machine/B", "machine/C"]
+    shots = json.loads((folder / "metrics.json").read_text())["shot_decisions"]["machine"]
+    chosen = next(values for rule, values in shots.items() if rule.startswith("chosen"))
+    assert chosen["tp"] + chosen["fn"] == 3 and chosen["fp"] + chosen["tn"] == 3
+    assert shots[BASELINE]["accuracy"] == 0.5
+    assert "| machine | chosen:" in (folder / "shot_decisions.md").read_text()
+    assert "Shots of machine" in (folder / "report.html").read_text()

@@ -21,6 +21,7 @@ are kept in its row's ``note`` rather than printed.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,3 +100,60 @@ def decision_table(
         rows[ORACLE] = confusion(scores, labels, best_f1_threshold(scores, labels))
     rows[BASELINE] = confusion(scores, labels, None)
     return rows
+
+
+# --------------------------------------------------------------------------- shots of several views
+
+
+def machine_of(category: str, view: str) -> str:
+    """The machine (product) a view's category belongs to: ``machine/A`` -> ``machine``; a flat
+    view ``A`` -> ``""`` (the data set root is one machine)."""
+    return category[: -len(view)].rstrip("/") if category.endswith(view) else category
+
+
+def shot_tables(views: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
+    """Decisions per shot: every view of a machine photographs the same shot, matched by file
+    name (``shot_017.png`` in each view's test folders); a shot is anomalous when any view shows
+    an anomaly and flagged when any view's score reaches that view's threshold of the rule.
+
+    ``views``: per category with views, ``{"view", "images": [(path, label, score)], "decisions":
+    {rule: row}}``. Returns ``{machine: {rule: row}}`` for the rules every view of the machine
+    has (the baseline included), and ``{machine: why}`` for machines whose shots cannot be matched.
+    """
+    machines: dict[str, list[str]] = {}
+    for category, view in views.items():
+        machines.setdefault(machine_of(category, view["view"]), []).append(category)
+    tables: dict[str, dict[str, dict[str, Any]]] = {}
+    problems: dict[str, str] = {}
+    for machine, categories in machines.items():
+        if len(categories) < 2:
+            continue
+        shots: dict[str, dict[str, tuple[int, float]]] = {}
+        repeated = []
+        for category in categories:
+            for path, label, score in views[category]["images"]:
+                stem = Path(path).stem
+                if category in shots.setdefault(stem, {}):
+                    repeated.append(f"{stem} in {category}")
+                shots[stem][category] = (int(label), float(score))
+        if repeated:
+            problems[machine or "(root)"] = (
+                "shots are matched across views by file name, but names repeat within a view ("
+                + ", ".join(repeated[:3]) + "): name each shot's image the same in every view and differently from the other shots"
+            )
+            continue
+        names = sorted(shots)
+        labels = np.array([max(label for label, _ in shots[name].values()) for name in names])
+        rules = [rule for rule in views[categories[0]]["decisions"] if all(rule in views[c]["decisions"] for c in categories)]
+        table: dict[str, dict[str, Any]] = {}
+        for rule in rules:
+            thresholds = {c: views[c]["decisions"][rule].get("threshold") for c in categories}
+            flagged = np.array([
+                any(thresholds[c] is not None and score >= thresholds[c] for c, (_, score) in shots[name].items()) for name in names
+            ])
+            # Reuse the image-level confusion: a flagged shot scores 1 against the threshold 1.
+            row = confusion(flagged.astype(float), labels, 1.0 if rule != BASELINE else None)
+            row["threshold"] = None
+            table[rule] = row
+        tables[machine or "(root)"] = table
+    return tables, problems

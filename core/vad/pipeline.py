@@ -32,7 +32,7 @@ from vad.registration import Registration
 from vad.model import AnomalyModel, Output, resolve_device, seed_everything
 from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
-from vad.decisions import decision_table
+from vad.decisions import decision_table, shot_tables
 from vad.roi import Roi, read_roi_mask
 from vad.results import table_with_mean, write_decisions_table, write_results_table
 from vad.training import session
@@ -55,6 +55,10 @@ class CategoryResult:
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The test images whose alignment to the reference failed, with why (:mod:`vad.registration`).
     registration_failures: dict[str, str] = field(default_factory=dict)
+    #: The camera view this category is (multi-view data sets), and its test images' ``(path,
+    #: label, score)``, from which the decisions per shot of all views are made.
+    view: str | None = None
+    images: list[tuple[str, int, float]] = field(default_factory=list)
 
 
 def compute_metrics(
@@ -187,6 +191,7 @@ def run_category(
             warn(f"[{splits.category}] {false_alarm_warning(calibration)}")
     values, skipped, computed = compute_metrics(data, config, registry, model.produces_maps)
     decisions = decision_table(model, data.scores, data.labels, registry, config.options_for) if outputs else {}
+    view = outputs[0].sample.view if outputs else None
     artifacts.atomic_write_text(category_folder / "scores.csv", scores_csv(outputs, model.registration is not None))
     failures = {o.sample.path: o.registration_error for o in outputs if o.registration_error}
     if failures:
@@ -211,6 +216,8 @@ def run_category(
         [] if config.model else [sample.path for sample in splits.train],
         decisions,
         failures,
+        view,
+        [(o.sample.path, o.sample.label, o.score) for o in outputs] if view is not None else [],
     )
 
 
@@ -285,8 +292,9 @@ def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: A
         splits = dataclasses.replace(splits, train=chosen_training_images(splits.train, config.train_count, config.seed, category))
     if model is not None:
         model.check_calibration(len(splits.train), len(splits.validation))
-        if config.roi is not None:
-            model.check_roi(category_roi(config, splits))
+        roi = category_roi(config, splits) if config.roi is not None else None
+        if roi is not None:
+            model.check_roi(roi)
         if config.registration is not None:
             category_registration(config, splits)
     return splits, [*skipped, *((b.path, b.reason) for b in bad)]
@@ -311,14 +319,20 @@ def category_registration(config: RunConfig, splits: DataSplits) -> Registration
     return registration
 
 
-def category_roi(config: RunConfig, splits: DataSplits) -> Roi:
-    """The region of interest ``config.roi`` gives this category, in the frame of its first
-    training image; every image of the category (test included) must have that size."""
+def category_roi(config: RunConfig, splits: DataSplits) -> Roi | None:
+    """The region of interest ``config.roi`` gives this category (None: a mapping that gives it
+    null, the whole image), in the frame of its first training image; every image of the category
+    (test included) must have that size."""
     spec = config.roi
     if isinstance(spec, dict):
         if splits.category not in spec and "*" not in spec:
-            raise VadError(f"roi names no region for category {splits.category!r} (keys: {', '.join(map(str, spec))}); add it or a '*' entry")
+            raise VadError(
+                f"roi names no region for category {splits.category!r} (keys: {', '.join(map(str, spec))}); add it, "
+                "a '*' entry, or null for the whole image"
+            )
         spec = spec.get(splits.category, spec.get("*"))
+        if spec is None:
+            return None
     size = splits.train[0].load_image().shape[:2]
     roi = Roi(read_roi_mask(spec, size, splits.category), config.roi_mode, tuple(config.roi_fill))
     for shape, path in _every_size(splits):
@@ -375,6 +389,10 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
     per_category = {r.category: {**r.metrics, **{k: v for k, v in r.timings.items() if k != "predict_s"}} for r in results}
     write_results_table(folder, per_category)
     write_decisions_table(folder, {r.category: r.decisions for r in results})
+    shots, shot_problems = shot_tables({r.category: {"view": r.view, "images": r.images, "decisions": r.decisions} for r in results if r.view})
+    write_decisions_table(folder, shots, "machine", "shot_decisions")
+    for machine, problem in shot_problems.items():
+        warn(f"[{machine}] no decisions per shot: {problem}")
     columns, rows = table_with_mean(per_category)
     artifacts.atomic_write_json(
         folder / "metrics.json",
@@ -385,6 +403,8 @@ def _finish(config: RunConfig, folder: Path, results: list[CategoryResult], skip
             "thresholds": {r.category: r.thresholds for r in results},
             "calibration": {r.category: r.calibration for r in results},
             "decisions": {r.category: r.decisions for r in results},
+            **({"shot_decisions": shots} if shots else {}),
+            **({"shot_problems": shot_problems} if shot_problems else {}),
             **({"registration_failures": {r.category: r.registration_failures for r in results}} if config.registration else {}),
             "timings": {r.category: r.timings for r in results},
             "skipped_files": {category: [list(item) for item in items] for category, items in skipped_files.items()},

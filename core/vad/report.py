@@ -749,6 +749,10 @@ def render_html(folder: Path, config: RunConfig) -> str:
         css = ' class="mean"' if category == "mean" else ""
         parts.append(f"<tr{css}><td>{html.escape(category)}</td>" + "".join(f"<td>{_fmt(row.get(c))}</td>" for c in columns) + "</tr>")
     parts.append("</table>")
+    for machine, decisions in (metrics.get("shot_decisions") or {}).items():
+        parts.append(f"<h2>Shots of {html.escape(machine)}: all views together</h2>")
+        parts.append('<p class="note">A shot is anomalous when any view shows an anomaly, and flagged when any view\'s score reaches that view\'s threshold of the rule.</p>')
+        parts.append(decisions_html(decisions))
     for category in rows:
         if category == "mean":
             continue

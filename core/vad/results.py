@@ -83,22 +83,24 @@ def write_results_table(folder: str | Path, per_category: Mapping[str, Mapping[s
     return paths
 
 
-def decision_rows(per_category: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[list[str], list[list[Any]]]:
-    """The decision table (:mod:`vad.decisions`) as one row per category and rule."""
+def decision_rows(per_group: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "category") -> tuple[list[str], list[list[Any]]]:
+    """A decision table (:mod:`vad.decisions`) as one row per ``group`` (category or machine) and rule."""
     from vad.decisions import COLUMNS
 
-    header = ["category", "rule", *COLUMNS, "note"]
-    rows = [[category, rule, *(values.get(c) for c in COLUMNS), values.get("note", "")] for category, rules in per_category.items() for rule, values in rules.items()]
+    header = [group, "rule", *COLUMNS, "note"]
+    rows = [[name, rule, *(values.get(c) for c in COLUMNS), values.get("note", "")] for name, rules in per_group.items() for rule, values in rules.items()]
     return header, rows
 
 
-def write_decisions_table(folder: str | Path, per_category: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Path] | None:
-    """Write ``decisions.csv`` and ``decisions.md`` (nothing when no category has decisions)."""
-    header, rows = decision_rows(per_category)
+def write_decisions_table(
+    folder: str | Path, per_group: Mapping[str, Mapping[str, Mapping[str, Any]]], group: str = "category", stem: str = "decisions"
+) -> dict[str, Path] | None:
+    """Write ``<stem>.csv`` and ``<stem>.md`` (nothing when no group has decisions)."""
+    header, rows = decision_rows(per_group, group)
     if not rows:
         return None
     folder = Path(folder)
-    paths = {"csv": folder / "decisions.csv", "md": folder / "decisions.md"}
+    paths = {"csv": folder / f"{stem}.csv", "md": folder / f"{stem}.md"}
     atomic_write_text(paths["csv"], csv_table(header, rows))
     atomic_write_text(paths["md"], markdown_table(header, rows, right_aligned_from=2))
     return paths
