@@ -25,22 +25,33 @@ class BadImageError(VadError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
-def _open(path: str | os.PathLike):
+def _open(path: str | os.PathLike, source=None):
+    """The decoded PIL image of the file ``path`` (or of the file object ``source``, named ``path``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(path)
+        image = Image.open(path if source is None else source)
         image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         raise BadImageError(path, str(error) or type(error).__name__) from error
     return image
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 ``[H, W, 3]``; 16-bit data is scaled to 8 bits, alpha is dropped."""
+    return _as_rgb(_open(path))
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """:func:`read_rgb` of an encoded image held in memory (``name`` says which, in errors)."""
+    import io
+
+    return _as_rgb(_open(name, io.BytesIO(data)))
+
+
+def _as_rgb(image) -> np.ndarray:
     import numpy as np
 
-    image = _open(path)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale: keep the full range by scaling, not by clipping at 255.
         array = np.asarray(image, dtype=np.float64)

@@ -112,6 +112,16 @@ def _overlay_name(path: str, used: set[str]) -> str:
     return name
 
 
+def check_image_fits(model: Any, size: tuple[int, int], name: str) -> None:
+    """A clear error when an image of ``size`` cannot be scored by ``model``: a size its geometry
+    refuses (``--keep-aspect``), or another than its region of interest's or registration
+    reference's."""
+    model.geometry.check_image(size, name)
+    for frame in (model.roi, model.registration):
+        if frame is not None:
+            frame.check_image(size, name)
+
+
 def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
     """``{path: reason}`` for the images that cannot be scored as far as their file headers tell:
     an unreadable header, or a size the model's geometry refuses (``--keep-aspect``: another
@@ -122,11 +132,7 @@ def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
     refused = {}
     for path in paths:
         try:
-            size = image_size(path)
-            model.geometry.check_image(size, path)
-            for frame in (model.roi, model.registration):
-                if frame is not None:
-                    frame.check_image(size, path)
+            check_image_fits(model, image_size(path), path)
         except VadError as error:
             refused[path] = str(error)
     return refused

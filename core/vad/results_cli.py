@@ -1,6 +1,6 @@
-"""``vad predict``, ``vad export`` and ``vad bench``: using and comparing fitted models.
+"""``vad predict``, ``vad export``, ``vad bench`` and ``vad serve``: using and comparing fitted models.
 
-``add_commands(app)`` attaches the three commands to the ``vad`` Typer app. Heavy imports
+``add_commands(app)`` attaches the four commands to the ``vad`` Typer app. Heavy imports
 (torch, onnx) happen inside the commands, so ``vad --help`` stays fast. ``vad predict`` exits
 with :data:`SOME_FAILED` (3) when some inputs could not be scored.
 """
@@ -124,8 +124,25 @@ def bench_command(
         raise typer.Exit(SOME_FAILED)
 
 
+def serve_command(
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder (runs/<run>/<category>/model), or a run folder with one model."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Images of concurrent requests scored together, at most."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first waiting image waits for others to batch with."),
+    max_bytes: int = typer.Option(20_000_000, "--max-bytes", help="Largest file accepted (413 above)."),
+    max_pixels: int = typer.Option(50_000_000, "--max-pixels", help="Largest image accepted in pixels (413 above)."),
+) -> None:
+    """Serve a saved model over HTTP: POST /predict (multipart 'images'; ?maps=true), GET /health, GET /model."""
+    from vad.serve import serve
+
+    serve(str(model), host, port, device, max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
 def add_commands(app: typer.Typer) -> None:
-    """Attach ``predict``, ``export`` and ``bench`` to ``app``."""
+    """Attach ``predict``, ``export``, ``bench`` and ``serve`` to ``app``."""
     app.command("predict")(predict_command)
     app.command("export")(export_command)
     app.command("bench")(bench_command)
+    app.command("serve")(serve_command)
