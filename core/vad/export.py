@@ -152,16 +152,21 @@ def build_export_module(model: Any):
             self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
             if roi is not None:
-                self.register_buffer("roi_inside", torch.from_numpy(roi.mask.astype("float32"))[None, None])
+                self.register_buffer("roi_inside", torch.from_numpy(roi.mask.copy())[None, None])
                 self.register_buffer("roi_fill", torch.tensor(roi.fill, dtype=torch.float32).view(1, 3, 1, 1) / 255.0)
                 self.register_buffer("roi_working", roi.working_mask(preprocessing))
 
         def forward(self, images: torch.Tensor):
             if roi is not None and roi.mode == "before":
-                images = images * self.roi_inside + self.roi_fill * (1.0 - self.roi_inside)
+                # A Where, not images * mask + fill * (1 - mask): OpenVINO's CPU plugin fused that
+                # per-channel sum into the next convolution and refused to compile it.
+                images = torch.where(self.roi_inside, images, self.roi_fill)
             rows = resize_operator(images.shape[-2], resized[0], preprocessing.interpolation)
             cols = resize_operator(images.shape[-1], resized[1], preprocessing.interpolation)
-            x = torch.matmul(torch.matmul(rows, images), cols.T)
+            # Columns first: with a pinned input size both matrices are constants, and OpenVINO's CPU
+            # plugin turns "x @ constant" into a fully connected layer whose fused per-channel
+            # normalisation it then refuses to compile; "constant @ x" last avoids that.
+            x = torch.matmul(rows, torch.matmul(images, cols.T))
             if preprocessing.crop:
                 top, left = (resized[0] - preprocessing.size[0]) // 2, (resized[1] - preprocessing.size[1]) // 2
                 x = x[:, :, top : top + preprocessing.size[0], left : left + preprocessing.size[1]]
@@ -326,24 +331,96 @@ def parity_images(model: Any, input_size: tuple[int, int] | None = None, seed: i
     return images
 
 
-def check_parity(model: Any, onnx_file: str | Path, images: list[Any]) -> float:
-    """Largest absolute score difference between onnxruntime and the torch model on ``images``
-    (RGB uint8 arrays of any sizes): the graph gets each image as its description says (divided
-    by 255, channels first), the torch side runs the model's own prediction path."""
+class GraphSession:
+    """An exported graph ready to score: ``.onnx`` on onnxruntime, ``.xml`` (OpenVINO IR) on
+    OpenVINO's CPU plugin at float32 precision. ``session(image)`` takes an RGB uint8 image
+    (aligned first when the model registers images) and gives its score and its map at the
+    working size (None for image-level detectors)."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise VadError(f"no exported graph at {path}: run `vad export` first (or pass --graph FILE)")
+        self.path = path
+        if path.suffix == ".onnx":
+            _, onnxruntime = require_onnx()
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self._run = lambda x: session.run(None, {"images": x})
+        elif path.suffix == ".xml":
+            openvino = require_openvino()
+            compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            self._run = lambda x: [result for result in compiled([x]).values()]
+        else:
+            raise VadError(f"{path}: an exported graph is a .onnx file (onnxruntime) or a .xml file (OpenVINO IR)")
+
+    def __call__(self, image: Any) -> tuple[float, Any]:
+        import numpy as np
+
+        outputs = self._run(np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0))
+        return float(outputs[0][0]), (outputs[1][0] if len(outputs) > 1 else None)
+
+
+def check_parity(model: Any, graph_file: str | Path, images: list[Any]) -> float:
+    """Largest absolute score difference between the exported graph (ONNX or OpenVINO, see
+    :class:`GraphSession`) and the torch model on ``images`` (RGB uint8 arrays of any sizes):
+    the graph gets each image as its description says (aligned to the reference first when the
+    model registers images; divided by 255, channels first), the torch side runs the model's
+    own prediction path."""
     import numpy as np
 
     from vad.contracts import Sample
 
-    _, onnxruntime = require_onnx()
-    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    session = GraphSession(graph_file)
     aligned = images if model.registration is None else [model.registration.align(image)[0] for image in images]  # outside the graph
-    onnx_scores = np.array([
-        session.run(["scores"], {"images": np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)})[0][0]
-        for image in aligned
-    ], dtype=np.float64)
+    graph_scores = np.array([session(image)[0] for image in aligned], dtype=np.float64)
     samples = [
         Sample(path=f"parity-{i}", label=0, category="export", split="test", image_loader=lambda image=image: image)
         for i, image in enumerate(images)
     ]
     torch_scores = np.array([o.score for o in model.predict(samples, description="parity check")])
-    return float(np.max(np.abs(torch_scores - onnx_scores)))
+    return float(np.max(np.abs(torch_scores - graph_scores)))
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+#: Precisions of ``vad export --format openvino``: float32 weights, or weights stored as float16
+#: (computed in float32 on the CPU plugin).
+OPENVINO_PRECISIONS = ("fp32", "fp16")
+
+
+def require_openvino() -> Any:
+    """Import ``openvino`` or say how to install it."""
+    try:
+        import openvino
+    except ImportError as error:
+        raise VadError("OpenVINO export and scoring need the openvino package: pip install 'vad-core[openvino]'") from error
+    return openvino
+
+
+def export_openvino(model: Any, output: str | Path, precision: str = "fp32", input_size: tuple[int, int] | None = None, opset: int = OPSET) -> dict[str, Any]:
+    """The graph of :func:`export_onnx` converted to OpenVINO IR: ``output`` (``.xml``) with its
+    weights beside it (``.bin``) and the description (``.xml.json``); returns the description.
+    Both files are written under temporary names and renamed, weights first."""
+    import os
+    import tempfile
+
+    from vad import artifacts
+
+    if precision not in OPENVINO_PRECISIONS:
+        raise VadError(f"--precision {precision!r}: OpenVINO export offers {', '.join(OPENVINO_PRECISIONS)}")
+    output = Path(output)
+    if output.suffix != ".xml":
+        raise VadError(f"an OpenVINO model is written as a .xml file (its weights beside it as .bin), got {output}")
+    openvino = require_openvino()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vad-openvino-") as folder:
+        onnx_file = Path(folder) / "graph.onnx"
+        description = export_onnx(model, onnx_file, input_size, opset=opset)
+        converted = openvino.convert_model(str(onnx_file))
+        staged = Path(folder) / "model.xml"
+        openvino.save_model(converted, str(staged), compress_to_fp16=precision == "fp16")
+        os.replace(staged.with_suffix(".bin"), output.with_suffix(".bin"))
+        os.replace(staged, output)
+    description.update({"runtime": f"OpenVINO {openvino.__version__} (IR converted from the ONNX graph)", "precision": precision})
+    artifacts.atomic_write_json(output.with_name(output.name + ".json"), description)
+    return description

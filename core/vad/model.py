@@ -30,7 +30,7 @@ from vad.options import OptionError
 from vad.geometry import Geometry
 from vad.images import BadImageError
 from vad.plugins import Registry
-from vad.postprocess import postprocess_maps, upsample_and_blur
+from vad.postprocess import upsample_and_blur, working_to_original
 from vad.preprocess import to_batch
 from vad.progress import info, track, warn
 from vad.registration import Alignment, Registration
@@ -609,17 +609,32 @@ class AnomalyModel:
             for index, sample in enumerate(chunk):
                 yield Output(sample, float(scores[index]), None, None if maps is None else maps[index])
 
-    def _scores_and_maps(self, prediction: Prediction, reference: Preprocessing, sizes: Sequence[tuple[int, int]]) -> tuple[np.ndarray, list[np.ndarray] | None]:
-        """Image scores and maps at the images' ``sizes`` from the fused prediction; with an
-        ``after`` ROI, the score is the working-size map's maximum inside it (:mod:`vad.roi`)."""
-        maps = None
-        if prediction.maps is not None:
-            maps = postprocess_maps(prediction.maps, reference, sizes, self.sigma)
-        if self.roi is None or self.roi.mode != "after":
-            return prediction.scores.detach().float().cpu().numpy(), maps
-        working = upsample_and_blur(prediction.maps.float(), reference.size, self.sigma)  # type: ignore[union-attr]
-        scores = self.roi.restrict(working, self.roi.working_mask(reference, working.device))
-        return scores.detach().float().cpu().numpy(), [self.roi.fill_outside(m) for m in maps]  # type: ignore[union-attr]
+    def _scores_and_maps(
+        self, prediction: Prediction, reference: Preprocessing, sizes: Sequence[tuple[int, int]], alignments: Sequence[Alignment] = ()
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Image scores and maps at the images' ``sizes`` (in each file's frame, with
+        ``alignments``) from the fused prediction; with an ``after`` ROI, the score is the
+        working-size map's maximum inside it (:mod:`vad.roi`)."""
+        scores = prediction.scores
+        if prediction.maps is None:
+            return scores.detach().float().cpu().numpy(), None
+        working = upsample_and_blur(prediction.maps.float(), reference.size, self.sigma)
+        if self.roi is not None and self.roi.mode == "after":
+            scores = self.roi.restrict(working, self.roi.working_mask(reference, working.device))
+        return scores.detach().float().cpu().numpy(), self.original_maps(working, reference, sizes, alignments)
+
+    def original_maps(
+        self, working: torch.Tensor, reference: Preprocessing, sizes: Sequence[tuple[int, int]], alignments: Sequence[Alignment] = ()
+    ) -> list[np.ndarray]:
+        """Maps at the working size (upsampled and blurred) to each image's original size: the
+        ROI's outside filled (``after`` mode) and, with ``alignments``, resampled from the
+        reference frame back into each file's own frame."""
+        maps = working_to_original(working, reference, sizes)
+        if self.roi is not None and self.roi.mode == "after":
+            maps = [self.roi.fill_outside(m) for m in maps]
+        if self.registration is not None and alignments:
+            maps = [self.registration.to_original(m, a, m.shape) for m, a in zip(maps, alignments)]
+        return maps
 
     def check_roi(self, roi: Roi) -> None:
         """A clear error, before anything is fitted, for an ROI this model cannot honour."""
@@ -640,9 +655,7 @@ class AnomalyModel:
                 continue
             predictions = [self._image_level(p) for p in self._member_outputs(self.members, kept, images)]
             prediction = self.ensembler.combine(predictions) if self.ensembler is not None else predictions[0]
-            scores, maps = self._scores_and_maps(prediction, reference, [image.shape[:2] for image in images])
-            if self.registration is not None and maps is not None:  # back into each file's own frame
-                maps = [self.registration.to_original(m, a, m.shape) for m, a in zip(maps, alignments)]
+            scores, maps = self._scores_and_maps(prediction, reference, [image.shape[:2] for image in images], alignments)
             for index, sample in enumerate(kept):
                 score = float(scores[index])
                 decision = None if self.image_threshold is None else bool(score >= self.image_threshold)

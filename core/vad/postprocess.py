@@ -96,7 +96,13 @@ def postprocess_maps(
     sigma: float = 4.0,
 ) -> list[np.ndarray]:
     """Grid maps ``[B, h, w]`` to float32 maps at each image's original ``(H, W)``."""
-    maps = upsample_and_blur(maps.float(), preprocessing.size, sigma)
+    return working_to_original(upsample_and_blur(maps.float(), preprocessing.size, sigma), preprocessing, original_sizes)
+
+
+def working_to_original(maps: torch.Tensor, preprocessing: Preprocessing, original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Maps at the working size (upsampled and blurred, as an exported graph gives them) to
+    float32 maps at each image's original ``(H, W)``; with a centre crop, the rest of the resized
+    image holds each map's minimum."""
     if preprocessing.crop:
         full = preprocessing.resize or preprocessing.size
         canvas = maps.amin(dim=(1, 2), keepdim=True).expand(-1, *full).clone()

@@ -21,7 +21,7 @@ import glob
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,8 +143,36 @@ def _failure(path: str, error: str, model: Any) -> dict[str, Any]:
     return {"path": path, "score": None, "anomalous": None, "image_threshold": model.image_threshold, "map_max": None, "overlay": None, "error": error}
 
 
-def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | None = None) -> PredictResult:
-    """Score the images named by ``inputs`` with a loaded :class:`vad.model.AnomalyModel`.
+def graph_outputs(model: Any, graph: Any, samples: Sequence[Any]) -> Iterator[Any]:
+    """Outputs of an exported graph (:class:`vad.export.GraphSession`) for ``samples``, as
+    ``model.predict`` gives them: registration before the graph, the maps brought to each
+    image's original size (and frame) after it, the model's thresholds; unreadable images are
+    listed in ``model.skipped``."""
+    import torch
+
+    from vad.images import BadImageError
+    from vad.model import Output, SkippedImage
+
+    reference = model.input_preprocessing(model.members[0])
+    for sample in samples:
+        try:
+            image = sample.load_image()
+        except BadImageError as error:
+            model.skipped.append(SkippedImage(sample.path, str(error)))
+            continue
+        size, alignments = image.shape[:2], []
+        if model.registration is not None:
+            image, alignment = model.registration.align(image)
+            alignments.append(alignment)
+        score, working = graph(image)
+        anomaly_map = None if working is None else model.original_maps(torch.from_numpy(working)[None], reference, [size], alignments)[0]
+        decision = None if model.image_threshold is None else bool(score >= model.image_threshold)
+        yield Output(sample, score, decision, anomaly_map, alignments[0].error if alignments else None)
+
+
+def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | None = None, graph: Any = None) -> PredictResult:
+    """Score the images named by ``inputs`` with a loaded :class:`vad.model.AnomalyModel`, or
+    with its exported ``graph`` (:class:`vad.export.GraphSession`).
 
     Inputs that cannot be scored get a record with an ``error``; a :class:`VadError` when no
     image at all could be scored.
@@ -166,7 +194,8 @@ def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | Non
     used: set[str] = set()
     overlay_folder = Path(overlays) if overlays else None
     scored: dict[str, dict[str, Any]] = {}
-    for output in model.predict(make_samples(p for p in paths if p not in errors), description="predict"):
+    samples = make_samples(p for p in paths if p not in errors)
+    for output in model.predict(samples, description="predict") if graph is None else graph_outputs(model, graph, samples):
         record: dict[str, Any] = {
             "path": output.sample.path,
             "score": output.score,
