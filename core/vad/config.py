@@ -84,6 +84,11 @@ class RunConfig:
     registration: str | None = None
     registration_reference: str | None = None
     registration_options: dict[str, Any] = field(default_factory=dict)
+    #: Experiment tracking (:mod:`vad.tracking`): None or mlflow; any MLflow tracking URI
+    #: (default: ./mlflow.db, artifacts in ./mlruns) and the experiment's name.
+    track: str | None = None
+    tracking_uri: str | None = None
+    tracking_experiment: str = "vad"
     sigma: float = 4.0
     batch_size: int = 8
     device: str = "auto"

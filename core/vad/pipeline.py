@@ -34,6 +34,7 @@ from vad.plugins import Registry, get_registry
 from vad.progress import info, warn
 from vad.decisions import decision_table, shot_tables
 from vad.roi import Roi, read_roi_mask
+from vad.tracking import DEFAULT_URI, check_tracking, log_run
 from vad.results import table_with_mean, write_decisions_table, write_results_table
 from vad.training import session
 
@@ -245,6 +246,7 @@ def run(
     registry.check()
     check_names(config, registry)
     check_options(config, registry)
+    check_tracking(config.track, config.tracking_uri)
     dataset = create_dataset(config, registry)
     categories = config.categories or dataset.categories()
     if not categories:
@@ -272,6 +274,11 @@ def run(
             raise RunInterrupted(folder) from interrupt
         _finish(config, folder, results, {category: pair[1] for category, pair in checked.items() if pair[1]})
         claimed.finish()
+    if config.track:
+        try:
+            info(f"logged to {config.track}: run {log_run(folder, config)} ({config.tracking_uri or DEFAULT_URI})")
+        except Exception as error:  # the run is complete and stays so; only its copy in the tracker is missing
+            warn(f"the run is complete in {folder}, but logging it to {config.track} failed: {type(error).__name__}: {error}")
     return folder, results
 
 
