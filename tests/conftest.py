@@ -85,3 +85,14 @@ def tiny_config(tmp_path: Path, **changes) -> RunConfig:
         output=str(tmp_path / "run"), device="cpu", report=False, categories=["tiny-a"],
     )
     return RunConfig(**{**base, **changes})
+
+
+@pytest.fixture
+def report_registry(vad_fakes, register_plugin):
+    """The fakes plus tests/e2e's report plugin: an exportable distance detector, a max
+    threshold and the tiny in-memory data set."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
+    from report_plugin import ReportTestPlugin
+
+    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
+        yield registry

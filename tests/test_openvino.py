@@ -5,8 +5,6 @@ model, and clear errors."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +13,13 @@ from typer.testing import CliRunner
 
 from vad.errors import VadError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from report_plugin import ReportTestPlugin  # noqa: E402
 
 pytest.importorskip("openvino")
 
 
 @pytest.fixture
-def registry(vad_fakes, register_plugin):
-    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
-        yield registry
+def registry(report_registry):
+    return report_registry
 
 
 def fitted_model(registry, tmp_path, **changes):

@@ -4,8 +4,6 @@ reference saved with the model, and the exported graph fed aligned images."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +16,6 @@ from vad.errors import VadError
 from vad.model import AnomalyModel
 from vad.registration import Registration
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from report_plugin import ReportTestPlugin  # noqa: E402
 
 POINTS = np.array([[20, 20, 1], [100, 30, 1], [64, 64, 1], [30, 100, 1]], float).T  # (x, y, 1) columns
 
@@ -83,9 +79,8 @@ def test_a_map_in_the_reference_frame_comes_back_in_the_files_frame():
 
 
 @pytest.fixture
-def registry(vad_fakes, register_plugin):
-    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
-        yield registry
+def registry(report_registry):
+    return report_registry
 
 
 def shots(count: int, split: str, seed: int, shift: tuple[float, float] = (0.0, 0.0), size: int = 64) -> list[Sample]:

@@ -4,7 +4,6 @@ errors a bad ROI gets before anything is written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,13 @@ from vad.model import AnomalyModel
 from vad.pipeline import category_roi, run
 from vad.roi import Roi, polygon_mask, read_roi_mask
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from report_plugin import ReportTestPlugin  # noqa: E402
 
 LEFT_OUT = [[[0, 0], [16, 0], [16, 64], [0, 64]]]  # the left quarter of a 64 px image
 
 
 @pytest.fixture
-def registry(vad_fakes, register_plugin):
-    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
-        yield registry
+def registry(report_registry):
+    return report_registry
 
 
 def config(tmp_path: Path, **changes) -> RunConfig:

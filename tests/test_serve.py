@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from report_plugin import ReportTestPlugin  # noqa: E402
 
 pytest.importorskip("fastapi")
 
 
 @pytest.fixture
-def registry(vad_fakes, register_plugin):
-    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
-        yield registry
+def registry(report_registry):
+    return report_registry
 
 
 @pytest.fixture

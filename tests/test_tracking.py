@@ -4,7 +4,6 @@ run, a failing tracker never loses the run."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,13 @@ from vad.config import RunConfig
 from vad.errors import VadError
 from vad.pipeline import run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from report_plugin import ReportTestPlugin  # noqa: E402
 
 mlflow = pytest.importorskip("mlflow")
 
 
 @pytest.fixture
-def registry(vad_fakes, register_plugin):
-    with register_plugin(ReportTestPlugin(), name="report-test-plugin") as registry:
-        yield registry
+def registry(report_registry):
+    return report_registry
 
 
 def config(tmp_path: Path, **changes) -> RunConfig:
