@@ -168,3 +168,23 @@ def test_predict_scores_images_of_the_roi_size_and_refuses_the_others_one_by_one
     records = {Path(r["path"]).name: r for r in predict_images(model, [str(tmp_path / "fits.png"), str(tmp_path / "other.png")]).records}
     assert records["fits.png"]["error"] is None and records["fits.png"]["score"] is not None
     assert "region of interest was set on 64x64" in records["other.png"]["error"]
+
+
+def test_before_mode_leaves_the_outside_out_of_patchcores_bank_and_out_of_the_score(registry):
+    from vad.build import build_model
+    from vad.testing import make_tiny_splits
+
+    splits = make_tiny_splits("tiny-a", train=12, validation=0)
+    rng = np.random.default_rng(1)
+    moved = [with_moving_part(s, rng) for s in splits.test if s.label == 0]
+    banks = {}
+    for roi in (None, Roi(polygon_mask(inspected_right_part(), (64, 64)), "before")):
+        model = build_model(config(Path("unused"), detectors=["patchcore"], backbones=["fake-backbone"], threshold="max"), registry)
+        model.roi = roi
+        model.fit(splits.train)
+        detector = model.members[0].detector
+        banks[roi is not None] = detector.memory_bank.shape[0]
+        if roi is not None:
+            assert sum(bool(o.anomalous) for o in model.predict(moved)) <= 1
+            assert all(o.map[:, :24].max() <= o.map[:, 32:].min() for o in model.predict(moved[:2]))  # outside: the inside's minimum
+    assert banks[True] < banks[False]

@@ -348,6 +348,14 @@ class Detector(Component):
         Offered when :attr:`leave_one_out` is True."""
         raise NotImplementedError(f"{self.describe_owner()} cannot score training images as left out")
 
+    def exclude_from_training(self, inspected: torch.Tensor) -> bool:
+        """Called before ``fit`` when a region of interest paints the images outside it
+        (:mod:`vad.roi`, mode ``before``): ``inspected`` is the region at the size of ``fit``'s
+        input images (bool ``[H, W]``). A detector that can leave what lies outside out of what
+        it learns (PatchCore: those patches out of its memory bank) remembers it and returns
+        True; the default learns from everything and returns False."""
+        return False
+
     def feature_source(self, **options: Any) -> DetectorFeatures | None:
         """A :class:`DetectorFeatures` over this detector's internals, if it offers one."""
         return None

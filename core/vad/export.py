@@ -154,7 +154,8 @@ def build_export_module(model: Any):
             if roi is not None:
                 self.register_buffer("roi_inside", torch.from_numpy(roi.mask.copy())[None, None])
                 self.register_buffer("roi_fill", torch.tensor(roi.fill, dtype=torch.float32).view(1, 3, 1, 1) / 255.0)
-                self.register_buffer("roi_working", roi.working_mask(preprocessing))
+                if model.produces_maps:
+                    self.register_buffer("roi_working", roi.working_mask(preprocessing))
 
         def forward(self, images: torch.Tensor):
             if roi is not None and roi.mode == "before":
@@ -181,7 +182,7 @@ def build_export_module(model: Any):
             if maps is None:  # an image-level detector: scores only
                 return scores.float()
             maps = upsample_and_blur(maps.float(), tuple(preprocessing.size), float(model.sigma))
-            if roi is not None and roi.mode == "after":
+            if roi is not None:
                 scores = roi.restrict(maps, self.roi_working)
             return scores.float(), maps
 
@@ -250,7 +251,7 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
     crop = f"centre crop to {size[0]}x{size[1]}" if preprocessing.crop else None
     roi = model.roi
     painted = f"pixels outside the region of interest (the mask in model.json's folder) set to {list(roi.fill)} / 255" if roi is not None and roi.mode == "before" else None
-    restricted = "the score as the maximum of the blurred map inside the region of interest" if roi is not None and roi.mode == "after" else None
+    restricted = "the score as the maximum of the blurred map inside the region of interest" if roi is not None and model.produces_maps else None
     steps = [
         painted, _resize_statement(preprocessing), crop,
         f"clamp to [0, 1], then (x - mean) / std with mean {list(preprocessing.mean)} and std {list(preprocessing.std)} (R, G, B)",
@@ -298,7 +299,7 @@ def describe_graph(model: Any, input_size: tuple[int, int] | None, opset: int) -
         ))
     if roi is not None:
         description["roi"] = {"mode": roi.mode, "fill": list(roi.fill), "size": list(roi.size), "inspected_fraction": float(roi.mask.mean())}
-        if roi.mode == "after":
+        if model.produces_maps:
             description["outside_graph"].append("the map outside the region of interest: vad sets it to the map's smallest value inside")
     if geometry.keep_aspect:
         fit = geometry.fit_size

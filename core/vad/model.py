@@ -431,6 +431,10 @@ class AnomalyModel:
                 train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi, self.registration
             )
             with member_session(f"member{index}"):
+                if self.roi is not None and self.roi.mode == "before":
+                    inspected = self.roi.working_mask(self.input_preprocessing(member), self.device)
+                    if member.detector.exclude_from_training(inspected):
+                        info(f"{member.detector_name} learns nothing from outside the region of interest")
                 if member.source is not None and member.source.requires_fit:
                     with member_session("source"):
                         member.source.fit(images)
@@ -619,7 +623,7 @@ class AnomalyModel:
         if prediction.maps is None:
             return scores.detach().float().cpu().numpy(), None
         working = upsample_and_blur(prediction.maps.float(), reference.size, self.sigma)
-        if self.roi is not None and self.roi.mode == "after":
+        if self.roi is not None:
             scores = self.roi.restrict(working, self.roi.working_mask(reference, working.device))
         return scores.detach().float().cpu().numpy(), self.original_maps(working, reference, sizes, alignments)
 
@@ -630,7 +634,7 @@ class AnomalyModel:
         ROI's outside filled (``after`` mode) and, with ``alignments``, resampled from the
         reference frame back into each file's own frame."""
         maps = working_to_original(working, reference, sizes)
-        if self.roi is not None and self.roi.mode == "after":
+        if self.roi is not None:
             maps = [self.roi.fill_outside(m) for m in maps]
         if self.registration is not None and alignments:
             maps = [self.registration.to_original(m, a, m.shape) for m, a in zip(maps, alignments)]

@@ -6,14 +6,17 @@ training images (every image of the category must have that size: the camera is 
 as a PNG (non-zero = inspected) or as polygons of ``[x, y]`` pixel vertices. Two modes, as seed
 001 compares them:
 
-* ``before``: pixels outside the ROI are painted ``fill`` (black by default) in every decoded
-  image before any detector sees it -- training, calibration and test images alike -- so what
-  moves there cannot look anomalous. The detectors still see the painted area (a constant one).
-* ``after``: the detector sees the whole image; the image score is the maximum of the anomaly
-  map *inside* the ROI at the working size (after upsampling and blur: the same map ``vad
-  export`` computes), and the map returned at each image's size holds, outside the ROI, its
-  smallest value inside. Needs a detector with anomaly maps; the detector's own image score
-  (PatchCore's re-weighting, a flow's mean) is replaced by that maximum.
+* ``before`` (seed 001's PRE): pixels outside the ROI are painted ``fill`` (black by default) in
+  every decoded image before any detector sees it -- training, calibration and test images
+  alike -- so what moves there cannot look anomalous; a detector that can
+  (``Detector.exclude_from_training``: PatchCore leaves the patches outside out of its memory
+  bank) also learns nothing from there. Works for image-level detectors too.
+* ``after`` (PO): the detector sees the whole image as it is. Needs a detector with maps.
+
+With anomaly maps, in both modes the image score is the maximum of the map *inside* the ROI at
+the working size (after upsampling and blur: the same map ``vad export`` computes), and the map
+returned at each image's size holds, outside the ROI, its smallest value inside; the detector's
+own image score (PatchCore's re-weighting, a flow's mean) is replaced by that maximum.
 
 Either way pixel metrics are computed inside the ROI only (ground-truth pixels outside it are
 ignored, anomalous or not), and the mode, fill and mask are saved with the model, so ``vad

@@ -380,3 +380,20 @@ def test_export_module_matches_predict(options):
     scores, maps = detector.export_module()(test)
     torch.testing.assert_close(scores, expected.scores, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(maps, expected.maps, rtol=1e-5, atol=1e-5)
+
+
+def test_patches_outside_a_region_of_interest_stay_out_of_the_bank():
+    features = torch.randn(3, 8, 4, 6, generator=torch.Generator().manual_seed(0))
+    inspected = torch.zeros(32, 48, dtype=torch.bool)
+    inspected[:, 24:] = True  # the right half of the input: grid columns 3-5
+    detector = PatchCore(coreset_ratio=1.0)
+    assert detector.exclude_from_training(inspected) is True
+    detector.fit([features])
+    kept = features[:, :, :, 3:].permute(0, 2, 3, 1).reshape(-1, 8)
+    assert detector.memory_bank.shape[0] == kept.shape[0]
+    distances = torch.cdist(detector.memory_bank, kept, compute_mode="donot_use_mm_for_euclid_dist").min(dim=0).values
+    assert float(distances.max()) < 1e-5  # every row is an inside patch, every inside patch a row
+    nowhere = PatchCore(coreset_ratio=1.0)
+    nowhere.exclude_from_training(torch.zeros(32, 48, dtype=torch.bool))
+    with pytest.raises(VadError, match="covers no cell"):
+        nowhere.fit([features])

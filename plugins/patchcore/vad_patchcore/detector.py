@@ -43,6 +43,10 @@ Leave-one-out. Every bank row remembers the training image it came from (``bank_
 ``predict_left_out`` scores a training image against the bank without its own patches: the
 threshold calibration needs no held-out images (:mod:`vad.calibration`).
 
+Region of interest. With ``vad run --roi ... --roi-mode before`` the patches outside the region
+(grid cells at least half outside) are left out of the bank (``exclude_from_training``); vad
+then scores inside the region only.
+
 Search. ``knn_backend`` picks one of :mod:`vad_patchcore.knn`'s strategies: exact ones (``auto``:
 the cell-pruned scan for large banks on the CPU) return the same neighbours and identical
 distances; ``faiss-ivfflat`` and ``faiss-ivfpq`` trade recall for speed. The index is built at
@@ -56,6 +60,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from vad.contracts import Detector, Prediction, State
 from vad.errors import VadError
@@ -106,6 +111,8 @@ class PatchCore(Detector):
         #: The training image (position in fit order) each bank row came from, int64 ``[M]``;
         #: None for models saved before it was kept (they cannot score left out).
         self.bank_sources: torch.Tensor | None = None
+        #: The region of interest at the input size (:meth:`exclude_from_training`), for fit only.
+        self._inspected: torch.Tensor | None = None
         self.train_patches = 0
         self.train_grid: tuple[int, int] | None = None
         #: Most training patches ``fit`` held at once (buffer, candidate pool, bank; see StreamingCoreset).
@@ -190,6 +197,22 @@ class PatchCore(Detector):
             )
         return features.detach().permute(0, 2, 3, 1).reshape(batch * height * width, dim).to(self.device, torch.float32)
 
+    def exclude_from_training(self, inspected: torch.Tensor) -> bool:
+        """Leave the patches outside a region of interest out of the memory bank: a grid cell
+        counts when at least half of the input pixels it covers (area pooling) are inside."""
+        self._inspected = inspected.detach().to("cpu", torch.bool)
+        return True
+
+    def _inside_cells(self, height: int, width: int) -> torch.Tensor | None:
+        """Bool ``[h * w]``: the grid cells inside the region given to :meth:`exclude_from_training`."""
+        if self._inspected is None:
+            return None
+        cover = F.interpolate(self._inspected[None, None].float(), size=(height, width), mode="area")[0, 0]
+        inside = (cover >= 0.5).reshape(-1)
+        if not inside.any():
+            raise VadError(f"the region of interest covers no cell of PatchCore's {height}x{width} feature grid: enlarge it")
+        return inside
+
     def fit(self, batches: Iterable[torch.Tensor]) -> None:
         """Build the memory bank from training feature grids, streaming (see the module docstring)."""
         generator = torch.Generator().manual_seed(self.options.seed)
@@ -212,6 +235,10 @@ class PatchCore(Detector):
                 raise VadError(f"training feature grids changed from {dim} to {patches.shape[1]} channels between batches")
             owners = torch.arange(images, images + batch.shape[0], device=patches.device).repeat_interleave(batch.shape[2] * batch.shape[3])
             images += int(batch.shape[0])
+            inside = self._inside_cells(int(batch.shape[2]), int(batch.shape[3]))
+            if inside is not None:
+                keep = inside.to(patches.device).repeat(int(batch.shape[0]))
+                patches, owners = patches[keep], owners[keep]
             stream.add(patches, owners)
         if stream.total == 0:
             raise VadError("PatchCore got an empty training set: it needs at least one normal training image")
