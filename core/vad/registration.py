@@ -69,10 +69,10 @@ class Registration:
     min_overlap: float = 0.8
 
     def __post_init__(self) -> None:
-        try:
-            import skimage  # noqa: F401
-        except ImportError as error:
-            raise VadError("image registration needs scikit-image: pip install 'vad-core[registration]'") from error
+        import importlib.util
+
+        if importlib.util.find_spec("skimage") is None:
+            raise VadError("image registration needs scikit-image: pip install 'vad-core[registration]'")
         if self.kind not in KINDS:
             raise VadError(f"registration must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.reference.ndim != 3 or self.reference.shape[2] != 3:
