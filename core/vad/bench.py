@@ -267,10 +267,26 @@ def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return csv_table(columns, ([row.get(c) for c in columns] for row in rows))
 
 
-def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tuple[Path, list[CellResult]]:
-    """Run every cell of ``grid`` under ``output``; write and return the table."""
+def write_table(output: Path, results: list[CellResult]) -> None:
+    """``bench.md``, ``bench.csv`` and ``bench.json`` of the cells finished so far (atomically)."""
+    columns, rows = table_rows(results)
+    artifacts.atomic_write_text(output / "bench.md", to_markdown(columns, rows))
+    artifacts.atomic_write_text(output / "bench.csv", to_csv(columns, rows))
+    artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
+
+
+def run_bench(
+    grid: str | Path, output: str | Path, registry: Any = None, engine: str = "local", address: str | None = None, num_cpus: int | None = None
+) -> tuple[Path, list[CellResult]]:
+    """Run every cell of ``grid`` under ``output`` (one after another, or as Ray tasks with
+    ``engine="ray"``, :mod:`vad.distributed`); the table is rewritten after each finished cell."""
+    from vad.distributed import ENGINES
     from vad.progress import info, warn
 
+    if engine not in ENGINES:
+        raise VadError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if engine == "local" and address is not None:
+        raise VadError("--address names a Ray cluster: use it with --engine ray")
     base, cells = load_grid(grid)
     output = Path(output)
     ids = [c.id for c in cells]
@@ -278,19 +294,29 @@ def run_bench(grid: str | Path, output: str | Path, registry: Any = None) -> tup
         raise VadError("the grid has duplicate cells; list each detector, ensemble, backbone and category once")
     check_cells(base, cells, output, registry)
     output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for number, cell in enumerate(cells, 1):
-        info(f"[bench {number}/{len(cells)}] {cell.id}")
-        result = run_cell(base, cell, output / "cells" / cell.id, registry)
+    finished: list[CellResult] = []
+
+    def heard(result: CellResult) -> None:
         if result.status == "failed":
-            warn(f"cell {cell.id} failed: {result.error}")
+            warn(f"cell {result.cell.id} failed: {result.error}")
         elif result.status == "cached":
-            info(f"[bench] {cell.id}: finished earlier, not rerun")
-        results.append(result)
-    columns, rows = table_rows(results)
-    artifacts.atomic_write_text(output / "bench.md", to_markdown(columns, rows))
-    artifacts.atomic_write_text(output / "bench.csv", to_csv(columns, rows))
-    artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
+            info(f"[bench] {result.cell.id}: finished earlier, not rerun")
+        finished.append(result)
+        write_table(output, sorted(finished, key=lambda r: ids.index(r.cell.id)))
+
+    if engine == "ray":
+        from vad.distributed import run_cells_ray
+
+        info(f"[bench] {len(cells)} cells as Ray tasks")
+        results = run_cells_ray(base, cells, output, heard, address, num_cpus)
+    else:
+        results = []
+        for number, cell in enumerate(cells, 1):
+            info(f"[bench {number}/{len(cells)}] {cell.id}")
+            result = run_cell(base, cell, output / "cells" / cell.id, registry)
+            heard(result)
+            results.append(result)
+    write_table(output, results)
     if len({cell.train_count for cell in cells}) > 1:
         plot = train_count_plot(results)
         if plot is not None:

@@ -138,7 +138,7 @@ def _refused_from_headers(model: Any, paths: Sequence[str]) -> dict[str, str]:
     return refused
 
 
-def _failure(path: str, error: str, model: Any) -> dict[str, Any]:
+def failure_record(path: str, error: str, model: Any) -> dict[str, Any]:
     """The record of an input that could not be scored."""
     return {"path": path, "score": None, "anomalous": None, "image_threshold": model.image_threshold, "map_max": None, "overlay": None, "error": error}
 
@@ -226,7 +226,7 @@ def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | Non
         reasons = list(failures.values())
         more = f"; and {len(reasons) - 3} more" if len(reasons) > 3 else ""
         raise VadError(f"no image could be scored: {'; '.join(reasons[:3])}{more}")
-    return PredictResult([scored[item] if item in scored else _failure(item, failures[item], model) for item in [*paths, *unmatched]])
+    return PredictResult([scored[item] if item in scored else failure_record(item, failures[item], model) for item in [*paths, *unmatched]])
 
 
 def format_records(records: list[dict[str, Any]], fmt: str) -> str:

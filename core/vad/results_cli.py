@@ -32,6 +32,9 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     runtime: str = typer.Option("torch", "--runtime", help="torch (the model itself), onnx or openvino (its exported graph, see vad export)."),
     graph: Optional[Path] = typer.Option(None, "--graph", help="The exported graph for --runtime onnx|openvino (default: model.onnx / model.xml in the model folder)."),
+    engine: str = typer.Option("local", "--engine", help="local, or ray: chunks of images scored by --workers Ray actors, one model load each."),
+    workers: int = typer.Option(2, "--workers", help="Ray actors for --engine ray."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (default: a local instance for this call)."),
 ) -> None:
     """Score new images with a saved model: score, decision at the stored threshold, overlays.
 
@@ -49,6 +52,10 @@ def predict_command(
     runtime = runtime.lower()
     if runtime not in ("torch", "onnx", "openvino"):
         raise VadError(f"--runtime {runtime!r}: use torch, onnx or openvino")
+    if engine not in ("local", "ray"):
+        raise VadError(f"--engine {engine!r}: use local or ray")
+    if engine == "ray" and (runtime != "torch" or overlays is not None):
+        raise VadError("--engine ray scores with the torch model and writes no overlays; drop --runtime/--overlays or use --engine local")
     if graph is not None and runtime == "torch":
         raise VadError("--graph names an exported graph: use it with --runtime onnx or openvino")
     folder = resolve_model_folder(model)
@@ -60,7 +67,18 @@ def predict_command(
     loaded = AnomalyModel.load(folder, resolve_device(device) if session is None else "cpu")
     for message in threshold_warnings(loaded, folder, overlays is not None):
         warn(message)
-    result = predict_images(loaded, inputs, overlays, session)
+    if engine == "ray":
+        from vad.distributed import predict_ray
+        from vad.predict import PredictResult, collect_images, failure_record
+
+        paths, unmatched = collect_images(inputs)
+        if not paths:
+            raise VadError("no image found for " + ", ".join(repr(i) for i in inputs))
+        records = predict_ray(folder, paths, workers, address=address)
+        records += [failure_record(item, f"{item}: no image found there", loaded) for item in unmatched]
+        result = PredictResult(records)
+    else:
+        result = predict_images(loaded, inputs, overlays, session)
     text = format_records(result.records, fmt)
     scored = len(result.records) - len(result.failed)
     if output:
@@ -132,12 +150,15 @@ def export_command(
 def bench_command(
     grid: Path = typer.Option(..., "--grid", "-g", help="YAML grid: detectors, ensembles, backbones, categories + shared run options."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Sweep folder (default runs/bench-<grid name>); rerun to resume."),
+    engine: str = typer.Option("local", "--engine", help="local (cells one after another) or ray (cells as Ray tasks, in parallel)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:10001); default: a local instance for this sweep."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the local Ray instance (default: all); each cell takes one."),
 ) -> None:
     """Sweep a grid of runs (resumable); print one table with accuracy and timings per cell."""
     from vad.bench import run_bench
 
     folder = output or Path("runs") / f"bench-{grid.stem}"
-    folder, results = run_bench(grid, folder)
+    folder, results = run_bench(grid, folder, engine=engine, address=address, num_cpus=num_cpus)
     typer.echo((folder / "bench.md").read_text(encoding="utf-8"), nl=False)
     failed = [r for r in results if r.status == "failed"]
     typer.echo(f"bench folder: {folder} ({len(results) - len(failed)} cells finished, {len(failed)} failed)")
