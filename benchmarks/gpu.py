@@ -16,8 +16,14 @@ training loop with mixed precision, and PatchCore's throughput.
    weights: speed does not depend on them): predict throughput in images/s (median of three
    timed passes after a warm-up), the memory bank built from ``--train`` images.
 
+4. The deployment paths on the device: PatchCore (Lite0) fitted on the demo data's brick on
+   the device, then ``vad serve --device <device>`` load-tested on localhost
+   (``benchmarks/serve_load.py``'s client: images/s and p50 / p99 latency at 8 clients), and
+   ``vad bench --engine ray`` on a two-category demo grid whose cells each declare the GPU
+   (wall time, every cell's status and image AUROC).
+
 Without CUDA the script says so in one line, runs part 1 on the CPU only (so CI and laptops
-can run it) and part 3 on the CPU with Lite0 only.
+can run it), part 3 on the CPU with Lite0 only and part 4 on the CPU.
 """
 
 from __future__ import annotations
@@ -110,6 +116,51 @@ def throughput(spec: str, device: str, train: int, images: int, batch: int) -> f
     return len(test) * batch / seconds
 
 
+def deployment_rows(device: str, requests: int) -> list[list[str]]:
+    """Part 4: ``vad serve`` and ``vad bench --engine ray`` on ``device``."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from vad.bench import run_bench
+    from vad.config import RunConfig
+    from vad.pipeline import run
+
+    spec = importlib.util.spec_from_file_location("serve_load", Path(__file__).with_name("serve_load.py"))
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vad-gpu-") as folder:
+        folder = Path(folder)
+        run_folder, _ = run(RunConfig(dataset="demo", categories=["brick"], detectors=["patchcore"], device=device, report=False, output=str(folder / "run")))
+        images = sorted((Path.home() / ".cache" / "vad" / "demo-v1" / "brick" / "test").rglob("*.png"))
+        files = [(f"{index:03d}-{path.name}", path.read_bytes()) for index, path in enumerate(images)]
+        port = serve_load.free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vad.cli", "--quiet", "serve", "--model", str(run_folder / "brick" / "model"), "--port", str(port), "--device", device],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            serve_load.wait_healthy(url, server)
+            serve_load.load(url, files, 16, 4, 120)  # warm-up
+            wall, latencies, _ = serve_load.load(url, files, requests, 8, 300)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        rows.append(["vad serve, 8 clients", device, f"{len(latencies) / wall:.1f} images/s",
+                     f"p50 {1000 * statistics.median(latencies):.0f} ms, p99 {1000 * sorted(latencies)[int(0.99 * (len(latencies) - 1))]:.0f} ms"])
+        grid = folder / "grid.yaml"
+        grid.write_text(f"dataset: demo\ndevice: {device}\ndetectors: [patchcore]\ncategories: [brick, grass]\n")
+        start = time.perf_counter()
+        _, results = run_bench(grid, folder / "bench", engine="ray", num_cpus=2)
+        cells = ", ".join(f"{r.cell.category} {r.status} {r.metrics.get('image_auroc', float('nan')):.3f}" for r in results)
+        rows.append(["vad bench --engine ray, 2 cells", device, f"{time.perf_counter() - start:.1f} s", cells])
+    return rows
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -120,6 +171,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=64, help="training images of the throughput bank")
     parser.add_argument("--images", type=int, default=256, help="test images per timed pass")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=128, help="requests of the serving load test")
     args = parser.parse_args()
 
     import torch
@@ -144,6 +196,9 @@ def main() -> None:
     train, images, batch = (args.train, args.images, args.batch) if cuda else (8, 16, 8)
     rows = [[spec, device, f"{throughput(spec, device, train, images, batch):.1f}"] for spec in specs for device in devices]
     print(table(["backbone", "device", "images/s"], rows))
+
+    print("\n## 4. Serving and the Ray engine on the device (demo data, PatchCore Lite0)\n")
+    print(table(["path", "device", "rate", "detail"], deployment_rows("cuda" if cuda else "cpu", args.requests)))
 
 
 if __name__ == "__main__":
