@@ -285,6 +285,33 @@ def test_bench_grid_errors_are_clear(tmp_path):
         load_grid(grid)
     with pytest.raises(VadError, match="does not exist"):
         load_grid(tmp_path / "missing.yaml")
+    grid.write_text("categories: [x]\ndetectors: [a]\ngroups: [{detectors: [b]}]\n")
+    with pytest.raises(VadError, match="inside each group, not at the top"):
+        load_grid(grid)
+    grid.write_text("categories: [x]\ngroups: [{detectors: [b], categories: [y]}]\n")
+    with pytest.raises(VadError, match="group 1 has keys \\['categories'\\]"):
+        load_grid(grid)
+    grid.write_text("categories: [x]\ngroups: [{ensembles: [score-mean]}]\n")
+    with pytest.raises(VadError, match=r"\(group 1\) names no detector"):
+        load_grid(grid)
+    grid.write_text("categories: [x]\ngroups: []\n")
+    with pytest.raises(VadError, match="non-empty list"):
+        load_grid(grid)
+
+
+def test_bench_grid_groups_are_crossed_one_by_one(tmp_path):
+    from vad.bench import load_grid
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "categories: [x, y]\ngroups:\n  - {detectors: [a], backbones: [b1, b2]}\n"
+        "  - {detector: a, ensembles: [fuse, mix], backbones: [[b1, b2]]}\n"
+    )
+    _, cells = load_grid(grid)
+    assert [cell.id for cell in cells] == [
+        "a__none__b1__x", "a__none__b1__y", "a__none__b2__x", "a__none__b2__y",
+        "a__fuse__b1+b2__x", "a__fuse__b1+b2__y", "a__mix__b1+b2__x", "a__mix__b1+b2__y",
+    ]
 
 
 def test_results_commands_do_not_import_torch():

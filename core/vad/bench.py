@@ -9,6 +9,8 @@ cells, e.g. ``dataset``, ``root``, ``threshold``, ``options``, ``device``)::
     ensembles: [null, score-mean]       # null = no ensemble
     backbones: [tf_efficientnet_lite0, [tf_efficientnet_lite0, tf_efficientnet_lite2]]
     train_counts: [1, 2, 4, 8, all]     # optional: the few-shot protocol (RunConfig.train_count)
+    # or, instead of the three method axes, several method grids in one file:
+    # groups: [{detectors: [patchcore], backbones: [lite0, lite2]}, {detectors: [patchcore], ensembles: [score-mean], backbones: [[lite0, lite2]]}]
     threshold: k-sigma
     report: false                       # the default in a sweep: no plots per cell
 
@@ -84,23 +86,58 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
-    """The shared RunConfig fields and the cells of a grid file."""
-    from vad.config import FIELDS, read_yaml_mapping
+METHOD_AXES = ("detectors", "ensembles", "backbones")
 
-    data = read_yaml_mapping(path, "grid file", "detectors, ensembles, backbones, categories, ...")
-    # singular spellings are accepted for the axes
+
+def _singular_axes(data: dict[str, Any]) -> dict[str, Any]:
+    """Singular spellings of the axes accepted (``detector: patchcore``)."""
     for singular, plural in (("detector", "detectors"), ("ensemble", "ensembles"), ("backbone", "backbones"), ("category", "categories")):
         if singular in data and plural not in data:
             data[plural] = data.pop(singular)
-    unknown = sorted(set(data) - FIELDS - set(AXES))
-    if unknown:
-        raise VadError(f"grid file {path} has unknown keys {unknown}; axes are {list(AXES)}, other keys are run options ({', '.join(sorted(FIELDS))})")
+    return data
+
+
+def _methods(data: dict[str, Any], path: str | Path, where: str) -> list[tuple[list[str], str | None, list[str]]]:
+    """The (detectors, ensemble, backbones) combinations of one grid or group (popped from ``data``)."""
     detectors = [d if isinstance(d, list) else str(d).split("+") for d in _as_list(data.pop("detectors", None))]
     if not detectors:
-        raise VadError(f"grid file {path} names no detector: add e.g. 'detectors: [{DEFAULTS['detector']}]'")
+        raise VadError(f"grid file {path}{where} names no detector: add e.g. 'detectors: [{DEFAULTS['detector']}]'")
     ensembles = _as_list(data.pop("ensembles", None)) or [None]
     backbones = [b if isinstance(b, list) else [str(b)] for b in _as_list(data.pop("backbones", None))] or [[]]
+    return [
+        ([str(d) for d in detector], None if ensemble in (None, "none") else str(ensemble), [str(b) for b in backbone])
+        for detector, ensemble, backbone in itertools.product(detectors, ensembles, backbones)
+    ]
+
+
+def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
+    """The shared RunConfig fields and the cells of a grid file.
+
+    ``groups`` (instead of top-level detectors / ensembles / backbones) lists several method
+    grids in one file, each crossed on its own and all with the shared categories, e.g. the
+    members alone and their fusions: ``groups: [{backbones: [lite0, lite2]}, {ensembles:
+    [pca-global], backbones: [[lite0, lite2]]}]`` with ``detectors`` given per group."""
+    from vad.config import FIELDS, read_yaml_mapping
+
+    data = _singular_axes(read_yaml_mapping(path, "grid file", "detectors, ensembles, backbones, categories, ..."))
+    unknown = sorted(set(data) - FIELDS - set(AXES) - {"groups"})
+    if unknown:
+        raise VadError(f"grid file {path} has unknown keys {unknown}; axes are {list(AXES)} (or groups), other keys are run options ({', '.join(sorted(FIELDS))})")
+    if "groups" in data:
+        groups = data.pop("groups")
+        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+            raise VadError(f"grid file {path}: groups must be a non-empty list of mappings of {', '.join(METHOD_AXES)}")
+        if any(axis in data for axis in METHOD_AXES):
+            raise VadError(f"grid file {path}: with groups, give {', '.join(METHOD_AXES)} inside each group, not at the top")
+        methods = []
+        for index, group in enumerate(groups):
+            group = _singular_axes(dict(group))
+            extra = sorted(set(group) - set(METHOD_AXES))
+            if extra:
+                raise VadError(f"grid file {path}: group {index + 1} has keys {extra}; a group holds only {', '.join(METHOD_AXES)}")
+            methods += _methods(group, path, f" (group {index + 1})")
+    else:
+        methods = _methods(data, path, "")
     categories = [str(c) for c in _as_list(data.pop("categories", None))]
     train_counts = _train_counts(data.pop("train_counts", None), path)
     if train_counts != [None] and data.get("train_count") is not None:
@@ -109,8 +146,8 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], list[Cell]]:
     if not categories:
         categories = _dataset_categories(base)
     cells = [
-        Cell([str(d) for d in detector], None if ensemble in (None, "none") else str(ensemble), [str(b) for b in backbone], category, count)
-        for detector, ensemble, backbone, category, count in itertools.product(detectors, ensembles, backbones, categories, train_counts)
+        Cell(detectors, ensemble, backbones, category, count)
+        for (detectors, ensemble, backbones), category, count in itertools.product(methods, categories, train_counts)
     ]
     return base, cells
 
