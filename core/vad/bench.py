@@ -19,7 +19,9 @@ Each cell is one :func:`vad.pipeline.run` writing ``<output>/cells/<cell id>/``.
 fails writes ``error.txt`` and the sweep goes on, so rerunning the command retries only the
 failed and missing cells. At the end ``bench.md``, ``bench.csv`` and ``bench.json`` hold one row
 per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or the error.
-A grid over ``train_counts`` also draws ``bench_train_count.png``: the mean image AUROC over
+A grid holding ensembles and their members alone also writes ``bench_members.md`` (each
+ensemble against its best member, paired bootstrap intervals: :mod:`vad.comparison`). A grid
+over ``train_counts`` also draws ``bench_train_count.png``: the mean image AUROC over
 the categories against the number of training images, one line per detector, ensemble and
 backbone (a K below 2 usually needs ``threshold: manual``, as calibration needs unseen normals).
 """
@@ -312,6 +314,18 @@ def write_table(output: Path, results: list[CellResult]) -> None:
     artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
 
 
+def write_members_table(output: Path, results: list[CellResult]) -> None:
+    """``bench_members.md`` / ``.json``: each ensemble against its best member, when the grid
+    has both (:mod:`vad.comparison`)."""
+    from vad.comparison import against_members, markdown
+
+    _, rows = table_rows(results)
+    records = against_members(rows, lambda row: output / "cells" / row["cell"])
+    if records:
+        artifacts.atomic_write_text(output / "bench_members.md", markdown(records))
+        artifacts.atomic_write_json(output / "bench_members.json", {"records": records})
+
+
 def run_bench(
     grid: str | Path, output: str | Path, registry: Any = None, engine: str = "local", address: str | None = None, num_cpus: int | None = None
 ) -> tuple[Path, list[CellResult]]:
@@ -354,6 +368,7 @@ def run_bench(
             heard(result)
             results.append(result)
     write_table(output, results)
+    write_members_table(output, results)
     if len({cell.train_count for cell in cells}) > 1:
         plot = train_count_plot(results)
         if plot is not None:

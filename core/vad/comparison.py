@@ -1,0 +1,99 @@
+"""Does an ensemble beat its best member? Answered per category from ``vad bench`` rows.
+
+An ensemble's members are the rows with no ensemble whose detector is one of the ensemble's
+detectors and whose backbone is one of its backbones (``patchcore / pca-global / lite0+lite2``
+has members ``patchcore / none / lite0`` and ``patchcore / none / lite2``). Per category the best
+member is the one with the highest image AUROC there; the ensemble's difference to it gets a
+95 % paired bootstrap interval: test images resampled with replacement, the same draw for both,
+normals and anomalies drawn separately so every draw has both, ``RESAMPLES`` draws. The verdict
+is "wins" or "loses" only when the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESAMPLES = 2000
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Image AUROC (ties count half)."""
+    positive, negative = scores[labels == 1], scores[labels == 0]
+    return float((positive[:, None] > negative[None, :]).mean() + 0.5 * (positive[:, None] == negative[None, :]).mean())
+
+
+def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """AUROC(first) - AUROC(second) on the same images and its 95 % percentile interval."""
+    rng = np.random.default_rng(seed)
+    normals, anomalies = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    differences = np.empty(resamples)
+    for draw in range(resamples):
+        picked = np.concatenate([rng.choice(normals, normals.size), rng.choice(anomalies, anomalies.size)])
+        differences[draw] = auroc(labels[picked], first[picked]) - auroc(labels[picked], second[picked])
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return auroc(labels, first) - auroc(labels, second), float(low), float(high)
+
+
+def cell_scores(cell_folder: Path, category: str) -> dict[str, tuple[int, float]]:
+    """A cell's test images: ``{path: (label, score)}`` from its ``scores.csv``."""
+    with open(cell_folder / category / "scores.csv", newline="") as handle:
+        return {line["path"]: (int(line["label"]), float(line["score"])) for line in csv.DictReader(handle)}
+
+
+def members_of(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The member rows of an ensemble row on the same category (module docstring)."""
+    return [
+        other for other in rows
+        if other["ensemble"] == "none" and other["category"] == row["category"] and other["status"] != "failed"
+        and other["detector"] in row["detector"].split("+") and other["backbone"] in row["backbone"].split("+")
+        and (other["detector"], other["backbone"]) != (row["detector"], row["backbone"])
+    ]
+
+
+def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[str, Any]], Path]) -> list[dict[str, Any]]:
+    """One record per ensemble row with at least two members: its best member and the paired
+    bootstrap of the difference; ``folder_of(row)`` is the row's cell folder."""
+    records = []
+    for row in rows:
+        if row["ensemble"] == "none" or row["status"] == "failed" or not isinstance(row.get("image_auroc"), (int, float)):
+            continue
+        members = [m for m in members_of(row, rows) if isinstance(m.get("image_auroc"), (int, float))]
+        if len(members) < 2:
+            continue
+        best = max(members, key=lambda m: m["image_auroc"])
+        ours, theirs = cell_scores(folder_of(row), row["category"]), cell_scores(folder_of(best), best["category"])
+        if set(ours) != set(theirs):
+            continue  # not scored on the same test images: no paired comparison
+        paths = sorted(ours)
+        labels = np.array([ours[p][0] for p in paths])
+        if labels.all() or not labels.any():
+            continue
+        difference, low, high = paired_bootstrap(labels, np.array([ours[p][1] for p in paths]), np.array([theirs[p][1] for p in paths]))
+        records.append({
+            "detector": row["detector"], "ensemble": row["ensemble"], "backbone": row["backbone"], "category": row["category"],
+            "image_auroc": row["image_auroc"], "best_member": f"{best['detector']} / {best['backbone']}", "member_image_auroc": best["image_auroc"],
+            "difference": difference, "low": low, "high": high,
+            "verdict": "wins" if low > 0 else "loses" if high < 0 else "no clear difference",
+        })
+    return records
+
+
+def markdown(records: Sequence[dict[str, Any]]) -> str:
+    """The records as a Markdown table."""
+    lines = [
+        f"Ensemble against its best member (image AUROC; 95 % paired bootstrap interval, {RESAMPLES} resamples)",
+        "",
+        "| detector | ensemble | features | category | ensemble | best member | difference [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['detector']} | {r['ensemble']} | {r['backbone']} | {r['category']} | {r['image_auroc']:.3f} | {r['best_member']} "
+            f"{r['member_image_auroc']:.3f} | {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,48 @@
+"""Ensembles against their best member: the members found, the paired bootstrap's interval, the
+verdict only when the interval excludes 0, and the table vad bench writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vad.comparison import against_members, auroc, markdown, paired_bootstrap
+
+
+def test_auroc_and_a_paired_bootstrap_that_only_decides_when_it_is_clear():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    good = labels + 0.3 * rng.normal(size=80)  # separates well
+    noise = rng.normal(size=80)  # chance
+    assert auroc(labels, labels.astype(float)) == 1.0 and auroc(labels, np.zeros(80)) == 0.5
+    difference, low, high = paired_bootstrap(labels, good, noise, resamples=300)
+    assert difference == pytest.approx(auroc(labels, good) - auroc(labels, noise)) and 0 < low <= difference <= high
+    same = paired_bootstrap(labels, good, good, resamples=50)
+    assert same == (0.0, 0.0, 0.0)
+
+
+def write_cell(folder: Path, category: str, labels: np.ndarray, scores: np.ndarray) -> Path:
+    (folder / category).mkdir(parents=True)
+    lines = ["path,category,defect_type,label,score,decision"] + [f"img{i}.png,{category},x,{l},{s},0" for i, (l, s) in enumerate(zip(labels, scores))]
+    (folder / category / "scores.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_each_ensemble_meets_its_best_member_on_the_same_images(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    scores = {"lite0": labels + 0.5 * rng.normal(size=60), "lite2": rng.normal(size=60), "fused": labels + 0.1 * rng.normal(size=60)}
+    rows = []
+    for name, backbone, ensemble in (("lite0", "lite0", "none"), ("lite2", "lite2", "none"), ("fused", "lite0+lite2", "pca-global"), ("alone", "lite0", "score-mean")):
+        values = scores.get(name, scores["lite0"])
+        write_cell(tmp_path / name, "brick", labels, values)
+        rows.append({"cell": name, "detector": "patchcore", "ensemble": ensemble, "backbone": backbone, "category": "brick",
+                     "status": "done", "image_auroc": auroc(labels, values)})
+    records = against_members(rows, lambda row: tmp_path / row["cell"])
+    assert len(records) == 1  # "alone" has a single member: nothing to compare
+    (record,) = records
+    assert record["best_member"] == "patchcore / lite0" and record["verdict"] in ("wins", "no clear difference")
+    assert record["difference"] == pytest.approx(auroc(labels, scores["fused"]) - auroc(labels, scores["lite0"]))
+    assert "| patchcore | pca-global | lite0+lite2 | brick |" in markdown(records)
