@@ -46,3 +46,17 @@ def test_each_ensemble_meets_its_best_member_on_the_same_images(tmp_path):
     assert record["best_member"] == "patchcore / lite0" and record["verdict"] in ("wins", "no clear difference")
     assert record["difference"] == pytest.approx(auroc(labels, scores["fused"]) - auroc(labels, scores["lite0"]))
     assert "| patchcore | pca-global | lite0+lite2 | brick |" in markdown(records)
+
+
+def test_the_forest_plot_draws_one_row_per_record():
+    import io
+
+    from PIL import Image
+
+    from vad.comparison import plot_png
+
+    records = [{"difference": d, "low": d - 0.05, "high": d + 0.05} for d in (-0.2, 0.0, 0.15)]
+    image = Image.open(io.BytesIO(plot_png(records)))
+    assert image.size == (560, 110 + 16 * 3)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    assert ((pixels == (214, 39, 40)).all(axis=1)).any() and ((pixels == (44, 160, 44)).all(axis=1)).any()  # a loss and a win drawn

@@ -19,8 +19,9 @@ Each cell is one :func:`vad.pipeline.run` writing ``<output>/cells/<cell id>/``.
 fails writes ``error.txt`` and the sweep goes on, so rerunning the command retries only the
 failed and missing cells. At the end ``bench.md``, ``bench.csv`` and ``bench.json`` hold one row
 per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or the error.
-A grid holding ensembles and their members alone also writes ``bench_members.md`` (each
-ensemble against its best member, paired bootstrap intervals: :mod:`vad.comparison`). A grid
+A grid holding ensembles and their members alone also writes ``bench_members.md`` and
+``bench_members.png`` (each ensemble against its best member, paired bootstrap intervals, as a
+table and a forest plot: :mod:`vad.comparison`). A grid
 over ``train_counts`` also draws ``bench_train_count.png``: the mean image AUROC over
 the categories against the number of training images, one line per detector, ensemble and
 backbone (a K below 2 usually needs ``threshold: manual``, as calibration needs unseen normals).
@@ -317,13 +318,14 @@ def write_table(output: Path, results: list[CellResult]) -> None:
 def write_members_table(output: Path, results: list[CellResult]) -> None:
     """``bench_members.md`` / ``.json``: each ensemble against its best member, when the grid
     has both (:mod:`vad.comparison`)."""
-    from vad.comparison import against_members, markdown
+    from vad.comparison import against_members, markdown, plot_png
 
     _, rows = table_rows(results)
     records = against_members(rows, lambda row: output / "cells" / row["cell"])
     if records:
         artifacts.atomic_write_text(output / "bench_members.md", markdown(records))
         artifacts.atomic_write_json(output / "bench_members.json", {"records": records})
+        artifacts.atomic_write_bytes(output / "bench_members.png", plot_png(records))
 
 
 def run_bench(

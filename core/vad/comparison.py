@@ -86,14 +86,24 @@ def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[st
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     """The records as a Markdown table."""
     lines = [
-        f"Ensemble against its best member (image AUROC; 95 % paired bootstrap interval, {RESAMPLES} resamples)",
+        f"Ensemble against its best member (image AUROC; 95 % paired bootstrap interval, {RESAMPLES} resamples; row = the plot's row)",
         "",
-        "| detector | ensemble | features | category | ensemble | best member | difference [95 % CI] | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | detector | ensemble | features | category | ensemble | best member | difference [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in records:
+    for row, r in enumerate(records, 1):
         lines.append(
-            f"| {r['detector']} | {r['ensemble']} | {r['backbone']} | {r['category']} | {r['image_auroc']:.3f} | {r['best_member']} "
+            f"| {row} | {r['detector']} | {r['ensemble']} | {r['backbone']} | {r['category']} | {r['image_auroc']:.3f} | {r['best_member']} "
             f"{r['member_image_auroc']:.3f} | {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['verdict']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot_png(records: Sequence[dict[str, Any]]) -> bytes:
+    """The records' differences and intervals as a forest plot (rows numbered as in :func:`markdown`)."""
+    from vad.report import intervals_png
+
+    return intervals_png(
+        [r["difference"] for r in records], [r["low"] for r in records], [r["high"] for r in records],
+        "ensemble minus its best member", "image AUROC difference (95 % paired bootstrap interval)",
+    )

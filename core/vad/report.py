@@ -451,6 +451,20 @@ def curves_png(curves: Sequence[Curve], title: str) -> bytes:
     return plot.png()
 
 
+def intervals_png(centres: Sequence[float], lows: Sequence[float], highs: Sequence[float], title: str, x_label: str) -> bytes:
+    """A forest plot: row ``i`` (1, 2, ... from the bottom) has its interval ``[low, high]`` and
+    its centre; green when the interval lies above 0, red below, grey across it."""
+    centres, lows, highs = (np.asarray(v, np.float64) for v in (centres, lows, highs))
+    count = len(centres)
+    plot = _Plot((560, 110 + 16 * count), _span(np.r_[lows, highs, 0.0], 0.05), (0.4, count + 0.6), title, x_label, "row", integer_y=True)
+    plot.dashed_vline(0.0, LIMIT_COLOR, "no difference")
+    for row, (centre, low, high) in enumerate(zip(centres, lows, highs), 1):
+        color = GOOD_COLOR if low > 0 else DEFECTIVE_COLOR if high < 0 else LIMIT_COLOR
+        plot.line([low, high], [row, row], color)
+        plot.line([centre], [row], BLACK)
+    return plot.png()
+
+
 def histogram_png(scores: np.ndarray, labels: np.ndarray, threshold: float | None, title: str) -> bytes:
     """Score histograms of good vs defective test images with the image threshold."""
     scores = np.asarray(scores, np.float64)
