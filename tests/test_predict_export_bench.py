@@ -276,27 +276,20 @@ def test_bench_checks_every_cell_before_running_the_first(registry, cli, tmp_pat
 def test_bench_grid_errors_are_clear(tmp_path):
     from vad.bench import load_grid
 
-    grid = tmp_path / "grid.yaml"
-    grid.write_text("detectors: [a]\ncategories: [x]\nbogus: 1\n")
-    with pytest.raises(VadError, match="unknown keys"):
-        load_grid(grid)
-    grid.write_text("categories: [x]\n")
-    with pytest.raises(VadError, match="names no detector"):
-        load_grid(grid)
     with pytest.raises(VadError, match="does not exist"):
         load_grid(tmp_path / "missing.yaml")
-    grid.write_text("categories: [x]\ndetectors: [a]\ngroups: [{detectors: [b]}]\n")
-    with pytest.raises(VadError, match="inside each group, not at the top"):
-        load_grid(grid)
-    grid.write_text("categories: [x]\ngroups: [{detectors: [b], categories: [y]}]\n")
-    with pytest.raises(VadError, match="group 1 has keys \\['categories'\\]"):
-        load_grid(grid)
-    grid.write_text("categories: [x]\ngroups: [{ensembles: [score-mean]}]\n")
-    with pytest.raises(VadError, match=r"\(group 1\) names no detector"):
-        load_grid(grid)
-    grid.write_text("categories: [x]\ngroups: []\n")
-    with pytest.raises(VadError, match="non-empty list"):
-        load_grid(grid)
+    grid = tmp_path / "grid.yaml"
+    for text, message in (
+        ("detectors: [a]\ncategories: [x]\nbogus: 1\n", "unknown keys"),
+        ("categories: [x]\n", "names no detector"),
+        ("categories: [x]\ndetectors: [a]\ngroups: [{detectors: [b]}]\n", "inside each group, not at the top"),
+        ("categories: [x]\ngroups: [{detectors: [b], categories: [y]}]\n", r"group 1 has keys \['categories'\]"),
+        ("categories: [x]\ngroups: [{ensembles: [score-mean]}]\n", r"\(group 1\) names no detector"),
+        ("categories: [x]\ngroups: []\n", "non-empty list"),
+    ):
+        grid.write_text(text)
+        with pytest.raises(VadError, match=message):
+            load_grid(grid)
 
 
 def test_bench_grid_groups_are_crossed_one_by_one(tmp_path):
