@@ -215,9 +215,12 @@ def test_the_loop_keeps_the_contract():
 
 
 def _vad(*args: str, cwd: Path) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a suite started in the background by a shell
+    # without job control ignores SIGINT, and the child would inherit that and never stop.
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("vad")), *args],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
