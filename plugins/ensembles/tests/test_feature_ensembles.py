@@ -30,7 +30,7 @@ def test_registered_under_their_names():
 
 
 def test_shared_input_is_the_largest_member_in_zero_one_and_each_member_gets_its_own(members, image_batches):
-    ensemble = ConcatEnsemble(members)
+    ensemble = ConcatEnsemble(members, scaling="none")  # raw features: the geometry alone
     assert ensemble.preprocessing.size == (96, 96)
     assert ensemble.preprocessing.mean == (0.0, 0.0, 0.0) and ensemble.preprocessing.std == (1.0, 1.0, 1.0)
     images = image_batches(2, 96)[0]
@@ -46,9 +46,9 @@ def test_shared_input_is_the_largest_member_in_zero_one_and_each_member_gets_its
 
 
 def test_configurable_grid(members, image_batches):
-    features = ConcatEnsemble(members, grid=[5, 7])(image_batches(1, 96)[0])
+    features = ConcatEnsemble(members, grid=[5, 7], scaling="none")(image_batches(1, 96)[0])
     assert features.shape[-2:] == (5, 7)
-    square = ConcatEnsemble(members, grid=6)
+    square = ConcatEnsemble(members, grid=6, scaling="none")
     assert square.hparams["grid"] == [6, 6]  # one side means a square grid, saved as (height, width)
     assert square(image_batches(1, 96)[0]).shape[-2:] == (6, 6)
 
@@ -59,7 +59,7 @@ def test_hparams_rebuild_the_ensemble_with_members_and_resolved_options(members)
     assert hparams["members"] == [m.config() for m in members]
     # the default n_components (None) is saved resolved: the widest member's channels
     assert {k: v for k, v in hparams.items() if k != "members"} == {
-        "grid": [4, 5], "max_fit_patches": 500, "seed": 3, "n_components": max(m.out_channels for m in members), "scaling": "none",
+        "grid": [4, 5], "max_fit_patches": 500, "seed": 3, "n_components": max(m.out_channels for m in members), "scaling": "channel",
     }
     assert ensemble.config() == {"kind": "pca-global", "hparams": hparams}
     individual = PCAIndividualEnsemble(members, n_components=[3, 0.5])
@@ -192,7 +192,7 @@ def test_member_scaling_gives_every_member_the_same_variance(make_member, image_
     loud = make_member(96, (8, 12), seed=2, mean=(0.5,) * 3, std=(0.01,) * 3)  # features ~50x larger
     members = [make_member(64, (6, 10), seed=1), loud]
     training = image_batches(6, 96)
-    raw = ConcatEnsemble(members)
+    raw = ConcatEnsemble(members, scaling="none")
     scaled = ConcatEnsemble(members, scaling="member")
     assert not raw.requires_fit and scaled.requires_fit
     scaled.fit(training)
