@@ -23,6 +23,7 @@ images: registration stays outside it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,21 +83,44 @@ class Registration:
     def size(self) -> tuple[int, int]:
         return int(self.reference.shape[0]), int(self.reference.shape[1])
 
+    @functools.cached_property
+    def _windowed_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """The Hann window of the reference's size and the reference's grayscale under it (once
+        per registration, not per image)."""
+        from skimage.filters import window
+
+        hann = window("hann", self.size)  # tapers the borders, whose wrap-around biases the peak
+        return hann, gray(self.reference) * hann
+
+    @functools.cached_property
+    def _reference_features(self) -> tuple[np.ndarray, np.ndarray] | str:
+        """The reference's ORB keypoints and descriptors (once per registration), or why not."""
+        return self._orb(gray(self.reference))
+
+    def _orb(self, picture: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+        """ORB keypoints ``(x, y)`` and descriptors of a grayscale image, or why there are none."""
+        from skimage.feature import ORB
+
+        orb = ORB(n_keypoints=self.keypoints)
+        try:
+            orb.detect_and_extract(picture)
+        except RuntimeError as error:  # no keypoints at all (a flat image)
+            return f"no ORB keypoints found ({error})"
+        return orb.keypoints[:, ::-1], orb.descriptors
+
     def estimate(self, image: np.ndarray) -> Alignment:
         """The alignment of one RGB uint8 image (its failure reason when it has one)."""
-        moving, fixed = gray(image), gray(self.reference)
+        moving = gray(image)
         if self.kind == "translation":
             from skimage.registration import phase_cross_correlation
 
-            if moving.shape != fixed.shape:
-                return Alignment(np.eye(3), 0.0, f"translation needs the reference's size {fixed.shape}, got {moving.shape}")
-            from skimage.filters import window
-
-            hann = window("hann", fixed.shape)  # tapers the borders, whose wrap-around biases the peak
-            shift, _, _ = phase_cross_correlation(fixed * hann, moving * hann, upsample_factor=20)
+            if moving.shape != self.size:
+                return Alignment(np.eye(3), 0.0, f"translation needs the reference's size {self.size}, got {moving.shape}")
+            hann, fixed = self._windowed_reference
+            shift, _, _ = phase_cross_correlation(fixed, moving * hann, upsample_factor=20)
             matrix = np.array([[1.0, 0.0, shift[1]], [0.0, 1.0, shift[0]], [0.0, 0.0, 1.0]])
         else:
-            matrix, error = self._feature_matrix(moving, fixed)
+            matrix, error = self._feature_matrix(moving)
             if error is not None:
                 return Alignment(np.eye(3), 0.0, error)
         covered = _warp(np.ones(moving.shape), matrix, self.size, 0.0)
@@ -105,20 +129,16 @@ class Registration:
             return Alignment(matrix, overlap, f"the aligned image covers {overlap:.0%} of the reference, less than {self.min_overlap:.0%}")
         return Alignment(matrix, overlap)
 
-    def _feature_matrix(self, moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, str | None]:
-        from skimage.feature import ORB, match_descriptors
+    def _feature_matrix(self, moving: np.ndarray) -> tuple[np.ndarray, str | None]:
+        from skimage.feature import match_descriptors
         from skimage.measure import ransac
         from skimage.transform import AffineTransform, EuclideanTransform
 
-        points = []
-        for picture in (moving, fixed):
-            orb = ORB(n_keypoints=self.keypoints)
-            try:
-                orb.detect_and_extract(picture)
-            except RuntimeError as error:  # no keypoints at all (a flat image)
-                return np.eye(3), f"no ORB keypoints found ({error})"
-            points.append((orb.keypoints[:, ::-1], orb.descriptors))  # (x, y)
-        (moving_xy, moving_descriptors), (fixed_xy, fixed_descriptors) = points
+        found = [self._orb(moving), self._reference_features]
+        for features in found:
+            if isinstance(features, str):
+                return np.eye(3), features
+        (moving_xy, moving_descriptors), (fixed_xy, fixed_descriptors) = found
         matches = match_descriptors(moving_descriptors, fixed_descriptors, cross_check=True, max_ratio=self.ratio)
         if len(matches) < self.min_inliers:
             return np.eye(3), f"{len(matches)} keypoint matches, fewer than {self.min_inliers}"
