@@ -26,6 +26,7 @@ mask as a constant). Tiles are not supported with an ROI.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,20 @@ class Roi:
         painted[~self.mask] = np.asarray(self.fill, dtype=image.dtype)
         return painted
 
+    @functools.cached_property
+    def _working_masks(self) -> dict[tuple[Preprocessing, str], torch.Tensor]:
+        """:meth:`working_mask` by preprocessing and device: made once, read by every batch."""
+        return {}
+
     def working_mask(self, preprocessing: Preprocessing, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool ``[h, w]``: the ROI at the working size, resized and cropped as the images are
         (a working pixel is inside when at least half of what it covers is)."""
+        key = (preprocessing, str(device))
+        if key not in self._working_masks:
+            self._working_masks[key] = self._resized(preprocessing, device)
+        return self._working_masks[key]
+
+    def _resized(self, preprocessing: Preprocessing, device: torch.device | str) -> torch.Tensor:
         from vad.preprocess import center_crop, resize_batch
 
         mask = torch.from_numpy(self.mask.astype(np.float32))[None, None].to(device)
