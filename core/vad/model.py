@@ -662,9 +662,12 @@ class AnomalyModel:
             scores, maps = self._scores_and_maps(prediction, reference, [image.shape[:2] for image in images], alignments)
             for index, sample in enumerate(kept):
                 score = float(scores[index])
-                decision = None if self.image_threshold is None else bool(score >= self.image_threshold)
                 error = alignments[index].error if alignments else None
-                yield Output(sample, score, decision, None if maps is None else maps[index], error)
+                yield Output(sample, score, self.decide(score), None if maps is None else maps[index], error)
+
+    def decide(self, score: float) -> bool | None:
+        """The image decision: anomalous at or above the image threshold (None without one)."""
+        return None if self.image_threshold is None else bool(score >= self.image_threshold)
 
     # ------------------------------------------------------------------ save / load
 

@@ -145,29 +145,22 @@ def failure_record(path: str, error: str, model: Any) -> dict[str, Any]:
 
 def graph_outputs(model: Any, graph: Any, samples: Sequence[Any]) -> Iterator[Any]:
     """Outputs of an exported graph (:class:`vad.export.GraphSession`) for ``samples``, as
-    ``model.predict`` gives them: registration before the graph, the maps brought to each
-    image's original size (and frame) after it, the model's thresholds; unreadable images are
-    listed in ``model.skipped``."""
+    ``model.predict`` gives them: decoded and registered as the model does (the graph paints
+    and restricts to the region of interest itself), the maps brought to each image's original
+    size (and frame) after it, the model's decision; unreadable images go to ``model.skipped``."""
     import torch
 
-    from vad.images import BadImageError
-    from vad.model import Output, SkippedImage
+    from vad.model import Output, load_images
 
     reference = model.input_preprocessing(model.members[0])
     for sample in samples:
-        try:
-            image = sample.load_image()
-        except BadImageError as error:
-            model.skipped.append(SkippedImage(sample.path, str(error)))
+        alignments: list[Any] = []
+        _, images = load_images([sample], model.skip_bad, model.skipped, None, model.registration, alignments)
+        if not images:
             continue
-        size, alignments = image.shape[:2], []
-        if model.registration is not None:
-            image, alignment = model.registration.align(image)
-            alignments.append(alignment)
-        score, working = graph(image)
-        anomaly_map = None if working is None else model.original_maps(torch.from_numpy(working)[None], reference, [size], alignments)[0]
-        decision = None if model.image_threshold is None else bool(score >= model.image_threshold)
-        yield Output(sample, score, decision, anomaly_map, alignments[0].error if alignments else None)
+        score, working = graph(images[0])
+        anomaly_map = None if working is None else model.original_maps(torch.from_numpy(working)[None], reference, [images[0].shape[:2]], alignments)[0]
+        yield Output(sample, score, model.decide(score), anomaly_map, alignments[0].error if alignments else None)
 
 
 def predict_images(model: Any, inputs: Sequence[str], overlays: str | Path | None = None, graph: Any = None) -> PredictResult:
