@@ -21,9 +21,10 @@ import numpy as np
 RESAMPLES = 2000
 
 
-def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Image AUROC (ties count half)."""
-    positive, negative = scores[labels == 1], scores[labels == 0]
+def auroc(labels: Any, scores: Any) -> float:
+    """Image AUROC by the Mann-Whitney statistic (ties count one half); ``labels`` true (1) for anomalous."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, np.float64)
+    positive, negative = scores[labels], scores[~labels]
     return float((positive[:, None] > negative[None, :]).mean() + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 

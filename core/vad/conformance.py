@@ -141,16 +141,6 @@ def _registered(kind: str | None = None, cls: type | None = None) -> Iterator[An
             yield inner
 
 
-def _auroc(scores: Any, labels: Any) -> float:
-    """Image AUROC by the Mann-Whitney statistic (ties count one half)."""
-    import numpy as np
-
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
-    positive, negative = scores[labels], scores[~labels]
-    greater = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
-    return float(greater / (positive.size * negative.size))
-
-
 # --------------------------------------------------------------------------- detectors
 
 
@@ -229,7 +219,9 @@ def check_detector(cls: type, device: str = "cpu", onnx: bool = True, options: d
         left_out = detector.predict_left_out(train[0], torch.arange(len(train[0])))
         _require(tuple(left_out.scores.shape) == tuple(in_sample.scores.shape) and bool(torch.isfinite(left_out.scores).all()), owner, "predict_left_out must give finite scores [B] like predict")
         _require(bool((left_out.scores >= in_sample.scores - ROUND_TRIP_TOLERANCE * (1 + in_sample.scores.abs())).all()), owner, "a training image left out of fit must not look more normal than in it")
-    auroc = _auroc(scores.detach().cpu().numpy(), labels)
+    from vad.comparison import auroc as image_auroc
+
+    auroc = image_auroc(labels, scores.detach().cpu().numpy())
     if cls.tiny_image_auroc is not None:
         _require(auroc >= cls.tiny_image_auroc, owner, f"claims image AUROC >= {cls.tiny_image_auroc} on the tiny data set, reached {auroc:.3f}")
 

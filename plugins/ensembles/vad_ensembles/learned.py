@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from vad.comparison import auroc
 from vad.contracts import Prediction, State
 from vad.errors import VadError
 from vad.options import option
@@ -36,13 +37,6 @@ from vad.progress import warn
 from vad_ensembles.scores import CalibratedScoreEnsemble, weighted_mean
 
 GENERATORS = ["perlin", "cutout", "swirl"]
-
-
-def auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
-    """Probability that an anomalous value exceeds a normal one (ties count half)."""
-    greater = (anomalous[:, None] > normal[None, :]).double().mean()
-    ties = (anomalous[:, None] == normal[None, :]).double().mean()
-    return float(greater + 0.5 * ties)
 
 
 def forest_probability(x: torch.Tensor, trees: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -168,8 +162,7 @@ class LearnedWeights(LearnedScoreEnsemble):
     name = "learned-weights"
 
     def fit_examples(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        normal, anomalous = features[labels == 0], features[labels == 1]
-        separation = torch.tensor([auroc(normal[:, m], anomalous[:, m]) for m in range(features.shape[1])], dtype=torch.float64)
+        separation = torch.tensor([auroc(labels.numpy(), features[:, m].numpy()) for m in range(features.shape[1])], dtype=torch.float64)
         weights = (separation - 0.5).clamp(min=0)
         if weights.sum() <= 0:
             warn(f"ensemble {self.name!r}: no member separates the synthetic anomalies from the normals (AUROCs {separation.tolist()}); equal weights")
