@@ -157,10 +157,13 @@ def check_saved_models(config: RunConfig, categories: list[str]) -> None:
 
 
 def run_category(
-    config: RunConfig, splits: DataSplits, folder: Path, registry: Registry, model: AnomalyModel | None = None
+    config: RunConfig, splits: DataSplits, folder: Path, registry: Registry, model: AnomalyModel | None = None,
+    frames: tuple[Roi | None, Registration | None] | None = None,
 ) -> CategoryResult:
     """Fit (or load) a model for one category, evaluate it and write its files; ``model`` is
-    an unfitted model already composed from ``config``, else one is built."""
+    an unfitted model already composed from ``config``, else one is built; ``frames``: the
+    category's region of interest and registration when the run's checks built them already
+    (else they are built here from ``config``)."""
     device = resolve_device(config.device)
     seed_everything(config.seed)
     category_folder = folder / splits.category
@@ -170,10 +173,7 @@ def run_category(
         info(f"[{splits.category}] loaded the saved model from {config.model}")
     else:
         model = (model or build_model(config, registry)).to(device)
-        if config.roi is not None:
-            model.roi = category_roi(config, splits)
-        if config.registration is not None:
-            model.registration = category_registration(config, splits)
+        model.roi, model.registration = frames if frames is not None else category_frames(config, splits)
         start = time.perf_counter()
         model.fit(splits.train, splits.validation)
         timings["fit_s"] = time.perf_counter() - start
@@ -260,6 +260,7 @@ def run(
         config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
     checked = {category: _checked_splits(dataset, category, config, first_model) for category in categories}
     splits = {category: pair[0] for category, pair in checked.items()}
+    frames = {category: pair[2] for category, pair in checked.items()}
     handed_over = [first_model] if first_model is not None else []  # popped by the first category: no fitted
     first_model = None  # model of one category stays referenced here through the next ones
     output = Path(config.output) if config.output else None
@@ -269,7 +270,7 @@ def run(
         artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         info(f"run folder: {folder}")
         try:
-            results = _run_categories(config, splits, folder, registry, handed_over, resume)
+            results = _run_categories(config, splits, frames, folder, registry, handed_over, resume)
         except KeyboardInterrupt as interrupt:
             raise RunInterrupted(folder) from interrupt
         _finish(config, folder, results, {category: pair[1] for category, pair in checked.items() if pair[1]})
@@ -282,11 +283,14 @@ def run(
     return folder, results
 
 
-def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: AnomalyModel | None) -> tuple[DataSplits, list[tuple[str, str]]]:
-    """One category's samples, every image and mask decoded once (:mod:`vad.datacheck`), and
-    the files left out with ``--skip-bad`` (``(path, reason)``: by the data set's header check
-    or by decoding; each is listed on the terminal). A model to fit must be able to calibrate
-    its thresholds with the images left."""
+def _checked_splits(
+    dataset: Dataset, category: str, config: RunConfig, model: AnomalyModel | None
+) -> tuple[DataSplits, list[tuple[str, str]], tuple[Roi | None, Registration | None] | None]:
+    """One category's samples, every image and mask decoded once (:mod:`vad.datacheck`), the
+    files left out with ``--skip-bad`` (``(path, reason)``: by the data set's header check or by
+    decoding; each is listed on the terminal), and, for a model to fit, the category's region of
+    interest and registration (built and checked here, used by :func:`run_category`). A model to
+    fit must be able to calibrate its thresholds with the images left."""
     known = len(getattr(dataset, "skipped", []))
     splits = dataset.load(category)
     skipped = [tuple(item) for item in getattr(dataset, "skipped", [])[known:]]
@@ -297,14 +301,21 @@ def _checked_splits(dataset: Dataset, category: str, config: RunConfig, model: A
         raise VadError(f"[{category}] no usable training images are left: a detector needs normal training images")
     if config.train_count is not None and not config.model:
         splits = dataclasses.replace(splits, train=chosen_training_images(splits.train, config.train_count, config.seed, category))
+    frames = None
     if model is not None:
         model.check_calibration(len(splits.train), len(splits.validation))
-        roi = category_roi(config, splits) if config.roi is not None else None
-        if roi is not None:
-            model.check_roi(roi)
-        if config.registration is not None:
-            category_registration(config, splits)
-    return splits, [*skipped, *((b.path, b.reason) for b in bad)]
+        frames = category_frames(config, splits)
+        if frames[0] is not None:
+            model.check_roi(frames[0])
+    return splits, [*skipped, *((b.path, b.reason) for b in bad)], frames
+
+
+def category_frames(config: RunConfig, splits: DataSplits) -> tuple[Roi | None, Registration | None]:
+    """The category's region of interest and registration as ``config`` asks (None: not asked)."""
+    return (
+        category_roi(config, splits) if config.roi is not None else None,
+        category_registration(config, splits) if config.registration is not None else None,
+    )
 
 
 def _every_size(splits: DataSplits) -> Iterator[tuple[tuple[int, int], str]]:
@@ -371,7 +382,9 @@ class RunInterrupted(KeyboardInterrupt):
         )
 
 
-def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Path, registry: Registry, handed_over: list[AnomalyModel], resume: bool) -> list[CategoryResult]:
+def _run_categories(
+    config: RunConfig, splits: dict[str, DataSplits], frames: dict[str, Any], folder: Path, registry: Registry, handed_over: list[AnomalyModel], resume: bool
+) -> list[CategoryResult]:
     """Each category in turn; the first uses the model built while checking the run (``handed_over``
     is emptied, so it is freed after that category), the others build their own."""
     results = []
@@ -385,7 +398,7 @@ def _run_categories(config: RunConfig, splits: dict[str, DataSplits], folder: Pa
         else:
             checkpoints = folder / category / CHECKPOINTS_DIR
             with session(checkpoints, resume=resume, every_minutes=config.checkpoint_minutes):
-                results.append(run_category(config, category_splits, folder, registry, first_model))
+                results.append(run_category(config, category_splits, folder, registry, first_model, frames[category]))
             shutil.rmtree(checkpoints, ignore_errors=True)  # the saved model supersedes them
         del first_model
     return results
