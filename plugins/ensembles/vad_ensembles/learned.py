@@ -224,18 +224,13 @@ class Stacker(LearnedScoreEnsemble):
         self.trees = forest_arrays(forest)
         self.weights = importances / importances.sum() if importances.sum() > 0 else torch.full_like(importances, 1 / len(importances))
 
-    def combine(self, member_predictions: Sequence[Prediction]) -> Prediction:
-        """Maps as the learned-weights mean; image scores from the stacked model (set with the
-        weights, so the parent's combine has already refused an ensemble that has not learned)."""
-        fused = super().combine(member_predictions)
-        scores = torch.stack(
-            [self.transform(p.scores.reshape(-1), s) for p, s in zip(member_predictions, self.image_stats)], dim=1
-        )
+    def fuse_scores(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Image scores from the stacked model on the members' z-scores ``[M, B]``; maps stay
+        the learned-weights mean (:meth:`fuse`)."""
+        self._learned()
         if self.options.model == "logistic":
-            stacked = scores @ self.linear[:-1] + self.linear[-1]  # type: ignore[index]
-        else:
-            stacked = forest_probability(scores, self.trees)  # type: ignore[arg-type]
-        return Prediction(stacked.to(device=fused.scores.device, dtype=torch.float32), fused.maps)
+            return stacked.T @ self.linear[:-1] + self.linear[-1]  # type: ignore[index]
+        return forest_probability(stacked.T, self.trees)  # type: ignore[arg-type]
 
     def state(self) -> State:
         state = super().state()

@@ -146,6 +146,10 @@ class CalibratedScoreEnsemble(ScoreEnsembler):
         """Fuse calibrated values ``[M, ...]`` of the members ``present`` (indices)."""
         raise NotImplementedError
 
+    def fuse_scores(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Fuse every member's calibrated image scores ``[M, B]`` (default: as :meth:`fuse`)."""
+        return self.fuse(stacked, list(range(stacked.shape[0])))
+
     def combine(self, member_predictions: Sequence[Prediction]) -> Prediction:
         """Fuse one batch: calibrated scores (and maps) of every member, then :meth:`fuse`."""
         if self.members is None:
@@ -158,7 +162,7 @@ class CalibratedScoreEnsemble(ScoreEnsembler):
         scores = torch.stack(
             [self.transform(p.scores.reshape(-1), s) for p, s in zip(member_predictions, self.image_stats)]
         )
-        fused_scores = self.fuse(scores, list(range(self.members)))
+        fused_scores = self.fuse_scores(scores)
 
         present = [i for i, p in enumerate(member_predictions) if p.maps is not None and self.map_stats[i] is not None]
         fused_maps = None
