@@ -427,13 +427,13 @@ class AnomalyModel:
     def _fit_members(self, members: Sequence[Member], train: Sequence[Sample]) -> None:
         for index, member in enumerate(members):
             seed_everything(self.seed)
+            preprocessing = self.input_preprocessing(member)
             images = ImageBatches(
-                train, self.input_preprocessing(member), self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi, self.registration
+                train, preprocessing, self.batch_size, self.device, f"fit {member.detector_name}", self.skip_bad, self.geometry, self.roi, self.registration
             )
             with member_session(f"member{index}"):
                 if self.roi is not None and self.roi.mode == "before":
-                    inspected = self.roi.working_mask(self.input_preprocessing(member), self.device)
-                    if member.detector.exclude_from_training(inspected):
+                    if member.detector.exclude_from_training(self.roi.working_mask(preprocessing, self.device)):
                         info(f"{member.detector_name} learns nothing from outside the region of interest")
                 if member.source is not None and member.source.requires_fit:
                     with member_session("source"):
