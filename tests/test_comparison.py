@@ -23,6 +23,15 @@ def test_auroc_and_a_paired_bootstrap_that_only_decides_when_it_is_clear():
     assert same == (0.0, 0.0, 0.0)
 
 
+def test_auroc_counts_ties_half_and_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    normal, anomalous = rng.integers(0, 5, 30).astype(float), rng.integers(2, 7, 20).astype(float)  # many ties
+    labels, scores = np.r_[np.zeros(30), np.ones(20)], np.r_[normal, anomalous]
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+
+
 def write_cell(folder: Path, category: str, labels: np.ndarray, scores: np.ndarray) -> Path:
     (folder / category).mkdir(parents=True)
     lines = ["path,category,defect_type,label,score,decision"] + [f"img{i}.png,{category},x,{l},{s},0" for i, (l, s) in enumerate(zip(labels, scores))]

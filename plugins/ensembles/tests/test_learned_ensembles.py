@@ -11,7 +11,6 @@ import torch
 from vad.contracts import Prediction, State
 from vad.errors import VadError
 from vad.options import OptionError
-from vad.comparison import auroc
 from vad_ensembles.learned import LearnedWeights, Stacker, forest_arrays, forest_probability
 
 
@@ -33,15 +32,6 @@ def fitted(ensemble, seed: int = 0):
     ensemble.calibrate(normal)
     ensemble.learn(normal, anomalous)
     return ensemble
-
-
-def test_auroc_counts_ties_half_and_matches_scikit_learn():
-    from sklearn.metrics import roc_auc_score
-
-    g = torch.Generator().manual_seed(0)
-    normal, anomalous = torch.randint(0, 5, (30,), generator=g).double(), torch.randint(2, 7, (20,), generator=g).double()
-    labels, scores = np.r_[np.zeros(30), np.ones(20)], np.r_[normal.numpy(), anomalous.numpy()]
-    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
 
 
 def test_learned_weights_go_to_the_member_that_separates_and_none_to_the_one_that_inverts():

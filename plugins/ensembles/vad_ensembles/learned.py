@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 
-from vad.comparison import auroc
 from vad.contracts import Prediction, State
 from vad.errors import VadError
 from vad.options import option
@@ -162,7 +161,9 @@ class LearnedWeights(LearnedScoreEnsemble):
     name = "learned-weights"
 
     def fit_examples(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        separation = torch.tensor([auroc(labels.numpy(), features[:, m].numpy()) for m in range(features.shape[1])], dtype=torch.float64)
+        from sklearn.metrics import roc_auc_score
+
+        separation = torch.tensor([roc_auc_score(labels.numpy(), features[:, m].numpy()) for m in range(features.shape[1])], dtype=torch.float64)
         weights = (separation - 0.5).clamp(min=0)
         if weights.sum() <= 0:
             warn(f"ensemble {self.name!r}: no member separates the synthetic anomalies from the normals (AUROCs {separation.tolist()}); equal weights")
