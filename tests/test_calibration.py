@@ -111,6 +111,51 @@ def test_auto_calibration_picks_by_what_the_members_offer(registry, tmp_path):
         model(registry, Plain(), calibration="leave-one-out").resolve_calibration(False)
 
 
+def test_a_head_on_a_trained_detectors_features_is_not_calibrated_by_leave_one_out(registry):
+    """A network trained on the training images remembers them: its features of a training
+    image look more normal than a new normal image's, so leaving the image out of the head's
+    bank is not enough (the thresholds would flag good parts). auto holds images out instead,
+    and an explicit leave-one-out is refused, also through a feature ensemble."""
+    from vad.contracts import DetectorFeatures, FeatureEnsembler
+
+    class TrainedFeatures(DetectorFeatures):
+        name = "trained-features"
+
+        def __call__(self, images):
+            raise AssertionError("not called")
+
+        @property
+        def out_channels(self):
+            return 4
+
+    class Fused(FeatureEnsembler):
+        name = "fused"
+
+        def __call__(self, images):
+            raise AssertionError("not called")
+
+        @property
+        def out_channels(self):
+            return 8
+
+        @property
+        def requires_fit(self):
+            return any(member.requires_fit for member in self.members)
+
+    built = model(registry)
+    frozen = built.members[0].source
+    assert frozen.leave_one_out and built.resolve_calibration(False) == "leave-one-out"
+    trained = TrainedFeatures(FeatureDistance())
+    for source in (trained, Fused([frozen, trained])):
+        built.members[0].source = source
+        assert not source.leave_one_out and built.resolve_calibration(False) == "hold-out"
+        built.calibration_method = "leave-one-out"
+        with pytest.raises(VadError, match=r"feature-distance \(on a trained detector's features\) cannot score training images as left out"):
+            built.resolve_calibration(False)
+        built.calibration_method = "auto"
+    assert Fused([frozen, frozen]).leave_one_out
+
+
 def test_leave_one_out_trains_on_every_image_and_scores_each_as_left_out(registry):
     train = make_tiny_splits().train
     fitted = model(registry)

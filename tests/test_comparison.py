@@ -3,6 +3,7 @@ verdict only when the interval excludes 0, and the table vad bench writes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,14 @@ def test_auroc_counts_ties_half_and_matches_scikit_learn():
     assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
 
 
-def write_cell(folder: Path, category: str, labels: np.ndarray, scores: np.ndarray) -> Path:
+def write_cell(folder: Path, category: str, labels: np.ndarray, scores: np.ndarray, kinds: list[str] | None = None) -> Path:
     (folder / category).mkdir(parents=True)
-    lines = ["path,category,defect_type,label,score,decision"] + [f"img{i}.png,{category},x,{l},{s},0" for i, (l, s) in enumerate(zip(labels, scores))]
+    if kinds is None:
+        lines = ["path,category,defect_type,label,score,decision"] + [f"img{i}.png,{category},x,{l},{s},0" for i, (l, s) in enumerate(zip(labels, scores))]
+    else:
+        lines = ["path,category,defect_type,anomaly_kind,label,score,decision"] + [
+            f"img{i}.png,{category},x,{k},{l},{s},0" for i, (l, s, k) in enumerate(zip(labels, scores, kinds))
+        ]
     (folder / category / "scores.csv").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -54,7 +60,35 @@ def test_each_ensemble_meets_its_best_member_on_the_same_images(tmp_path):
     (record,) = records
     assert record["best_member"] == "patchcore / lite0" and record["verdict"] in ("wins", "no clear difference")
     assert record["difference"] == pytest.approx(auroc(labels, scores["fused"]) - auroc(labels, scores["lite0"]))
-    assert "| patchcore | pca-global | lite0+lite2 | brick |" in markdown(records)
+    assert record["kind"] == "all" and "| patchcore | pca-global | lite0+lite2 | brick | all |" in markdown(records)
+
+
+def test_each_anomaly_kind_meets_the_member_best_on_that_kind(tmp_path):
+    """LOCO-layout data: one record per kind on the good images and that kind's anomalies, each
+    against the member best on that kind (here a different member for each kind)."""
+    rng = np.random.default_rng(2)
+    labels = np.r_[np.zeros(20, int), np.ones(40, int)]
+    kinds = [""] * 20 + ["structural"] * 20 + ["logical"] * 20
+    structural, logical = np.r_[np.zeros(20), np.ones(20), np.zeros(20)].astype(bool), np.r_[np.zeros(40), np.ones(20)].astype(bool)
+    noise = lambda: 0.3 * rng.normal(size=60)  # noqa: E731
+    scores = {
+        "local": structural + noise(),  # finds structural anomalies only
+        "global": logical + noise(),  # finds logical anomalies only
+        "fused": structural + logical + noise(),
+    }
+    rows = []
+    for name, backbone, ensemble in (("local", "local", "none"), ("global", "global", "none"), ("fused", "local+global", "pca-global")):
+        write_cell(tmp_path / name, "pushpins", labels, scores[name], kinds)
+        rows.append({"cell": name, "detector": "patchcore", "ensemble": ensemble, "backbone": backbone, "category": "pushpins",
+                     "status": "done", "image_auroc": auroc(labels, scores[name])})
+    records = {r["kind"]: r for r in against_members(rows, lambda row: tmp_path / row["cell"])}
+    assert set(records) == {"all", "structural", "logical"}
+    assert records["structural"]["best_member"] == "patchcore / local" and records["logical"]["best_member"] == "patchcore / global"
+    for kind, chosen, best in (("structural", ~logical, "local"), ("logical", ~structural, "global")):
+        assert records[kind]["image_auroc"] == pytest.approx(auroc(labels[chosen], scores["fused"][chosen]))
+        assert records[kind]["difference"] == pytest.approx(auroc(labels[chosen], scores["fused"][chosen]) - auroc(labels[chosen], scores[best][chosen]))
+    assert records["all"]["verdict"] == "wins"  # each member misses half of the anomalies; the fusion finds both kinds
+    assert "| pushpins | logical |" in markdown(list(records.values()))
 
 
 def test_the_forest_plot_draws_one_row_per_record():
@@ -69,3 +103,30 @@ def test_the_forest_plot_draws_one_row_per_record():
     assert image.size == (560, 110 + 16 * 3)
     pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     assert ((pixels == (214, 39, 40)).all(axis=1)).any() and ((pixels == (44, 160, 44)).all(axis=1)).any()  # a loss and a win drawn
+
+
+def test_bench_summary_writes_the_comparison_and_one_report_page_whose_links_exist(tmp_path):
+    """vad bench's summary: bench_members.{md,json,png} and report.html with the cells, the
+    comparison per anomaly kind and the forest plot (every referenced file present)."""
+    import re
+
+    from vad.bench import Cell, CellResult, write_summary
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    kinds = [""] * 10 + ["structural"] * 5 + ["logical"] * 5
+    results = []
+    for ensemble, backbones in ((None, ["a"]), (None, ["b"]), ("score-mean", ["a", "b"])):
+        cell = Cell(["patchcore"], ensemble, backbones, "pushpins")
+        values = labels + rng.normal(size=20)
+        write_cell(tmp_path / "bench" / "cells" / cell.id, "pushpins", labels, values, kinds)
+        results.append(CellResult(cell, "done", {"image_auroc": auroc(labels, values), "fit_s": 1.0}))
+    write_summary(tmp_path / "bench", results, train_counts=False)
+    records = json.loads((tmp_path / "bench" / "bench_members.json").read_text())["records"]
+    assert [r["kind"] for r in records] == ["all", "logical", "structural"]
+    page = (tmp_path / "bench" / "report.html").read_text()
+    assert "Does the ensemble beat its best member?" in page and "<td>logical</td>" in page
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert "bench_members.png" in links
+    missing = [link for link in links if link not in ("bench.csv", "bench.json") and not (tmp_path / "bench" / link).is_file()]
+    assert not missing

@@ -157,3 +157,19 @@ def test_a_threshold_that_requires_a_score_kind_refuses_other_scores_and_score_e
         check_score_kind(Rule(), "nfa", [member("-log10 NFA"), member(None)], None)
     with pytest.raises(VadError, match="score-level ensemble"):
         check_score_kind(Rule(), "nfa", [member("-log10 NFA"), member("-log10 NFA")], "mean")
+
+
+def test_scores_csv_names_each_images_anomaly_kind_where_the_data_set_labels_kinds():
+    """MVTec LOCO's structural / logical kinds go into scores.csv (vad bench compares ensembles
+    per kind from it); data sets without kinds keep the plain columns."""
+    import io
+
+    from vad.model import Output
+    from vad.pipeline import scores_csv
+
+    samples = [Sample("good.png", 0, "c", "test", "good"), Sample("l.png", 1, "c", "test", "missing", anomaly_kind="logical")]
+    outputs = [Output(sample, score, None, None) for sample, score in zip(samples, (0.1, 0.9))]
+    rows = list(csv.DictReader(io.StringIO(scores_csv(outputs))))
+    assert [(r["anomaly_kind"], r["label"], float(r["score"])) for r in rows] == [("", "0", 0.1), ("logical", "1", 0.9)]
+    plain = scores_csv([Output(samples[0], 0.1, True, None)])
+    assert plain.splitlines()[0] == "path,category,defect_type,label,score,decision" and plain.splitlines()[1].endswith(",1")

@@ -21,7 +21,8 @@ failed and missing cells. At the end ``bench.md``, ``bench.csv`` and ``bench.jso
 per cell: accuracy metrics, fit time (s) and prediction time (ms per image), or the error.
 A grid holding ensembles and their members alone also writes ``bench_members.md`` and
 ``bench_members.png`` (each ensemble against its best member, paired bootstrap intervals, as a
-table and a forest plot: :mod:`vad.comparison`). A grid
+table and a forest plot: :mod:`vad.comparison`; per anomaly kind too where the data set labels
+kinds). ``report.html`` shows the table, that comparison and the plots on one page. A grid
 over ``train_counts`` also draws ``bench_train_count.png``: the mean image AUROC over
 the categories against the number of training images, one line per detector, ensemble and
 backbone (a K below 2 usually needs ``threshold: manual``, as calibration needs unseen normals).
@@ -29,6 +30,7 @@ backbone (a K below 2 usually needs ``threshold: manual``, as calibration needs 
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import re
@@ -315,17 +317,37 @@ def write_table(output: Path, results: list[CellResult]) -> None:
     artifacts.atomic_write_json(output / "bench.json", {"columns": columns, "rows": rows})
 
 
-def write_members_table(output: Path, results: list[CellResult]) -> None:
-    """``bench_members.md`` / ``.json``: each ensemble against its best member, when the grid
-    has both (:mod:`vad.comparison`)."""
-    from vad.comparison import against_members, markdown, plot_png
+def write_summary(output: Path, results: list[CellResult], train_counts: bool) -> None:
+    """After the sweep: ``bench_members.md`` / ``.json`` / ``.png`` (each ensemble against its
+    best member, when the grid has both: :mod:`vad.comparison`), ``bench_train_count.png`` for a
+    grid over ``train_counts``, and ``report.html`` with the table, the comparison and the plots."""
+    from vad.comparison import COLUMNS, NOTE, against_members, markdown, plot_png, table
+    from vad.report import render_tables_html
 
-    _, rows = table_rows(results)
+    columns, rows = table_rows(results)
     records = against_members(rows, lambda row: output / "cells" / row["cell"])
+    plots = []
     if records:
         artifacts.atomic_write_text(output / "bench_members.md", markdown(records))
         artifacts.atomic_write_json(output / "bench_members.json", {"records": records})
         artifacts.atomic_write_bytes(output / "bench_members.png", plot_png(records))
+        plots.append(("bench_members.png", "Each ensemble minus its best member (rows as numbered above)"))
+    plot = train_count_plot(results) if train_counts else None
+    if plot is not None:
+        artifacts.atomic_write_bytes(output / "bench_train_count.png", plot)
+        plots.append(("bench_train_count.png", "Mean image AUROC by number of training images"))
+    shown = [c for c in columns if c != "cell"]
+    sections = [("Cells", "", shown, ([row.get(c) for c in shown] for row in rows))]
+    if records:
+        sections.append((
+            "Does the ensemble beat its best member?",
+            html.escape(NOTE) + "; a verdict only when the interval excludes 0; where the data set labels anomaly kinds (structural / logical), "
+            "each kind is compared on the good images and that kind's anomalies",
+            COLUMNS, table(records),
+        ))
+    page = render_tables_html(f"vad bench report: {output.name}", 'the table as <a href="bench.csv">bench.csv</a> and <a href="bench.json">bench.json</a>; '
+                              "each cell's run folder under <code>cells/</code>", sections, plots)
+    artifacts.atomic_write_text(output / "report.html", page)
 
 
 def run_bench(
@@ -370,11 +392,7 @@ def run_bench(
             heard(result)
             results.append(result)
     write_table(output, results)
-    write_members_table(output, results)
-    if len({cell.train_count for cell in cells}) > 1:
-        plot = train_count_plot(results)
-        if plot is not None:
-            artifacts.atomic_write_bytes(output / "bench_train_count.png", plot)
+    write_summary(output, results, train_counts=len({cell.train_count for cell in cells}) > 1)
     return output, results
 
 

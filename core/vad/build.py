@@ -89,6 +89,8 @@ def used_components(config: RunConfig, registry: Registry) -> dict[str, set[str]
         "thresholds": {config.threshold},
         "metrics": set(config.metrics or registry.entries("metrics")),
         "augmentations": set(registry.entries("augmentations")),
+        # not a registry kind: the detectors whose feature sources are members (their --set group is detector:NAME)
+        "detector sources": {s for s in specs if s.startswith(DETECTOR_SOURCE_PREFIX)},
     }
 
 
@@ -102,8 +104,9 @@ def uses_group(group: str, used: dict[str, set[str]], registry: Registry) -> boo
 def check_names(config: RunConfig, registry: Registry) -> None:
     """Every component ``config`` names is installed (an unknown name lists what is, with the
     nearest match); checked before anything is built or written."""
-    for kind, names in used_components(config, registry).items():
-        for name in sorted(names):
+    used = used_components(config, registry)
+    for kind in KINDS:
+        for name in sorted(used.get(kind, ())):
             registry.get(kind, name)
 
 
@@ -116,6 +119,9 @@ def check_options(config: RunConfig, registry: Registry, *, used_only: bool = Tr
     for group, values in config.options.items():
         if group in CORE_OPTION_GROUPS:
             ReportOptions.parse(values, owner="report")
+            continue
+        if group.startswith(DETECTOR_SOURCE_PREFIX):
+            _check_source_group(group, config, registry, used_only)
             continue
         declarations = []
         for kind in KINDS:
@@ -134,6 +140,19 @@ def check_options(config: RunConfig, registry: Registry, *, used_only: bool = Tr
                 f"--set {group}.…: this run does not use {group!r}, so the option would have no effect "
                 f"({_what_is_used(used)}); choose it for the run, or drop the option"
             )
+
+
+def _check_source_group(group: str, config: RunConfig, registry: Registry, used_only: bool) -> None:
+    """``--set detector:NAME.KEY=VALUE`` sets an option of NAME's feature source: NAME must be an
+    installed detector and (``used_only``) ``detector:NAME`` one of the run's backbones. The
+    values are checked against the source's declaration when it is built, before the run
+    writes anything."""
+    registry.get("detectors", group[len(DETECTOR_SOURCE_PREFIX) :])
+    if used_only and not uses_group(group, used_components(config, registry), registry):
+        raise VadError(
+            f"--set {group}.…: sets options of that detector's feature source, and this run does not use it "
+            f"(backbones: {', '.join(backbone_specs(config, registry))}); add --backbone {group}, or drop the option"
+        )
 
 
 def _what_is_used(used: dict[str, set[str]]) -> str:
@@ -214,7 +233,7 @@ def check_geometry(geometry: Geometry, sources: list[FeatureSource]) -> None:
 def build_detector_source(name: str, config: RunConfig, registry: Registry) -> FeatureSource:
     """The FeatureSource of an (unfitted) detector, trained when its ensemble is fitted."""
     detector = create("detectors", name, registry, run_seed=config.seed, **detector_options(name, config, registry, config.geometry()))
-    source = detector.feature_source()
+    source = detector.feature_source(**config.options_for(DETECTOR_SOURCE_PREFIX + name))
     if source is None:
         raise VadError(f"detector {name!r} offers no feature source, so --backbone {DETECTOR_SOURCE_PREFIX}{name} cannot use it")
     return source

@@ -11,7 +11,8 @@ seen. vad gets them without taking training images away from the detector where 
 * ``hold-out``: a share of the training images (the data set's validation split when it has
   one, else ``holdout_fraction``) is kept from the detector and scored. Costs those images;
 * ``auto`` (the default): the data set's validation split when it has one, else
-  leave-one-out when every member offers it, else cross-fit when every member fits in one pass
+  leave-one-out when every member offers it (and no member reads features a network learned
+  from the training images: ``FeatureSource.leave_one_out``), else cross-fit when every member fits in one pass
   over its inputs and is ``cheap_to_refit``, else hold-out (trained detectors: cross-fitting
   would train their networks again ``folds`` times, even with one epoch).
 

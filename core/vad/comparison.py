@@ -6,7 +6,9 @@ has members ``patchcore / none / lite0`` and ``patchcore / none / lite2``). Per 
 member is the one with the highest image AUROC there; the ensemble's difference to it gets a
 95 % paired bootstrap interval: test images resampled with replacement, the same draw for both,
 normals and anomalies drawn separately so every draw has both, ``RESAMPLES`` draws. The verdict
-is "wins" or "loses" only when the interval excludes 0.
+is "wins" or "loses" only when the interval excludes 0. Where the data set labels anomaly kinds
+(MVTec LOCO: structural, logical), each kind gets the same comparison on the good images and
+that kind's anomalies, against the member best on that kind.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, 
     return auroc(labels, first) - auroc(labels, second), float(low), float(high)
 
 
-def cell_scores(cell_folder: Path, category: str) -> dict[str, tuple[int, float]]:
-    """A cell's test images: ``{path: (label, score)}`` from its ``scores.csv``."""
+def cell_scores(cell_folder: Path, category: str) -> dict[str, tuple[int, float, str]]:
+    """A cell's test images: ``{path: (label, score, anomaly kind or "")}`` from its ``scores.csv``."""
     with open(cell_folder / category / "scores.csv", newline="") as handle:
-        return {line["path"]: (int(line["label"]), float(line["score"])) for line in csv.DictReader(handle)}
+        return {line["path"]: (int(line["label"]), float(line["score"]), line.get("anomaly_kind") or "") for line in csv.DictReader(handle)}
 
 
 def members_of(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,9 +58,25 @@ def members_of(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[dict
     ]
 
 
+def _compared(row: dict[str, Any], kind: str, labels: np.ndarray, ours: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The record of one ensemble on one set of test images against the best of ``members``
+    (``{name: scores}`` on the same images)."""
+    member_aurocs = {name: auroc(labels, scores) for name, scores in members.items()}
+    best = max(member_aurocs, key=lambda name: member_aurocs[name])
+    difference, low, high = paired_bootstrap(labels, ours, members[best])
+    return {
+        "detector": row["detector"], "ensemble": row["ensemble"], "backbone": row["backbone"], "category": row["category"], "kind": kind,
+        "image_auroc": auroc(labels, ours), "best_member": best, "member_image_auroc": member_aurocs[best],
+        "difference": difference, "low": low, "high": high,
+        "verdict": "wins" if low > 0 else "loses" if high < 0 else "no clear difference",
+    }
+
+
 def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[str, Any]], Path]) -> list[dict[str, Any]]:
-    """One record per ensemble row with at least two members: its best member and the paired
-    bootstrap of the difference; ``folder_of(row)`` is the row's cell folder."""
+    """One record per ensemble row with at least two members (``kind`` "all"): its best member
+    and the paired bootstrap of the difference; where the test images name anomaly kinds, one
+    more record per kind, on the good images and that kind's anomalies, against the member best
+    on them. ``folder_of(row)`` is the row's cell folder."""
     records = []
     for row in rows:
         if row["ensemble"] == "none" or row["status"] == "failed" or not isinstance(row.get("image_auroc"), (int, float)):
@@ -66,37 +84,44 @@ def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[st
         members = [m for m in members_of(row, rows) if isinstance(m.get("image_auroc"), (int, float))]
         if len(members) < 2:
             continue
-        best = max(members, key=lambda m: m["image_auroc"])
-        ours, theirs = cell_scores(folder_of(row), row["category"]), cell_scores(folder_of(best), best["category"])
-        if set(ours) != set(theirs):
+        ours = cell_scores(folder_of(row), row["category"])
+        theirs = {f"{m['detector']} / {m['backbone']}": cell_scores(folder_of(m), m["category"]) for m in members}
+        if any(set(scores) != set(ours) for scores in theirs.values()):
             continue  # not scored on the same test images: no paired comparison
         paths = sorted(ours)
-        labels = np.array([ours[p][0] for p in paths])
+        labels, kinds = np.array([ours[p][0] for p in paths]), np.array([ours[p][2] for p in paths])
         if labels.all() or not labels.any():
             continue
-        difference, low, high = paired_bootstrap(labels, np.array([ours[p][1] for p in paths]), np.array([theirs[p][1] for p in paths]))
-        records.append({
-            "detector": row["detector"], "ensemble": row["ensemble"], "backbone": row["backbone"], "category": row["category"],
-            "image_auroc": row["image_auroc"], "best_member": f"{best['detector']} / {best['backbone']}", "member_image_auroc": best["image_auroc"],
-            "difference": difference, "low": low, "high": high,
-            "verdict": "wins" if low > 0 else "loses" if high < 0 else "no clear difference",
-        })
+        subsets = [("all", np.ones(len(paths), bool))]
+        subsets += [(kind, (labels == 0) | (kinds == kind)) for kind in sorted(set(kinds[labels == 1]) - {""})]
+        for kind, chosen in subsets:
+            records.append(_compared(
+                row, kind, labels[chosen], np.array([ours[p][1] for p in paths])[chosen],
+                {name: np.array([scores[p][1] for p in paths])[chosen] for name, scores in theirs.items()},
+            ))
     return records
+
+
+#: What :func:`table` shows of a record.
+COLUMNS = ["row", "detector", "ensemble", "features", "category", "anomalies", "ensemble", "best member", "difference [95 % CI]", "verdict"]
+NOTE = f"Ensemble against its best member (image AUROC; 95 % paired bootstrap interval, {RESAMPLES} resamples; row = the plot's row)"
+
+
+def table(records: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The records as table rows (:data:`COLUMNS`), numbered as the plot's rows."""
+    return [
+        [
+            str(row), r["detector"], r["ensemble"], r["backbone"], r["category"], r.get("kind", "all"), f"{r['image_auroc']:.3f}",
+            f"{r['best_member']} {r['member_image_auroc']:.3f}", f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]", r["verdict"],
+        ]
+        for row, r in enumerate(records, 1)
+    ]
 
 
 def markdown(records: Sequence[dict[str, Any]]) -> str:
     """The records as a Markdown table."""
-    lines = [
-        f"Ensemble against its best member (image AUROC; 95 % paired bootstrap interval, {RESAMPLES} resamples; row = the plot's row)",
-        "",
-        "| row | detector | ensemble | features | category | ensemble | best member | difference [95 % CI] | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row, r in enumerate(records, 1):
-        lines.append(
-            f"| {row} | {r['detector']} | {r['ensemble']} | {r['backbone']} | {r['category']} | {r['image_auroc']:.3f} | {r['best_member']} "
-            f"{r['member_image_auroc']:.3f} | {r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['verdict']} |"
-        )
+    lines = [NOTE, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table(records)]
     return "\n".join(lines) + "\n"
 
 

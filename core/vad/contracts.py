@@ -276,6 +276,13 @@ class FeatureSource(Component):
     role = "feature source"
     requires_fit = False
     preprocessing: Preprocessing
+    #: True when a training image's features do not remember that image: frozen networks, and
+    #: statistics over every training patch (PCA, scaling), which one image barely moves. False
+    #: for a network trained on the training images (a detector's learned features): its
+    #: features of an image it trained on look more normal than those of a new normal image, so
+    #: a head on them cannot score that image as left out (calibration then cross-fits or
+    #: holds images out: :mod:`vad.calibration`).
+    leave_one_out: bool = True
 
     def fit(self, images: Iterable[torch.Tensor]) -> None:
         """Learn from training batches (re-iterable: each ``iter()`` is a fresh pass)."""
@@ -377,6 +384,7 @@ class DetectorFeatures(FeatureSource):
     """
 
     kind: ClassVar[str] = "detector-features"
+    leave_one_out = False
 
     def __init__(self, detector: Detector, **options: Any) -> None:
         super().__init__(**options)
@@ -484,6 +492,11 @@ class FeatureEnsembler(FeatureSource):
     def __init__(self, members: Sequence[FeatureSource], **options: Any) -> None:
         super().__init__(**options)
         self.members = list(members)
+
+    @property
+    def leave_one_out(self) -> bool:  # type: ignore[override]
+        """True when every member's features forget their training images."""
+        return all(member.leave_one_out for member in self.members)
 
 
 class ScoreEnsembler(Configurable, abc.ABC):

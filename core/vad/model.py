@@ -403,9 +403,12 @@ class AnomalyModel:
             raise VadError(f"unknown calibration {method!r}; choose one of {', '.join(CALIBRATIONS)}")
         if has_validation and method in ("auto", "hold-out"):
             return "hold-out"
-        every_left_out = all(member.detector.leave_one_out for member in self.members)
+        def left_out(member: Member) -> bool:
+            return member.detector.leave_one_out and (member.source is None or member.source.leave_one_out)
+
+        every_left_out = all(left_out(member) for member in self.members)
         if method == "leave-one-out" and not every_left_out:
-            names = [m.detector_name for m in self.members if not m.detector.leave_one_out]
+            names = [m.detector_name + (" (on a trained detector's features)" if m.detector.leave_one_out else "") for m in self.members if not left_out(m)]
             raise VadError(f"calibration leave-one-out: {', '.join(names)} cannot score training images as left out; use cross-fit or hold-out")
         overlapping = self.geometry.overlapping
         if method == "leave-one-out" and overlapping:

@@ -109,15 +109,18 @@ def evaluation_data(outputs: list[Output], model: AnomalyModel) -> EvaluationDat
 
 
 def scores_csv(outputs: list[Output], registered: bool = False) -> str:
-    """Per-image raw scores and decisions (and, for a model that aligns images, why an image's
-    alignment failed: empty when it succeeded)."""
+    """Per-image raw scores and decisions (where the data set labels anomaly kinds, e.g. MVTec
+    LOCO's structural / logical, each image's kind after its defect type; for a model that aligns
+    images, why an image's alignment failed: empty when it succeeded)."""
+    kinds = any(o.sample.anomaly_kind for o in outputs)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "category", "defect_type", "label", "score", "decision", *(["registration_error"] if registered else [])])
+    writer.writerow(["path", "category", "defect_type", *(["anomaly_kind"] if kinds else []), "label", "score", "decision", *(["registration_error"] if registered else [])])
     for o in outputs:
         decision = "" if o.anomalous is None else int(o.anomalous)
+        kind = [o.sample.anomaly_kind or ""] if kinds else []
         extra = [o.registration_error or ""] if registered else []
-        writer.writerow([o.sample.path, o.sample.category, o.sample.defect_type, o.sample.label, repr(o.score), decision, *extra])
+        writer.writerow([o.sample.path, o.sample.category, o.sample.defect_type, *kind, o.sample.label, repr(o.score), decision, *extra])
     return buffer.getvalue()
 
 

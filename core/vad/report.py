@@ -46,7 +46,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -800,6 +800,35 @@ def render_html(folder: Path, config: RunConfig) -> str:
             parts.append("</div>")
         if index.get("anomaly_maps"):
             parts.append(f'<p class="note">{len(index["anomaly_maps"])} raw maps (float32 TIFF) under <code>anomaly_maps/{html.escape(category)}/</code></p>')
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_tables_html(title: str, note: str, sections: Sequence[tuple[str, str, Sequence[str], Iterable[Sequence[Any]]]], plots: Sequence[tuple[str, str]]) -> str:
+    """A report page of tables, then plots: ``sections`` are ``(heading, note, columns, rows)``,
+    ``plots`` ``(file, caption)`` with the files beside the page; notes are HTML (``vad bench``'s
+    report.html)."""
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{note}</p>',
+    ]
+    for heading, section_note, columns, rows in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if section_note:
+            parts.append(f'<p class="note">{section_note}</p>')
+        parts.append(_html_table(columns, rows))
+    for file, caption in plots:
+        parts.append(f'<h2>{html.escape(caption)}</h2><img src="{html.escape(file)}" alt="{html.escape(caption)}">')
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

@@ -119,6 +119,13 @@ def test_feature_source_is_the_latent_of_its_own_autoencoder(register_plugin):
         rebuilt = source_from_config(json.loads(json.dumps(source.config())))
         rebuilt.load_state(source.state())
         torch.testing.assert_close(rebuilt(images[:2]), latent, rtol=0, atol=0)
+        residual_source = FeatureAE(**options).feature_source(output="residual")
+        residual_source.load_state(source.state())
+        features = source.patches(images[:2])
+        with torch.no_grad():
+            expected_residual = features - source.detector.networks["autoencoder"](features)
+        assert residual_source.out_channels == features.shape[1] and not residual_source.leave_one_out
+        torch.testing.assert_close(residual_source(images[:2]), expected_residual, rtol=0, atol=0)
         again = source.detector.feature_source()  # a fitted detector's source trains its own autoencoder
         assert again.requires_fit and again.detector is not source.detector and again.detector.hparams == source.detector.hparams
         with pytest.raises(VadError, match="known only after fit"):
@@ -143,6 +150,22 @@ def test_vad_run_with_the_seed_threshold_and_as_a_fused_source(vad_fakes, tmp_pa
     assert result.exit_code == 0, (result.output, result.exception)
     member = json.loads((tmp_path / "fused" / "tiny-a" / "model" / "model.json").read_text())["members"][0]
     assert member["source"]["kind"] == "detector-features" and member["source"]["detector"] == "feature-ae"
+    assert member["source"]["hparams"]["output"] == "latent"
+    # the source's own options: --set detector:NAME.KEY=VALUE, checked before the run folder exists
+    residual = ["--set", "detector:feature-ae.output=residual"]
+    result = runner.invoke(app, [*common, "--detector", "patchcore", "--backbone", "detector:feature-ae", *small, *source, *residual, "--output", str(tmp_path / "residual")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    member = json.loads((tmp_path / "residual" / "tiny-a" / "model" / "model.json").read_text())["members"][0]
+    assert member["source"]["hparams"]["output"] == "residual"
+    for bad, message in (
+        (["--set", "detector:feature-ae.output=reconstruction"], "output"),
+        (["--set", "detector:feature-ae.outptu=residual"], "outptu"),
+        (["--set", "detector:stfpm.output=student"], "does not use it"),
+        (["--set", "detector:no-such-detector.output=x"], "no-such-detector"),
+    ):
+        result = runner.invoke(app, [*common, "--detector", "patchcore", "--backbone", "detector:feature-ae", *small, *source, *bad, "--output", str(tmp_path / "bad")])
+        assert isinstance(result.exception, VadError) and message in str(result.exception), (bad, result.exception)
+        assert not (tmp_path / "bad").exists()
     pytest.importorskip("onnxruntime")
     from vad.export import PARITY_TOLERANCE, check_parity, export_onnx
     from vad.model import AnomalyModel
@@ -185,3 +208,13 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(fitted):
         FeatureAE().load_state(type(fitted.state())({}, {}))
     with pytest.raises(VadError, match="hub is unreachable"):  # resnet50's weights do not ship offline
         FeatureAE(source_backbone="resnet50").feature_source()
+
+
+def test_a_grids_source_options_reach_the_cells_that_fuse_the_source(vad_fakes, tmp_path):
+    """vad bench: ``options: {detector:feature-ae: {...}}`` goes to cells with that member only."""
+    from vad.bench import Cell, cell_config
+
+    base = {"dataset": "tiny", "options": {"detector:feature-ae": {"output": "residual"}, "feature-ae": {"epochs": 1}}}
+    fused = cell_config(base, Cell(["patchcore"], "pca-global", ["fake-backbone", "detector:feature-ae"], "tiny-a"), tmp_path / "a")
+    alone = cell_config(base, Cell(["patchcore"], None, ["fake-backbone"], "tiny-a"), tmp_path / "b")
+    assert fused.options == base["options"] and alone.options == {}

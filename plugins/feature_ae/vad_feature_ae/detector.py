@@ -57,7 +57,7 @@ maps are computed in float32 from the (bfloat16) reconstruction, and prediction 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -193,15 +193,22 @@ class FeatureAE(TrainedDetector):
 
 
 class FeatureAEFeatures(DetectorFeatures):
-    """The autoencoder's latent maps ``[B, L, h, w]`` (``--backbone detector:feature-ae``).
+    """The autoencoder's latent maps ``[B, L, h, w]`` or its residuals ``[B, C, h, w]``
+    (``--backbone detector:feature-ae``).
 
-    Cut point: the encoder's output, the bottleneck the decoder reconstructs every patch feature
-    from. The features it encodes are ``PatchFeatures`` of the detector's ``source_backbone`` at
-    ``source_layers`` (vad's default aggregation); fitting the source trains the autoencoder on
-    them. Preprocessing is that backbone's; the grid is its first layer's.
+    Cut points: ``output=latent`` (default) is the encoder's output, the bottleneck the decoder
+    reconstructs every patch feature from; ``output=residual`` is the signed reconstruction error
+    ``x - x_hat`` of every patch feature, whose squared channel mean is the detector's own map
+    (near 0 where the autoencoder learned the normal features). The features it encodes are
+    ``PatchFeatures`` of the detector's ``source_backbone`` at ``source_layers`` (vad's default
+    aggregation); fitting the source trains the autoencoder on them. Preprocessing is that
+    backbone's; the grid is its first layer's.
     """
 
     name = "feature-ae-features"
+
+    class Options(DetectorFeatures.Options):
+        output: Literal["latent", "residual"] = option("latent", "latent: the encoder's output (L channels); residual: the features minus their reconstruction (the source backbone's channels), the vectors behind the detector's map.")
 
     def __init__(self, detector: FeatureAE, **options: Any) -> None:
         from vad.features import PatchFeatures
@@ -228,7 +235,10 @@ class FeatureAEFeatures(DetectorFeatures):
 
     @property
     def out_channels(self) -> int:
-        """The latent width (known before fit unless ``latent_dim=null``)."""
+        """The latent width (known before fit unless ``latent_dim=null``), or the source
+        backbone's channels for residuals."""
+        if self.options.output == "residual":
+            return self.patches.out_channels
         latent = self.detector.options.latent_dim or self.detector.input_meta.get("latent_dim")
         if latent is None:
             raise VadError("feature-ae-features: with latent_dim=null the latent width is known only after fit; set feature-ae.latent_dim")
@@ -243,9 +253,12 @@ class FeatureAEFeatures(DetectorFeatures):
             self.detector.fit(CachedBatches(SourceBatches(images, self.patches)))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Latent maps ``[B, L, h, w]`` of preprocessed images ``[B, 3, H, W]``."""
+        """Latent maps ``[B, L, h, w]`` or residuals ``[B, C, h, w]`` of preprocessed images ``[B, 3, H, W]``."""
         detector = self.detector
         detector.require_fitted()
-        encoder = detector.networks["autoencoder"].encoder
+        autoencoder = detector.networks["autoencoder"]
         with torch.no_grad():
-            return encoder(detector.check_batch(self.patches(images), "features"))
+            features = detector.check_batch(self.patches(images), "features")
+            if self.options.output == "residual":
+                return features - autoencoder(features)
+            return autoencoder.encoder(features)
