@@ -130,3 +130,36 @@ def test_bench_summary_writes_the_comparison_and_one_report_page_whose_links_exi
     assert "bench_members.png" in links
     missing = [link for link in links if link not in ("bench.csv", "bench.json") and not (tmp_path / "bench" / link).is_file()]
     assert not missing
+
+
+def test_over_several_categories_the_mean_meets_the_member_best_in_the_mean(tmp_path):
+    """Per category each member wins one; the "mean" record compares the fusion's mean AUROC with
+    the member whose mean is best, each category resampled on its own (the interval of a mean
+    of two categories is narrower than either category's)."""
+    from vad.comparison import paired_bootstrap_mean
+
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.zeros(25, int), np.ones(25, int)]
+    scores = {
+        ("a", "c1"): labels + 0.2 * rng.normal(size=50), ("a", "c2"): rng.normal(size=50),
+        ("b", "c1"): labels + 1.5 * rng.normal(size=50), ("b", "c2"): labels + 0.3 * rng.normal(size=50),
+        ("fused", "c1"): labels + 0.3 * rng.normal(size=50), ("fused", "c2"): labels + 0.3 * rng.normal(size=50),
+    }
+    rows = []
+    for (name, category), values in scores.items():
+        backbone, ensemble = ("a+b", "pca-global") if name == "fused" else (name, "none")
+        write_cell(tmp_path / f"{name}-{category}", category, labels, values)
+        rows.append({"cell": f"{name}-{category}", "detector": "patchcore", "ensemble": ensemble, "backbone": backbone, "category": category,
+                     "status": "done", "image_auroc": auroc(labels, values)})
+    records = {r["category"]: r for r in against_members(rows, lambda row: tmp_path / row["cell"])}
+    assert set(records) == {"c1", "c2", "mean"}
+    assert records["c1"]["best_member"] == "patchcore / a" and records["c2"]["best_member"] == "patchcore / b"
+    mean_of = {name: np.mean([auroc(labels, scores[(name, c)]) for c in ("c1", "c2")]) for name in ("a", "b", "fused")}
+    best = max(("a", "b"), key=lambda name: mean_of[name])
+    mean = records["mean"]
+    assert mean["best_member"] == f"patchcore / {best}" and mean["image_auroc"] == pytest.approx(mean_of["fused"])
+    assert mean["difference"] == pytest.approx(mean_of["fused"] - mean_of[best])
+    assert mean["verdict"] == "wins" and mean["low"] > 0  # b is weak on c1, a at chance on c2
+    order = sorted(range(50), key=lambda i: f"img{i}.png")  # the images in the order the comparison reads them
+    sets = [(labels[order], scores[("fused", c)][order], scores[(best, c)][order]) for c in ("c1", "c2")]
+    assert paired_bootstrap_mean(sets) == (mean["difference"], mean["low"], mean["high"])

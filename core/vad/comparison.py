@@ -6,7 +6,9 @@ has members ``patchcore / none / lite0`` and ``patchcore / none / lite2``). Per 
 member is the one with the highest image AUROC there; the ensemble's difference to it gets a
 95 % paired bootstrap interval: test images resampled with replacement, the same draw for both,
 normals and anomalies drawn separately so every draw has both, ``RESAMPLES`` draws. The verdict
-is "wins" or "loses" only when the interval excludes 0. Where the data set labels anomaly kinds
+is "wins" or "loses" only when the interval excludes 0. Over several categories the mean
+difference gets the same interval, each category's images resampled on their own in every
+draw, against the member best in the mean. Where the data set labels anomaly kinds
 (MVTec LOCO: structural, logical), each kind gets the same comparison on the good images and
 that kind's anomalies, against the member best on that kind.
 """
@@ -32,14 +34,26 @@ def auroc(labels: Any, scores: Any) -> float:
 
 def paired_bootstrap(labels: np.ndarray, first: np.ndarray, second: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
     """AUROC(first) - AUROC(second) on the same images and its 95 % percentile interval."""
+    return paired_bootstrap_mean([(labels, first, second)], resamples, seed)
+
+
+def paired_bootstrap_mean(
+    sets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """The mean over ``sets`` (``(labels, first, second)``, e.g. one per category) of
+    AUROC(first) - AUROC(second) and its 95 % percentile interval, each set's images resampled
+    on their own in every draw (normals and anomalies apart)."""
     rng = np.random.default_rng(seed)
-    normals, anomalies = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    differences = np.empty(resamples)
-    for draw in range(resamples):
-        picked = np.concatenate([rng.choice(normals, normals.size), rng.choice(anomalies, anomalies.size)])
-        differences[draw] = auroc(labels[picked], first[picked]) - auroc(labels[picked], second[picked])
+    differences = np.zeros(resamples)
+    for labels, first, second in sets:
+        normals, anomalies = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+        for draw in range(resamples):
+            picked = np.concatenate([rng.choice(normals, normals.size), rng.choice(anomalies, anomalies.size)])
+            differences[draw] += auroc(labels[picked], first[picked]) - auroc(labels[picked], second[picked])
+    differences /= len(sets)
     low, high = np.percentile(differences, [2.5, 97.5])
-    return auroc(labels, first) - auroc(labels, second), float(low), float(high)
+    observed = float(np.mean([auroc(labels, first) - auroc(labels, second) for labels, first, second in sets]))
+    return observed, float(low), float(high)
 
 
 def cell_scores(cell_folder: Path, category: str) -> dict[str, tuple[int, float, str]]:
@@ -58,15 +72,18 @@ def members_of(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[dict
     ]
 
 
-def _compared(row: dict[str, Any], kind: str, labels: np.ndarray, ours: np.ndarray, members: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The record of one ensemble on one set of test images against the best of ``members``
-    (``{name: scores}`` on the same images)."""
-    member_aurocs = {name: auroc(labels, scores) for name, scores in members.items()}
+def _record(row: dict[str, Any], category: str, kind: str, sets: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """One ensemble against the member with the best mean AUROC over ``sets`` (``(labels,
+    ensemble scores, {member: scores})`` on the same images, one per category)."""
+    def mean_auroc(pick: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]) -> float:
+        return float(np.mean([auroc(labels, pick(ours, theirs)) for labels, ours, theirs in sets]))
+
+    member_aurocs = {name: mean_auroc(lambda ours, theirs, name=name: theirs[name]) for name in sets[0][2]}
     best = max(member_aurocs, key=lambda name: member_aurocs[name])
-    difference, low, high = paired_bootstrap(labels, ours, members[best])
+    difference, low, high = paired_bootstrap_mean([(labels, ours, theirs[best]) for labels, ours, theirs in sets])
     return {
-        "detector": row["detector"], "ensemble": row["ensemble"], "backbone": row["backbone"], "category": row["category"], "kind": kind,
-        "image_auroc": auroc(labels, ours), "best_member": best, "member_image_auroc": member_aurocs[best],
+        "detector": row["detector"], "ensemble": row["ensemble"], "backbone": row["backbone"], "category": category, "kind": kind,
+        "image_auroc": mean_auroc(lambda ours, theirs: ours), "best_member": best, "member_image_auroc": member_aurocs[best],
         "difference": difference, "low": low, "high": high,
         "verdict": "wins" if low > 0 else "loses" if high < 0 else "no clear difference",
     }
@@ -76,8 +93,12 @@ def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[st
     """One record per ensemble row with at least two members (``kind`` "all"): its best member
     and the paired bootstrap of the difference; where the test images name anomaly kinds, one
     more record per kind, on the good images and that kind's anomalies, against the member best
-    on them. ``folder_of(row)`` is the row's cell folder."""
+    on them. An ensemble compared on several categories also gets records with category
+    "mean": the mean over the categories against the member best in the mean, each category's
+    images resampled on their own. ``folder_of(row)`` is the row's cell folder."""
     records = []
+    # (detector, ensemble, backbone) -> kind -> category -> (labels, ensemble scores, {member: scores})
+    compared: dict[tuple[str, str, str], dict[str, dict[str, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]]] = {}
     for row in rows:
         if row["ensemble"] == "none" or row["status"] == "failed" or not isinstance(row.get("image_auroc"), (int, float)):
             continue
@@ -95,10 +116,15 @@ def against_members(rows: Sequence[dict[str, Any]], folder_of: Callable[[dict[st
         subsets = [("all", np.ones(len(paths), bool))]
         subsets += [(kind, (labels == 0) | (kinds == kind)) for kind in sorted(set(kinds[labels == 1]) - {""})]
         for kind, chosen in subsets:
-            records.append(_compared(
-                row, kind, labels[chosen], np.array([ours[p][1] for p in paths])[chosen],
-                {name: np.array([scores[p][1] for p in paths])[chosen] for name, scores in theirs.items()},
-            ))
+            scored = (labels[chosen], np.array([ours[p][1] for p in paths])[chosen], {name: np.array([scores[p][1] for p in paths])[chosen] for name, scores in theirs.items()})
+            records.append(_record(row, row["category"], kind, [scored]))
+            compared.setdefault((row["detector"], row["ensemble"], row["backbone"]), {}).setdefault(kind, {})[row["category"]] = scored
+    for (detector, ensemble, backbone), by_kind in compared.items():
+        for kind, by_category in by_kind.items():
+            members = {frozenset(theirs) for _, _, theirs in by_category.values()}
+            if len(by_category) > 1 and len(members) == 1:
+                row = {"detector": detector, "ensemble": ensemble, "backbone": backbone}
+                records.append(_record(row, "mean", kind, list(by_category.values())))
     return records
 
 
