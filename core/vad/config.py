@@ -17,12 +17,14 @@ from vad.options import Options, option
 
 #: What a run uses when the user names nothing, and how tables are ordered: the only plugin
 #: names the core holds (the first-party plugins'; the backbones' weights ship offline). A
-#: feature-level ensemble without explicit backbones fuses ``ensemble_backbones``.
+#: feature-level ensemble without explicit backbones fuses ``ensemble_backbones``: Lite0's
+#: features and the residuals of seed 003's feature autoencoder trained on them, the member set
+#: that won the heterogeneous study (docs/demo-results.md).
 DEFAULTS: dict[str, Any] = {
     "dataset": "demo",
     "detector": "patchcore",
     "backbone": "tf_efficientnet_lite0",
-    "ensemble_backbones": ("tf_efficientnet_lite0", "tf_efficientnet_lite2"),
+    "ensemble_backbones": ("tf_efficientnet_lite0", "detector:feature-ae"),
     "threshold": "conformal",
     # metric columns that lead the `vad bench` table, in this order (the others follow by name)
     "table_metrics": ("image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"),

@@ -98,13 +98,14 @@ def test_map_score_and_loss_by_hand(fitted):
 
 
 
-def test_feature_source_is_the_latent_of_its_own_autoencoder(register_plugin):
+def test_feature_source_is_the_latent_or_the_residual_of_its_own_autoencoder(register_plugin):
     from vad.build import source_from_config
     from vad.testing import FakesPlugin
 
     options = {**FeatureAE.tiny_options, "epochs": 1}
     with register_plugin(FakesPlugin(), "vad-testing-fakes"):
-        source = FeatureAE(**options).feature_source()
+        assert FeatureAE(**options).feature_source().options.output == "residual"
+        source = FeatureAE(**options).feature_source(output="latent")
         assert isinstance(source, FeatureAEFeatures) and source.requires_fit and source.out_channels == 4
         assert source.preprocessing.size == (64, 64)  # the source backbone's
         images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -119,17 +120,17 @@ def test_feature_source_is_the_latent_of_its_own_autoencoder(register_plugin):
         rebuilt = source_from_config(json.loads(json.dumps(source.config())))
         rebuilt.load_state(source.state())
         torch.testing.assert_close(rebuilt(images[:2]), latent, rtol=0, atol=0)
-        residual_source = FeatureAE(**options).feature_source(output="residual")
+        residual_source = FeatureAE(**options).feature_source()
         residual_source.load_state(source.state())
         features = source.patches(images[:2])
         with torch.no_grad():
             expected_residual = features - source.detector.networks["autoencoder"](features)
         assert residual_source.out_channels == features.shape[1] and not residual_source.leave_one_out
         torch.testing.assert_close(residual_source(images[:2]), expected_residual, rtol=0, atol=0)
-        again = source.detector.feature_source()  # a fitted detector's source trains its own autoencoder
+        again = source.detector.feature_source(output="latent")  # a fitted detector's source trains its own autoencoder
         assert again.requires_fit and again.detector is not source.detector and again.detector.hparams == source.detector.hparams
         with pytest.raises(VadError, match="known only after fit"):
-            FeatureAE(**{**options, "latent_dim": None}).feature_source().out_channels
+            FeatureAE(**{**options, "latent_dim": None}).feature_source(output="latent").out_channels
 
 
 def test_vad_run_with_the_seed_threshold_and_as_a_fused_source(vad_fakes, tmp_path):
@@ -150,13 +151,13 @@ def test_vad_run_with_the_seed_threshold_and_as_a_fused_source(vad_fakes, tmp_pa
     assert result.exit_code == 0, (result.output, result.exception)
     member = json.loads((tmp_path / "fused" / "tiny-a" / "model" / "model.json").read_text())["members"][0]
     assert member["source"]["kind"] == "detector-features" and member["source"]["detector"] == "feature-ae"
-    assert member["source"]["hparams"]["output"] == "latent"
+    assert member["source"]["hparams"]["output"] == "residual"  # the default
     # the source's own options: --set detector:NAME.KEY=VALUE, checked before the run folder exists
-    residual = ["--set", "detector:feature-ae.output=residual"]
-    result = runner.invoke(app, [*common, "--detector", "patchcore", "--backbone", "detector:feature-ae", *small, *source, *residual, "--output", str(tmp_path / "residual")])
+    latent = ["--set", "detector:feature-ae.output=latent"]
+    result = runner.invoke(app, [*common, "--detector", "patchcore", "--backbone", "detector:feature-ae", *small, *source, *latent, "--output", str(tmp_path / "latent")])
     assert result.exit_code == 0, (result.output, result.exception)
-    member = json.loads((tmp_path / "residual" / "tiny-a" / "model" / "model.json").read_text())["members"][0]
-    assert member["source"]["hparams"]["output"] == "residual"
+    member = json.loads((tmp_path / "latent" / "tiny-a" / "model" / "model.json").read_text())["members"][0]
+    assert member["source"]["hparams"]["output"] == "latent"
     for bad, message in (
         (["--set", "detector:feature-ae.output=reconstruction"], "output"),
         (["--set", "detector:feature-ae.outptu=residual"], "outptu"),
@@ -171,9 +172,10 @@ def test_vad_run_with_the_seed_threshold_and_as_a_fused_source(vad_fakes, tmp_pa
     from vad.model import AnomalyModel
     from vad.testing import make_tiny_splits
 
-    model = AnomalyModel.load(tmp_path / "fused" / "tiny-a" / "model", "cpu")  # the latent source traced into the graph
-    export_onnx(model, tmp_path / "fused.onnx")
-    assert check_parity(model, tmp_path / "fused.onnx", [sample.load_image() for sample in make_tiny_splits().test[:4]]) <= PARITY_TOLERANCE
+    for run in ("fused", "latent"):  # the residual and the latent source traced into the graph
+        model = AnomalyModel.load(tmp_path / run / "tiny-a" / "model", "cpu")
+        export_onnx(model, tmp_path / f"{run}.onnx")
+        assert check_parity(model, tmp_path / f"{run}.onnx", [sample.load_image() for sample in make_tiny_splits().test[:4]]) <= PARITY_TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -214,7 +216,7 @@ def test_a_grids_source_options_reach_the_cells_that_fuse_the_source(vad_fakes, 
     """vad bench: ``options: {detector:feature-ae: {...}}`` goes to cells with that member only."""
     from vad.bench import Cell, cell_config
 
-    base = {"dataset": "tiny", "options": {"detector:feature-ae": {"output": "residual"}, "feature-ae": {"epochs": 1}}}
+    base = {"dataset": "tiny", "options": {"detector:feature-ae": {"output": "latent"}, "feature-ae": {"epochs": 1}}}
     fused = cell_config(base, Cell(["patchcore"], "pca-global", ["fake-backbone", "detector:feature-ae"], "tiny-a"), tmp_path / "a")
     alone = cell_config(base, Cell(["patchcore"], None, ["fake-backbone"], "tiny-a"), tmp_path / "b")
     assert fused.options == base["options"] and alone.options == {}

@@ -196,10 +196,11 @@ class FeatureAEFeatures(DetectorFeatures):
     """The autoencoder's latent maps ``[B, L, h, w]`` or its residuals ``[B, C, h, w]``
     (``--backbone detector:feature-ae``).
 
-    Cut points: ``output=latent`` (default) is the encoder's output, the bottleneck the decoder
-    reconstructs every patch feature from; ``output=residual`` is the signed reconstruction error
-    ``x - x_hat`` of every patch feature, whose squared channel mean is the detector's own map
-    (near 0 where the autoencoder learned the normal features). The features it encodes are
+    Cut points: ``output=residual`` (default) is the signed reconstruction error ``x - x_hat``
+    of every patch feature, whose squared channel mean is the detector's own map (near 0 where
+    the autoencoder learned the normal features); ``output=latent`` is the encoder's output, the
+    bottleneck the decoder reconstructs every patch feature from. Residuals fuse better with the
+    backbone's own features (the option's description gives the measurement). The features it encodes are
     ``PatchFeatures`` of the detector's ``source_backbone`` at ``source_layers`` (vad's default
     aggregation); fitting the source trains the autoencoder on them. Preprocessing is that
     backbone's; the grid is its first layer's.
@@ -208,7 +209,11 @@ class FeatureAEFeatures(DetectorFeatures):
     name = "feature-ae-features"
 
     class Options(DetectorFeatures.Options):
-        output: Literal["latent", "residual"] = option("latent", "latent: the encoder's output (L channels); residual: the features minus their reconstruction (the source backbone's channels), the vectors behind the detector's map.")
+        output: Literal["latent", "residual"] = option(
+            "residual",
+            "residual: the features minus their reconstruction (the source backbone's channels), the vectors behind the detector's map; "
+            "latent: the encoder's output (L channels). Fused with Lite0 by pca-global on the demo, residual 0.990 image AUROC, latent 0.938 (50 epochs; docs/demo-results.md).",
+        )
 
     def __init__(self, detector: FeatureAE, **options: Any) -> None:
         from vad.features import PatchFeatures
