@@ -19,7 +19,7 @@ from vad.calibration import conformal_rank, false_alarm_estimate, false_alarms_o
 from vad.config import RunConfig
 from vad.errors import VadError
 from vad.features import PatchFeatures
-from vad.model import AnomalyModel, Member
+from vad.model import AnomalyModel
 from vad.pipeline import run
 from vad.preprocess import to_batch
 from vad.testing import make_tiny_splits

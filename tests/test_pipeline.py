@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vad import hookimpl
 from vad.config import load_config
 from vad.contracts import Sample
 from vad.errors import VadError
