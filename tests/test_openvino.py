@@ -1,6 +1,6 @@
 """OpenVINO export and scoring with exported graphs: parity with torch (float32 within 1e-4,
-float16 weights close), the same records from `vad predict --runtime onnx|openvino` as from the
-model, and clear errors."""
+float16 weights close, INT8 convolutions of the feature source only), the same records from
+`vad predict --runtime onnx|openvino` as from the model, and clear errors."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_clear_errors(registry, tmp_path):
     from vad.export import GraphSession, export_openvino
 
     model, folder = fitted_model(registry, tmp_path)
-    with pytest.raises(VadError, match="offers fp32, fp16"):
+    with pytest.raises(VadError, match="offers fp32, fp16, int8"):
         export_openvino(model, tmp_path / "m.xml", precision="int4")
     with pytest.raises(VadError, match="written as a .xml"):
         export_openvino(model, tmp_path / "m.onnx")
@@ -90,3 +90,58 @@ def test_clear_errors(registry, tmp_path):
         assert isinstance(result.exception, VadError) and message in str(result.exception)
     result = CliRunner().invoke(app, ["--quiet", "export", "--model", str(folder), "--precision", "fp16"])
     assert isinstance(result.exception, VadError) and "applies to --format openvino only" in str(result.exception)
+
+
+def test_int8_quantises_the_feature_sources_convolutions_only(registry, tmp_path):
+    import openvino
+
+    from vad.cli import app
+    from vad.export import GraphSession, INT8_OPERATIONS
+
+    model, folder = fitted_model(registry, tmp_path)
+    target = tmp_path / "int8" / "model.xml"
+    # no --calibration: the training images of the run the model comes from
+    result = CliRunner().invoke(app, ["--quiet", "export", "--model", str(folder), "--format", "openvino", "--precision", "int8", "--output", str(target)])
+    assert result.exit_code == 0, result.output
+    description = json.loads(target.with_name("model.xml.json").read_text())
+    assert description["precision"] == "int8" and "calibrated on 8 normal images" in description["int8"], description.get("int8")
+    graph = openvino.Core().read_model(str(target))
+    quantised = [t.get_node() for op in graph.get_ordered_ops() if op.get_type_name() == "FakeQuantize" for o in op.outputs() for t in o.get_target_inputs()]
+    assert quantised and all(node.get_type_name() in INT8_OPERATIONS and node.get_friendly_name().startswith("/features/") for node in quantised)
+    # the head and the maps stay float32: normal images score as with torch (within 5 %);
+    # activations beyond the normals' range are clipped, which lowers anomalous scores but
+    # keeps every anomaly above every normal image here
+    from vad.testing import make_tiny_splits
+
+    test = make_tiny_splits("tiny-a", seed=0).test
+    session = GraphSession(target)
+    graph_scores = np.array([session(sample.load_image())[0] for sample in test])
+    torch_scores = np.array([o.score for o in model.predict(test)])
+    normal = np.array([sample.label == 0 for sample in test])
+    assert np.abs(graph_scores - torch_scores)[normal].max() <= 0.05 * np.abs(torch_scores[normal]).max()
+    assert graph_scores[~normal].min() > graph_scores[normal].max() and torch_scores[~normal].min() > torch_scores[normal].max()
+
+
+def test_int8_calibration_errors_write_nothing(registry, tmp_path):
+    import shutil
+
+    from vad.cli import app
+    from vad.export import export_openvino
+
+    model, folder = fitted_model(registry, tmp_path)
+    with pytest.raises(VadError, match="needs calibration images"):
+        export_openvino(model, tmp_path / "m.xml", precision="int8")
+    with pytest.raises(VadError, match="with --precision int8 only"):
+        export_openvino(model, tmp_path / "m.xml", precision="fp16", calibration=[])
+    alone = tmp_path / "copied-model"  # a model folder outside its run folder
+    shutil.copytree(folder, alone)
+    (tmp_path / "empty").mkdir()
+    cases = (
+        (["--model", str(alone), "--precision", "int8"], "not inside a run folder"),
+        (["--model", str(folder), "--precision", "int8", "--calibration", str(tmp_path / "empty")], "matched no image"),
+        (["--model", str(folder), "--precision", "fp16", "--calibration", str(tmp_path)], "calibrates --precision int8 only"),
+    )
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["--quiet", "export", "--format", "openvino", "--output", str(tmp_path / "out" / "m.xml"), *args])
+        assert isinstance(result.exception, VadError) and message in str(result.exception), result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("m.*"))

@@ -31,6 +31,9 @@ metadata and in the ``<file>.json`` written next to it, with the exact preproces
 resizes them too (the description says which ratio the model expects).
 Not exportable: score-level ensembles of several detectors, and heads whose
 ``export_module()`` returns None.
+
+``vad export --format openvino`` converts this graph to OpenVINO IR: float32, float16 weights,
+or INT8 convolutions in the feature source calibrated on normal images (:func:`quantise_int8`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from vad.errors import VadError
 OPSET = 17
 #: Largest absolute score difference accepted between onnxruntime and torch.
 PARITY_TOLERANCE = 1e-4
+#: The feature source's scope in the graph (the export module's attribute; its nodes are ``/features/...``).
+SOURCE_SCOPE = "features"
 
 
 def require_onnx() -> tuple[Any, Any]:
@@ -143,12 +148,20 @@ def build_export_module(model: Any):
     if roi is not None and layout is not None:
         raise VadError("a model with a region of interest and tiles cannot be exported")
 
+    class SourceScope(torch.nn.Module):
+        """The feature source as a submodule, so that its nodes are named ``/features/...``
+        (:data:`SOURCE_SCOPE`) in the graph: INT8 quantisation covers those only."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return source(x)
+
     class ExportGraph(torch.nn.Module):
         """ROI paint + preprocessing + feature source + head + upsample/blur (+ ROI score), for tracing."""
 
         def __init__(self) -> None:
             super().__init__()
             self.head = head
+            self.features = SourceScope() if source is not None else None  # SOURCE_SCOPE
             self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
             if roi is not None:
@@ -174,7 +187,7 @@ def build_export_module(model: Any):
             x = (x.clamp(0.0, 1.0) - self.mean) / self.std
             if layout is not None:
                 x = layout.cut(x)
-            inputs = source(x) if source is not None else x
+            inputs = self.features(x) if self.features is not None else x
             scores, maps = self.head(inputs)
             if layout is not None:
                 stitched = layout.image_prediction(Prediction(scores, maps))
@@ -355,10 +368,15 @@ class GraphSession:
             raise VadError(f"{path}: an exported graph is a .onnx file (onnxruntime) or a .xml file (OpenVINO IR)")
 
     def __call__(self, image: Any) -> tuple[float, Any]:
-        import numpy as np
-
-        outputs = self._run(np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0))
+        outputs = self._run(graph_input(image))
         return float(outputs[0][0]), (outputs[1][0] if len(outputs) > 1 else None)
+
+
+def graph_input(image: Any) -> Any:
+    """The graph's input for one RGB uint8 image: float32 ``[1, 3, H, W]`` in [0, 1]."""
+    import numpy as np
+
+    return np.ascontiguousarray(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)
 
 
 def check_parity(model: Any, graph_file: str | Path, images: list[Any]) -> float:
@@ -384,9 +402,14 @@ def check_parity(model: Any, graph_file: str | Path, images: list[Any]) -> float
 
 # --------------------------------------------------------------------------- OpenVINO
 
-#: Precisions of ``vad export --format openvino``: float32 weights, or weights stored as float16
-#: (computed in float32 on the CPU plugin).
-OPENVINO_PRECISIONS = ("fp32", "fp16")
+#: Precisions of ``vad export --format openvino``: float32 weights; weights stored as float16
+#: (computed in float32 on the CPU plugin); or the feature source's convolutions in INT8
+#: (post-training quantisation calibrated on normal images, :func:`quantise_int8`).
+OPENVINO_PRECISIONS = ("fp32", "fp16", "int8")
+#: Most calibration images INT8 quantisation uses (NNCF's own default subset size).
+INT8_CALIBRATION_LIMIT = 300
+#: The operations INT8 quantises (their inputs and weights), inside the feature source only.
+INT8_OPERATIONS = ("Convolution", "GroupConvolution")
 
 
 def require_openvino() -> Any:
@@ -398,10 +421,63 @@ def require_openvino() -> Any:
     return openvino
 
 
-def export_openvino(model: Any, output: str | Path, precision: str = "fp32", input_size: tuple[int, int] | None = None, opset: int = OPSET) -> dict[str, Any]:
+def require_nncf() -> Any:
+    """Import ``nncf`` (INT8 post-training quantisation) or say how to install it."""
+    try:
+        import nncf
+    except ImportError as error:
+        raise VadError("INT8 export needs the nncf package: pip install 'vad-core[openvino]'") from error
+    return nncf
+
+
+def quantise_int8(converted: Any, model: Any, calibration: list[Any]) -> tuple[Any, dict[str, Any]]:
+    """INT8 post-training quantisation (NNCF) of an OpenVINO model converted from
+    :func:`export_onnx`'s graph, calibrated on ``calibration`` (RGB uint8 normal images, at most
+    :data:`INT8_CALIBRATION_LIMIT` used). Only the feature source's convolutions are quantised
+    (their inputs and weights); resizing, normalisation, the source's patch aggregation and
+    fusion, the head, upsampling and blur stay float32. Quantising the aggregation too (its
+    pooling, interpolation and concatenation of layers, whose inputs NNCF would give one range)
+    wrecked PatchCore's distances (scores off by more than twice their size); activation ranges
+    of the head and maps, calibrated on normal images only, would clip anomalous scores.
+    Returns the quantised model and what the description says of it."""
+    import numpy as np
+
+    import logging
+
+    nncf = require_nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # it lists every operation it leaves alone
+    if not calibration:
+        raise VadError("INT8 quantisation needs calibration images: normal images such as the training images (--calibration)")
+    images = calibration[:INT8_CALIBRATION_LIMIT]
+    if model.registration is not None:
+        images = [model.registration.align(image)[0] for image in images]  # as the graph's callers do
+    if model.roi is not None:
+        wrong = [image.shape[:2] for image in images if tuple(image.shape[:2]) != model.roi.size]
+        if wrong:
+            raise VadError(f"calibration images must have the model's region-of-interest size {model.roi.size}, got {wrong[0]}")
+    quantised = [op for op in converted.get_ordered_ops() if op.get_type_name() in INT8_OPERATIONS and op.get_friendly_name().startswith(f"/{SOURCE_SCOPE}/")]
+    if not quantised:
+        raise VadError("INT8 quantisation: this model's graph has no convolutions in its feature source to quantise; export fp32 or fp16")
+    keep = {op.get_friendly_name() for op in quantised}
+    ignored = [op.get_friendly_name() for op in converted.get_ordered_ops() if op.get_friendly_name() not in keep]
+    result = nncf.quantize(
+        converted, nncf.Dataset([graph_input(np.asarray(image)) for image in images]), subset_size=len(images),
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
+    )
+    return result, {"int8": f"the feature source's {len(quantised)} convolutions (inputs and weights), calibrated on {len(images)} normal images (NNCF {nncf.__version__}); everything else float32"}
+
+
+def export_openvino(
+    model: Any, output: str | Path, precision: str = "fp32", input_size: tuple[int, int] | None = None, opset: int = OPSET, calibration: list[Any] | None = None,
+) -> dict[str, Any]:
     """The graph of :func:`export_onnx` converted to OpenVINO IR: ``output`` (``.xml``) with its
     weights beside it (``.bin``) and the description (``.xml.json``); returns the description.
-    Both files are written under temporary names and renamed, weights first."""
+    ``int8`` needs ``calibration`` images (:func:`quantise_int8`). Both files are written under
+    temporary names and renamed, weights first."""
     import os
     import tempfile
 
@@ -409,15 +485,22 @@ def export_openvino(model: Any, output: str | Path, precision: str = "fp32", inp
 
     if precision not in OPENVINO_PRECISIONS:
         raise VadError(f"--precision {precision!r}: OpenVINO export offers {', '.join(OPENVINO_PRECISIONS)}")
+    if (precision == "int8") != (calibration is not None):
+        raise VadError("calibration images go with --precision int8 only" if calibration is not None else "INT8 quantisation needs calibration images: normal images such as the training images (--calibration)")
     output = Path(output)
     if output.suffix != ".xml":
         raise VadError(f"an OpenVINO model is written as a .xml file (its weights beside it as .bin), got {output}")
     openvino = require_openvino()
+    if precision == "int8":
+        require_nncf()
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vad-openvino-") as folder:
         onnx_file = Path(folder) / "graph.onnx"
         description = export_onnx(model, onnx_file, input_size, opset=opset)
         converted = openvino.convert_model(str(onnx_file))
+        if precision == "int8":
+            converted, said = quantise_int8(converted, model, calibration)
+            description.update(said)
         staged = Path(folder) / "model.xml"
         openvino.save_model(converted, str(staged), compress_to_fp16=precision == "fp16")
         os.replace(staged.with_suffix(".bin"), output.with_suffix(".bin"))

@@ -96,7 +96,8 @@ def predict_command(
 def export_command(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (runs/<run>/<category>/model), or a run folder with one model."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx, or openvino (OpenVINO IR converted from the ONNX graph)."),
-    precision: str = typer.Option("fp32", "--precision", help="OpenVINO weights: fp32, or fp16 (half the size; computed in float32 on CPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="OpenVINO: fp32; fp16 (weights half the size, computed in float32 on CPU); int8 (the feature source's convolutions quantised, calibrated on normal images)."),
+    calibration: Optional[list[str]] = typer.Option(None, "--calibration", help="Normal images to calibrate --precision int8 (files, folders or globs; at most 300 used). Default: the training images of the run the model comes from."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: <model folder>/model.onnx, or model.xml for openvino)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Pin the graph's input to HEIGHT,WIDTH (static shapes, for runtimes that need them); default: images of any size, resized inside the graph as vad does."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with torch on random images of several sizes (scores within 1e-4)."),
@@ -118,6 +119,8 @@ def export_command(
         require_openvino()
     elif precision != "fp32":
         raise VadError("--precision applies to --format openvino only (the ONNX graph is float32)")
+    if calibration and precision != "int8":
+        raise VadError("--calibration calibrates --precision int8 only")
     from vad.model import AnomalyModel
     from vad.predict import resolve_model_folder
 
@@ -128,23 +131,53 @@ def export_command(
     if fmt == "onnx":
         description = export_onnx(loaded, target, pinned, opset=opset)
     else:
-        description = export_openvino(loaded, target, precision, pinned, opset=opset)
+        images = _calibration_images(folder, calibration or []) if precision == "int8" else None
+        description = export_openvino(loaded, target, precision, pinned, opset=opset, calibration=images)
     info(f"{'ONNX graph' if fmt == 'onnx' else f'OpenVINO model ({precision})'} written to {target} (description in {target}.json)")
     graph_input = description["input"]
     info(f"input {graph_input['name']!r}: {graph_input['dtype']} {graph_input['shape']}, {graph_input['range']}; {graph_input['sizes']}")
     if "aspect_ratio" in graph_input:
         info(f"aspect ratio: {graph_input['aspect_ratio']}")
     info("inside the graph: " + "; ".join(description["inside_graph"]))
+    if "int8" in description:
+        info(f"int8: {description['int8']}")
     info("left to the caller: " + "; ".join(description["outside_graph"]))
     if check:
         difference = check_parity(loaded, target, parity_images(loaded, pinned))
-        if precision == "fp16":  # float16 weights cannot meet the float32 tolerance: say what they give
-            info(f"fp16 weights: largest score difference to torch {difference:.2e} (float32 graphs stay within {PARITY_TOLERANCE})")
+        if precision != "fp32":  # fp16 weights and int8 cannot meet the float32 tolerance: say what they give
+            info(f"{precision}: largest score difference to torch {difference:.2e} (float32 graphs stay within {PARITY_TOLERANCE})")
         elif difference > PARITY_TOLERANCE:
             raise VadError(f"the exported graph differs from the torch model: largest score difference {difference:.3g} > {PARITY_TOLERANCE}")
         else:
             info(f"parity with torch: largest score difference {difference:.2e} (tolerance {PARITY_TOLERANCE})")
     typer.echo(str(target))
+
+
+def _calibration_images(model_folder: Path, inputs: list[str]) -> list:
+    """RGB images for INT8 calibration: the files, folders or globs given, or else the training
+    images of the run the model comes from (the category's training split, as the run folder's
+    ``config.yaml`` describes it)."""
+    from vad.export import INT8_CALIBRATION_LIMIT
+    from vad.images import read_rgb
+    from vad.predict import collect_images
+
+    if inputs:
+        paths, unmatched = collect_images(inputs)
+        if unmatched:
+            raise VadError(f"--calibration {unmatched[0]!r} matched no image")
+        return [read_rgb(path) for path in paths[:INT8_CALIBRATION_LIMIT]]
+    from vad.build import create_dataset
+    from vad.config import load_config
+    from vad.plugins import get_registry
+
+    config_file = model_folder.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise VadError(f"--precision int8 needs normal images to calibrate on: {model_folder} is not inside a run folder (no {config_file}); pass --calibration with its training images")
+    config = load_config(str(config_file), {})
+    train = create_dataset(config, get_registry()).load(model_folder.parent.name).train
+    if not train:
+        raise VadError(f"the run's data set has no training images for {model_folder.parent.name!r} any more; pass --calibration")
+    return [sample.image_loader() for sample in train[:INT8_CALIBRATION_LIMIT]]
 
 
 def bench_command(
