@@ -194,6 +194,10 @@ def cell_config(base: dict[str, Any], cell: Cell, folder: Path, registry: Any = 
     config = RunConfig(**{**base, **cell_fields})
     used = used_components(config, registry)
     config.options = {group: values for group, values in config.options.items() if uses_group(group, used, registry)}
+    config.category_options = {
+        category: {group: values for group, values in groups.items() if uses_group(group, used, registry)}
+        for category, groups in config.category_options.items() if cell.category in (None, category)
+    }
     return config
 
 
@@ -213,7 +217,12 @@ def check_cells(base: dict[str, Any], cells: list[Cell], output: Path, registry:
         except VadError as error:
             problems.append(f"{cell.id}: {error}")
     try:
-        check_options(RunConfig(**base), registry, used_only=False)
+        grid = RunConfig(**base)
+        for what, config in [("options", grid), *((f"category_options of {c!r}", grid.for_category(c)) for c in grid.category_options)]:
+            try:
+                check_options(config, registry, used_only=False)
+            except VadError as error:
+                problems.append(f"{what}: {error}")
     except VadError as error:
         problems.append(f"options: {error}")
     if problems:

@@ -3,6 +3,9 @@
 Precedence: built-in defaults < the YAML file < command-line options. Options of any plugin
 are given by its registered name, in YAML under ``options:`` or on the command line as
 ``--set NAME.KEY=VALUE`` (values parsed as YAML scalars: ``--set patchcore.coreset_ratio=0.01``).
+Options of one category go in YAML under ``category_options: {CATEGORY: {NAME: {KEY: VALUE}}}``;
+``{category}`` in a string value becomes each category's name (quote it in YAML:
+``class_name: "{category}"``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     # metric columns that lead the `vad bench` table, in this order (the others follow by name)
     "table_metrics": ("image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"),
 }
+
+
+#: In a string option value, replaced by the category a model is built for.
+CATEGORY_PLACEHOLDER = "{category}"
 
 
 class ReportOptions(Options):
@@ -104,10 +111,33 @@ class RunConfig:
     #: every epoch); ``vad run --resume RUN_FOLDER`` continues from it.
     checkpoint_minutes: float = 5.0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Options of one category over ``options``: ``{category: {name: {KEY: VALUE}}}`` (YAML),
+    #: e.g. AnomalyDINO's masking for the categories its paper masks. In any string option
+    #: value ``{category}`` becomes the category's name (``--set winclip.class_name={category}``).
+    category_options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.category_options, dict) or not all(
+            isinstance(groups, dict) and all(isinstance(values, dict) for values in groups.values()) for groups in self.category_options.values()
+        ):
+            raise VadError("category_options maps each category to {name: {KEY: VALUE}}, e.g. {capsule: {anomaly-dino: {masking: true}}}")
+        self.category_options = {str(category): groups for category, groups in self.category_options.items()}
 
     def options_for(self, name: str | None) -> dict[str, Any]:
         """The ``options`` given for a registered name."""
         return dict(self.options.get(name or "", {}))
+
+    def for_category(self, category: str) -> RunConfig:
+        """The configuration one category's model is built with: its ``category_options`` over
+        ``options``, and ``{category}`` in string option values replaced by its name."""
+        merged = {name: dict(values) for name, values in self.options.items()}
+        for name, values in (self.category_options.get(category) or {}).items():
+            merged.setdefault(name, {}).update(values)
+        options = {
+            name: {key: value.replace(CATEGORY_PLACEHOLDER, category) if isinstance(value, str) else value for key, value in values.items()}
+            for name, values in merged.items()
+        }
+        return dataclasses.replace(self, options=options)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, for YAML."""
@@ -141,6 +171,9 @@ def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
         name, dot, option_name = key.rpartition(".")
         if not sep or not dot or not name or not option_name:
             raise VadError(f"--set expects NAME.KEY=VALUE (e.g. {DEFAULTS['detector']}.seed=1), got {assignment!r}")
+        if CATEGORY_PLACEHOLDER in raw:  # a string to fill per category (YAML would read {category} as a mapping)
+            options.setdefault(name, {})[option_name] = raw
+            continue
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError as error:

@@ -167,6 +167,7 @@ def run_category(
     an unfitted model already composed from ``config``, else one is built; ``frames``: the
     category's region of interest and registration when the run's checks built them already
     (else they are built here from ``config``)."""
+    config = config.for_category(splits.category)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     category_folder = folder / splits.category
@@ -256,9 +257,10 @@ def run(
         raise VadError(f"data set {config.dataset!r} has no categories under {config.root}")
     resolve_device(config.device)
     seed_everything(config.seed)
+    check_category_options(config, dataset.categories(), categories, registry)
     if config.model:
         check_saved_models(config, categories)
-    first_model = None if config.model else build_model(config, registry)
+    first_model = None if config.model else build_model(config.for_category(categories[0]), registry)
     if first_model is not None and any(member.source is not None for member in first_model.members):
         config.backbones = backbone_specs(config, registry)  # config.yaml says which were used
     checked = {category: _checked_splits(dataset, category, config, first_model) for category in categories}
@@ -284,6 +286,19 @@ def run(
         except Exception as error:  # the run is complete and stays so; only its copy in the tracker is missing
             warn(f"the run is complete in {folder}, but logging it to {config.track} failed: {type(error).__name__}: {error}")
     return folder, results
+
+
+def check_category_options(config: RunConfig, known: list[str], categories: list[str], registry: Registry) -> None:
+    """``category_options`` names categories of the data set, and each category of the run gets
+    options its components declare (checked as ``--set`` is, placeholders replaced)."""
+    unknown = sorted(set(config.category_options) - set(known))
+    if unknown:
+        raise VadError(f"category_options names {', '.join(map(repr, unknown))}, which the data set {config.dataset!r} does not have (its categories: {', '.join(known)})")
+    for category in categories:
+        try:
+            check_options(config.for_category(category), registry)
+        except VadError as error:
+            raise VadError(f"[{category}] {error}") from error
 
 
 def _checked_splits(

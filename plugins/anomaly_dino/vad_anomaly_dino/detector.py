@@ -16,8 +16,9 @@ The method, as the official code (github.com/dammsi/AnomalyDINO: ``run_anomalydi
 * zero-shot masking of test images (:func:`vad_anomaly_dino.scoring.background_mask`): patches
   whose first principal component says background score 0. The official code switches it per
   category, decided by the paper's masking test: on for MVTec AD's capsule, hazelnut, pill,
-  screw and toothbrush and every VisA category, off for the others. A detector does not know the
-  category, so here it is the option ``masking`` (off by default): set it for those categories;
+  screw and toothbrush and every VisA category, off for the others. Here it is the option
+  ``masking`` (off by default), set per category in a config file as the paper does:
+  ``category_options: {capsule: {anomaly-dino: {masking: true}}, ...}``;
 * maps: the patch distances on the grid, bilinearly upsampled and smoothed with a Gaussian of
   sigma 4 (``dists2map``): vad's post-processing does exactly that (``--sigma 4``).
 

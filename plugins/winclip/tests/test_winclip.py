@@ -198,7 +198,7 @@ def test_cuda_matches_cpu(fitted, images):
     torch.testing.assert_close(on_cuda.predict_left_out(images[0][:2].cuda(), torch.arange(2)).scores.cpu(), fitted.predict_left_out(images[0][:2], torch.arange(2)).scores, rtol=1e-3, atol=1e-4)
 
 
-def test_vad_run_end_to_end_with_four_shots(vad_fakes, tmp_path):
+def test_vad_run_end_to_end_with_four_shots_and_the_category_in_the_prompts(vad_fakes, tmp_path):
     from typer.testing import CliRunner
 
     from vad.cli import app
@@ -206,13 +206,15 @@ def test_vad_run_end_to_end_with_four_shots(vad_fakes, tmp_path):
     run_folder = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "--quiet", "run", "--dataset", "tiny", "--category", "tiny-a", "--detector", "winclip", "--device", "cpu", "--no-report",
-        "--train-count", "4", *[f"--set=winclip.{k}={json.dumps(v)}" for k, v in TINY.items()], "--output", str(run_folder),
+        "--train-count", "4", *[f"--set=winclip.{k}={json.dumps(v)}" for k, v in TINY.items()], "--set", "winclip.class_name={category}",
+        "--output", str(run_folder),
     ])
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads((run_folder / "metrics.json").read_text())
     assert "tiny-a" in json.dumps(metrics)
     saved = json.loads((run_folder / "tiny-a" / "model" / "model.json").read_text())["members"][0]["detector"]
     assert saved["name"] == "winclip" and saved["meta"]["reference_images"] == 4 and saved["meta"]["mode"] == "few-shot"
+    assert saved["hparams"]["class_name"] == "tiny-a"  # the placeholder filled with the category
     assert (run_folder / "tiny-a" / "scores.csv").read_text().count("\n") == 13  # header + 12 test images
 
 

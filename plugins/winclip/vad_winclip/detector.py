@@ -32,9 +32,10 @@ Deviations, and where anomalib 2.7 deviates from the paper:
   the detector fails at once and says how to pass the file (``weights=FILE``, the path open_clip
   takes as ``pretrained=``). ``pretrained=false`` builds a random CLIP (tests, offline demos:
   its zero-shot half is noise).
-* **Object name**: the paper uses the category's name in the prompts; vad does not tell a
-  detector its category, so ``class_name`` (default ``"object"``, anomalib's fallback) is an
-  option: ``--set winclip.class_name=bottle`` per category.
+* **Object name**: the paper uses the category's name in the prompts. ``class_name`` defaults
+  to ``"object"`` (anomalib's fallback, and what a detector built outside a run gets);
+  ``--set winclip.class_name={category}`` puts each category's name in (a run replaces the
+  placeholder per category), ``category_options`` in a config file any other name.
 * **Prompts**: anomalib drops the state word "broken" and has 21 templates (one duplicated, two
   missing); here the paper's lists (:mod:`vad_winclip.prompts`).
 * **Temperature**: ``temperature=null`` uses the checkpoint's learned logit scale (100 for the
@@ -85,7 +86,7 @@ class WinClip(Detector):
 
     class Options(Detector.Options):
         mode: Literal["few-shot", "zero-shot"] = option("few-shot", "few-shot: WinCLIP+, every training image a reference (--train-count K: K-shot); zero-shot: WinCLIP, prompts only.")
-        class_name: str = option("object", "Object name in the prompts (paper: the category, e.g. bottle; anomalib's fallback 'object').")
+        class_name: str = option("object", "Object name in the prompts (paper: the category, e.g. bottle: {category} gives each category's name; anomalib's fallback 'object').")
         scales: list[int] = option([2, 3], "Window sides in patches, stride one patch (paper: 2 and 3, small and mid windows).", ge=1)
         temperature: float | None = option(None, "Softmax temperature of the zero-shot score; null: 1 / the checkpoint's learned logit scale (CLIP's own classifier); anomalib: 0.07.", gt=0)
         model: str = option(clip_model.PAPER_MODEL, "open_clip architecture (paper: ViT-B-16-plus-240), or an open_clip model-config JSON file.")
