@@ -133,6 +133,8 @@ def test_int8_calibration_errors_write_nothing(registry, tmp_path):
         export_openvino(model, tmp_path / "m.xml", precision="int8")
     with pytest.raises(VadError, match="with --precision int8 only"):
         export_openvino(model, tmp_path / "m.xml", precision="fp16", calibration=[])
+    with pytest.raises(VadError, match="must be 48x48 like the graph's pinned input, got 64x64"):
+        export_openvino(model, tmp_path / "m.xml", precision="int8", input_size=(48, 48), calibration=[np.zeros((64, 64, 3), np.uint8)])
     alone = tmp_path / "copied-model"  # a model folder outside its run folder
     shutil.copytree(folder, alone)
     (tmp_path / "empty").mkdir()

@@ -432,32 +432,28 @@ def require_nncf() -> Any:
 
 def quantise_int8(converted: Any, model: Any, calibration: list[Any]) -> tuple[Any, dict[str, Any]]:
     """INT8 post-training quantisation (NNCF) of an OpenVINO model converted from
-    :func:`export_onnx`'s graph, calibrated on ``calibration`` (RGB uint8 normal images, at most
-    :data:`INT8_CALIBRATION_LIMIT` used). Only the feature source's convolutions are quantised
-    (their inputs and weights); resizing, normalisation, the source's patch aggregation and
-    fusion, the head, upsampling and blur stay float32. Quantising the aggregation too (its
-    pooling, interpolation and concatenation of layers, whose inputs NNCF would give one range)
-    wrecked PatchCore's distances (scores off by more than twice their size); activation ranges
-    of the head and maps, calibrated on normal images only, would clip anomalous scores.
-    Returns the quantised model and what the description says of it."""
-    import numpy as np
-
+    :func:`export_onnx`'s graph, calibrated on ``calibration`` (RGB uint8 normal images the graph
+    accepts, at most :data:`INT8_CALIBRATION_LIMIT` used). Only the feature source's
+    convolutions are quantised (their inputs and weights); resizing, normalisation, the source's
+    patch aggregation and fusion, the head, upsampling and blur stay float32. Quantising the
+    aggregation too (its pooling, interpolation and concatenation of layers, whose inputs NNCF
+    would give one range) wrecked PatchCore's distances (scores off by more than twice their
+    size); activation ranges of the head and maps, calibrated on normal images only, would clip
+    anomalous scores. Activation ranges are the calibration images' minimum and maximum (NNCF's
+    default, averages of the per-image extremes, clipped anomalous activations more). Returns
+    the quantised model and what the description says of it."""
     import logging
+
+    import numpy as np
 
     nncf = require_nncf()
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     logging.getLogger("nncf").setLevel(logging.WARNING)  # it lists every operation it leaves alone
-    if not calibration:
-        raise VadError("INT8 quantisation needs calibration images: normal images such as the training images (--calibration)")
     images = calibration[:INT8_CALIBRATION_LIMIT]
     if model.registration is not None:
         images = [model.registration.align(image)[0] for image in images]  # as the graph's callers do
-    if model.roi is not None:
-        wrong = [image.shape[:2] for image in images if tuple(image.shape[:2]) != model.roi.size]
-        if wrong:
-            raise VadError(f"calibration images must have the model's region-of-interest size {model.roi.size}, got {wrong[0]}")
     quantised = [op for op in converted.get_ordered_ops() if op.get_type_name() in INT8_OPERATIONS and op.get_friendly_name().startswith(f"/{SOURCE_SCOPE}/")]
     if not quantised:
         raise VadError("INT8 quantisation: this model's graph has no convolutions in its feature source to quantise; export fp32 or fp16")
@@ -469,6 +465,17 @@ def quantise_int8(converted: Any, model: Any, calibration: list[Any]) -> tuple[A
         advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX),
     )
     return result, {"int8": f"the feature source's {len(quantised)} convolutions (inputs and weights), calibrated on {len(images)} normal images (NNCF {nncf.__version__}); everything else float32"}
+
+
+def check_calibration_images(model: Any, calibration: list[Any] | None, input_size: tuple[int, int] | None) -> None:
+    """INT8 calibration images exist and have the size a pinned graph takes (``--input-size``,
+    or the region of interest's size), checked before anything is exported."""
+    if not calibration:
+        raise VadError("INT8 quantisation needs calibration images: normal images such as the training images (--calibration)")
+    pinned = tuple(input_size) if input_size is not None else (model.roi.size if model.roi is not None else None)
+    wrong = [image.shape[:2] for image in calibration if pinned is not None and tuple(image.shape[:2]) != pinned]
+    if wrong:
+        raise VadError(f"calibration images must be {pinned[0]}x{pinned[1]} like the graph's pinned input, got {wrong[0][0]}x{wrong[0][1]}")
 
 
 def export_openvino(
@@ -485,14 +492,15 @@ def export_openvino(
 
     if precision not in OPENVINO_PRECISIONS:
         raise VadError(f"--precision {precision!r}: OpenVINO export offers {', '.join(OPENVINO_PRECISIONS)}")
-    if (precision == "int8") != (calibration is not None):
-        raise VadError("calibration images go with --precision int8 only" if calibration is not None else "INT8 quantisation needs calibration images: normal images such as the training images (--calibration)")
+    if calibration is not None and precision != "int8":
+        raise VadError("calibration images go with --precision int8 only")
     output = Path(output)
     if output.suffix != ".xml":
         raise VadError(f"an OpenVINO model is written as a .xml file (its weights beside it as .bin), got {output}")
     openvino = require_openvino()
     if precision == "int8":
         require_nncf()
+        check_calibration_images(model, calibration, input_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".vad-openvino-") as folder:
         onnx_file = Path(folder) / "graph.onnx"
