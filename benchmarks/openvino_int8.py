@@ -85,9 +85,9 @@ def category_rows(run: Path, category: str, repeats: int) -> tuple[list[list[str
         subprocess.run([sys.executable, "-m", "vad.cli", "--quiet", "export", "--model", str(folder), "--format", "openvino", "--precision", precision,
                         "--output", str(folder / f"model-{precision}.xml"), "--no-check"], check=True, capture_output=True)
     test = create_dataset(load_config(str(run / "config.yaml"), {}), get_registry()).load(category).test
-    images = [sample.image_loader() for sample in test]
+    images = [sample.load_image() for sample in test]
     labels = np.array([sample.label for sample in test])
-    masks = [sample.mask_loader() if sample.mask_loader is not None else np.zeros(image.shape[:2], bool) for sample, image in zip(test, images)]
+    masks = [mask if (mask := sample.load_mask()) is not None else np.zeros(image.shape[:2], bool) for sample, image in zip(test, images)]
     model = AnomalyModel.load(folder, "cpu")
 
     def torch_score(image):

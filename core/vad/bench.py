@@ -218,13 +218,14 @@ def check_cells(base: dict[str, Any], cells: list[Cell], output: Path, registry:
             problems.append(f"{cell.id}: {error}")
     try:
         grid = RunConfig(**base)
+    except VadError as error:
+        problems.append(f"options: {error}")
+    else:
         for what, config in [("options", grid), *((f"category_options of {c!r}", grid.for_category(c)) for c in grid.category_options)]:
             try:
                 check_options(config, registry, used_only=False)
             except VadError as error:
                 problems.append(f"{what}: {error}")
-    except VadError as error:
-        problems.append(f"options: {error}")
     if problems:
         raise VadError("the grid names what is not installed or allowed; nothing was run:\n  " + "\n  ".join(dict.fromkeys(problems)))
 

@@ -18,6 +18,7 @@ from vad import __version__, results_cli
 from vad.config import DEFAULTS
 from vad.errors import USER_ERROR, VadError
 from vad.plugins import KINDS, get_registry
+from vad.runfolder import RUN_CONFIG
 
 app = typer.Typer(
     name="vad",
@@ -103,7 +104,7 @@ def run_command(
         given = [name for name, value in locals().items() if name not in ("resume", "device", "load_config", "parse_set") and value not in (None, False, [])]
         if given:
             raise VadError(f"--resume takes the configuration saved in {resume}; do not pass other options ({', '.join('--' + g.replace('_', '-') for g in sorted(given))})")
-        saved = resume / "config.yaml"
+        saved = resume / RUN_CONFIG
         if not saved.is_file():
             raise VadError(f"--resume {resume}: no config.yaml there; give the folder of an earlier `vad run`")
         _run_and_print(load_config(str(saved), {"device": device, "output": str(resume)}), resume=True)

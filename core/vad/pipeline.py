@@ -272,7 +272,7 @@ def run(
     with runfolder.claim(output, default_output(config), overwrite=overwrite, resume=resume) as claimed:
         folder = claimed.path
         config.output = str(folder)
-        artifacts.atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        artifacts.atomic_write_text(folder / runfolder.RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         info(f"run folder: {folder}")
         try:
             results = _run_categories(config, splits, frames, folder, registry, handed_over, resume)

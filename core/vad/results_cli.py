@@ -169,15 +169,16 @@ def _calibration_images(model_folder: Path, inputs: list[str]) -> list:
     from vad.build import create_dataset
     from vad.config import load_config
     from vad.plugins import get_registry
+    from vad.runfolder import RUN_CONFIG
 
-    config_file = model_folder.parent.parent / "config.yaml"
+    config_file = model_folder.parent.parent / RUN_CONFIG
     if not config_file.is_file():
         raise VadError(f"--precision int8 needs normal images to calibrate on: {model_folder} is not inside a run folder (no {config_file}); pass --calibration with its training images")
     config = load_config(str(config_file), {})
     train = create_dataset(config, get_registry()).load(model_folder.parent.name).train
     if not train:
         raise VadError(f"the run's data set has no training images for {model_folder.parent.name!r} any more; pass --calibration")
-    return [sample.image_loader() for sample in train[:INT8_CALIBRATION_LIMIT]]
+    return [sample.load_image() for sample in train[:INT8_CALIBRATION_LIMIT]]
 
 
 def bench_command(

@@ -41,8 +41,10 @@ from vad.progress import info
 RUN_STATE = "run.json"
 LOCK_FILE = ".vad-run.lock"
 RUNNING, INTERRUPTED, FAILED, COMPLETE = "running", "interrupted", "failed", "complete"
+#: The run's resolved configuration (``vad run --resume`` and INT8 calibration read it back).
+RUN_CONFIG = "config.yaml"
 #: What a run folder written by a vad before ``run.json`` existed holds.
-LEGACY_MARKER = "config.yaml"
+LEGACY_MARKER = RUN_CONFIG
 
 
 class RunFolderError(VadError):
